@@ -29,7 +29,9 @@ def test_teacher_losses_average_patches_then_cls_and_patch():
     cls_p, cls_t = torch.randn(3, 8), torch.randn(3, 8)
     patch_p, patch_t = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
     terms = teacher_losses(cls_p, cls_t, patch_p, patch_t)
-    manual_patch = torch.stack([torch.stack([token_loss(patch_p[b, n], patch_t[b, n]) for n in range(5)]).mean() for b in range(3)])
+    manual_patch = torch.stack(
+        [torch.stack([token_loss(patch_p[b, n], patch_t[b, n]) for n in range(5)]).mean() for b in range(3)]
+    )
     torch.testing.assert_close(terms["patch"], manual_patch)
     torch.testing.assert_close(terms["cls"], token_loss(cls_p, cls_t))
     torch.testing.assert_close(terms["loss"], 0.5 * (terms["cls"] + manual_patch))

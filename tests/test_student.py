@@ -81,7 +81,11 @@ def test_full_student_round_trip_keeps_heads_and_statistics(tmp_path):
 def test_export_is_a_stock_transformers_model(tmp_path):
     student = make_student().eval()
     student.save_encoder(tmp_path, image_size=32)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
     encoder = AutoModel.from_pretrained(tmp_path)
     assert type(encoder) is ViTModel
     pixels = torch.randn(2, 3, 32, 32)

@@ -74,7 +74,9 @@ def test_clip_vision_tower_with_pooler_summary(tiny_teachers):
     pixels, raw = student_pixels()
     out = teacher(pixels, STUDENT_MEAN, STUDENT_STD, grid_size=(2, 2))
     mean, std = torch.tensor([0.481, 0.458, 0.408]), torch.tensor([0.269, 0.261, 0.276])
-    reference = CLIPVisionModel.from_pretrained(tiny_teachers["clip"]).eval()((raw - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    reference = CLIPVisionModel.from_pretrained(tiny_teachers["clip"]).eval()(
+        (raw - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    )
     torch.testing.assert_close(out.summary, reference.pooler_output, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.patch_tokens, reference.last_hidden_state[:, 1:], rtol=1e-4, atol=1e-4)
 
@@ -99,7 +101,9 @@ def test_prepared_teacher_round_trip_with_auto_model(tiny_teachers, tmp_path):
     assert loaded.config.source == tiny_teachers["dinov2"]
     assert (loaded.config.summary, loaded.config.grid_alignment) == ("mean_patch", "interpolate")
     pixels, _ = student_pixels()
-    torch.testing.assert_close(loaded.eval()(pixels, grid_size=(4, 4)).patch_tokens, teacher(pixels, grid_size=(4, 4)).patch_tokens)
+    torch.testing.assert_close(
+        loaded.eval()(pixels, grid_size=(4, 4)).patch_tokens, teacher(pixels, grid_size=(4, 4)).patch_tokens
+    )
     reloaded = load_teacher(str(tmp_path / "prepared"), grid_alignment="resize")
     assert reloaded.config.grid_alignment == "resize" and not reloaded.training
 
@@ -117,7 +121,9 @@ def test_teachers_are_frozen_and_can_run_in_bf16(tiny_teachers):
 class TinyCNN(nn.Module):
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 24, 3, stride=2, padding=1))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 24, 3, stride=2, padding=1)
+        )
 
     def forward(self, x):
         return self.features(x)

@@ -63,9 +63,7 @@ class UnicStudentConfig(PreTrainedConfig):
             if missing:
                 raise ValueError(f"Teacher entry {teacher} lacks {sorted(missing)}.")
         if self.standardization not in STANDARDIZATION_MODES:
-            raise ValueError(
-                f"standardization must be one of {STANDARDIZATION_MODES}, got {self.standardization!r}."
-            )
+            raise ValueError(f"standardization must be one of {STANDARDIZATION_MODES}, got {self.standardization!r}.")
         if self.backbone_config is not None and self.ladder_layers is not None:
             num_layers = self.backbone_config.num_hidden_layers
             bad = [layer for layer in self.ladder_layers if not 1 <= layer <= num_layers]

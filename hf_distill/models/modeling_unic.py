@@ -140,6 +140,11 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
             patch_predictions=tuple(self.patch_heads[name](patch_features) for name in names),
         )
 
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """Save the full student (heads and statistics). Keys keep their live names (`save_original_format=False`):
+        `Trainer` resumes with a raw `load_state_dict`, which does not undo transformers' legacy key renaming."""
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
     def image_processor(self, image_size: int) -> ViTImageProcessor:
         """The image processor of the exported encoder: resize to `image_size`, student mean/std."""
         return ViTImageProcessor(

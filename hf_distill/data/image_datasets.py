@@ -1,0 +1,71 @@
+"""Loading image datasets (Hub id, image folder or `save_to_disk` folder) and batching them as uint8 tensors."""
+
+import os
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from PIL import Image
+
+
+def load_image_dataset(source: str, image_column: str = "image", split: str = "train") -> Dataset:
+    """Load the `split` of an image dataset and check that it has `image_column`.
+
+    `source` is a directory written by `datasets.save_to_disk` (a `Dataset` or a `DatasetDict`), a local image folder
+    (read with the `imagefolder` builder), or a Hub dataset id. Raises `ValueError` with the available columns or
+    splits when the column or split does not exist, before any training work starts.
+    """
+    if os.path.isdir(source):
+        is_saved = any(
+            os.path.exists(os.path.join(source, marker))
+            for marker in ("dataset_info.json", "state.json", "dataset_dict.json")
+        )
+        dataset = load_from_disk(source) if is_saved else load_dataset("imagefolder", data_dir=source)
+    else:
+        try:
+            dataset = load_dataset(source)
+        except Exception as error:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+            raise ValueError(
+                f"Could not load the dataset {source!r}: it is not a local folder and not a dataset available from the "
+                f"Hugging Face Hub or its cache (offline mode needs a cached copy). Original error: {error}"
+            ) from error
+    if isinstance(dataset, DatasetDict):
+        if split not in dataset:
+            raise ValueError(
+                f"Dataset {source!r} has no split {split!r}; available splits: {sorted(dataset)}. Pass --dataset_split."
+            )
+        dataset = dataset[split]
+    if image_column not in dataset.column_names:
+        raise ValueError(
+            f"Dataset {source!r} has no column {image_column!r}; its columns are {dataset.column_names}. "
+            "Pass the name of the image column with --image_column."
+        )
+    return dataset
+
+
+def _to_square_uint8(image: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to `size` (bicubic) and center-crop to `size x size`; returns `[3, size, size]`."""
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = size / min(width, height)
+    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_width, new_height), Image.BICUBIC)
+    left, top = (new_width - size) // 2, (new_height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+class ImageCollator:
+    """Decode a list of examples into `{"pixel_values": uint8 [B, 3, size, size]}`.
+
+    Images are only resized and center-cropped here (on the data-loader workers); augmentation and normalization run
+    batched on the training device in the trainer.
+    """
+
+    def __init__(self, size: int, image_column: str = "image"):
+        self.size = size
+        self.image_column = image_column
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        arrays = [_to_square_uint8(example[self.image_column], self.size) for example in examples]
+        return {"pixel_values": torch.from_numpy(np.stack(arrays))}

@@ -1,0 +1,150 @@
+"""Training configuration of UNIC multi-teacher distillation."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..losses.unic import COEFFICIENT_NORMALIZATIONS
+from ..models.configuration_teacher import GRID_ALIGNMENTS, SUMMARY_TYPES
+
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class UnicConfig(TrainingArguments):
+    r"""
+    Configuration of [`UnicTrainer`]: all [`~transformers.TrainingArguments`] plus the UNIC settings below. Defaults
+    of the optimizer follow the UNIC code (AdamW betas (0.9, 0.99), weight decay 0.03 on >= 2-D weights only, cosine
+    schedule).
+
+    Parameters:
+        teachers (`list[str]`):
+            Hub ids or local paths of the teachers (plain vision backbones or prepared teacher folders). Teachers can
+            also be given to the trainer as modules.
+        teacher_revisions (`list[str]`, *optional*):
+            One revision per teacher (or one for all).
+        teacher_summary (`list[str]`, *optional*):
+            Per teacher (or one for all): `cls`, `pooler` or `mean_patch`. Default: the teacher's own / `cls`.
+        teacher_grid_alignment (`list[str]`, *optional*):
+            Per teacher (or one for all): `resize` (resize the image so the teacher's grid equals the student's) or
+            `interpolate` (interpolate the teacher's patch tokens to the student's grid).
+        teacher_image_size (`list[int]`, *optional*):
+            Per teacher (or one for all): input resolution in `interpolate` mode (default: the student's).
+        teacher_dtype (`str`, defaults to `"auto"`):
+            Dtype of the teachers' weights: `auto` (bfloat16 with `--bf16`, float16 with `--fp16`, else float32),
+            `float32`, `bfloat16` or `float16`.
+        teacher_drop_prob (`float`, defaults to 0.5):
+            Teacher dropping probability `p` (UNIC eq. 4; 0.5 for ViT-B, 0.25 for ViT-L). 0 disables dropping.
+        loss_normalization (`str`, defaults to `"image"`):
+            `image`: every image weighs the same (paper intent); `batch`: kept losses summed and divided by the number
+            of kept (image, teacher) pairs in the batch (UNIC code).
+        image_size (`int`, defaults to 224):
+            Side of the (square) training views; must be divisible by the student's patch size.
+        load_size (`int`, *optional*):
+            Side of the decoded images the batched augmentations crop from (default: `image_size * 8 // 7`).
+        crop_scale (`list[float]`, defaults to `[0.08, 1.0]`):
+            Area range of RandomResizedCrop.
+        flip_prob, color_jitter_prob, grayscale_prob, blur_prob, solarize_prob (`float`):
+            Probabilities of the UNIC augmentations (0.5, 0.8, 0.2, 0.2, 0.2).
+        augment (`bool`, defaults to `True`):
+            Apply the training augmentations. When `False`, training views are resized and center-cropped.
+    """
+
+    teachers: list[str] | None = field(
+        default=None, metadata={"help": "Hub ids or local paths of the teachers.", "nargs": "+"}
+    )
+    teacher_revisions: list[str] | None = field(
+        default=None, metadata={"help": "One revision per teacher, or one for all.", "nargs": "+"}
+    )
+    teacher_summary: list[str] | None = field(
+        default=None,
+        metadata={"help": f"Summary token per teacher (or one for all), one of {SUMMARY_TYPES}.", "nargs": "+"},
+    )
+    teacher_grid_alignment: list[str] | None = field(
+        default=None,
+        metadata={"help": f"Grid alignment per teacher (or one for all), one of {GRID_ALIGNMENTS}.", "nargs": "+"},
+    )
+    teacher_image_size: list[int] | None = field(
+        default=None,
+        metadata={"help": "Input resolution per teacher (or one for all) in 'interpolate' mode.", "nargs": "+"},
+    )
+    teacher_dtype: str = field(
+        default="auto", metadata={"help": f"Dtype of the teachers' weights, one of {TEACHER_DTYPES}."}
+    )
+    teacher_drop_prob: float = field(
+        default=0.5, metadata={"help": "Teacher dropping probability p (UNIC eq. 4); 0 disables it."}
+    )
+    loss_normalization: str = field(
+        default="image",
+        metadata={"help": f"How kept teacher losses are averaged, one of {COEFFICIENT_NORMALIZATIONS}."},
+    )
+    image_size: int = field(default=224, metadata={"help": "Side of the square training views."})
+    load_size: int | None = field(
+        default=None, metadata={"help": "Side of the decoded images fed to the augmentations (image_size * 8 // 7)."}
+    )
+    crop_scale: list[float] = field(
+        default_factory=lambda: [0.08, 1.0], metadata={"help": "RandomResizedCrop area range.", "nargs": 2}
+    )
+    flip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
+    color_jitter_prob: float = field(default=0.8, metadata={"help": "ColorJitter(0.4, 0.4, 0.2, 0.1) probability."})
+    grayscale_prob: float = field(default=0.2, metadata={"help": "Grayscale probability."})
+    blur_prob: float = field(default=0.2, metadata={"help": "Gaussian blur probability."})
+    solarize_prob: float = field(default=0.2, metadata={"help": "Solarization probability."})
+    augment: bool = field(default=True, metadata={"help": "Apply the UNIC training augmentations."})
+
+    # TrainingArguments defaults changed for UNIC (naver/unic code).
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (UNIC: 3e-4 * batch / 256)."})
+    weight_decay: float = field(default=0.03, metadata={"help": "Weight decay, applied to >= 2-D weights only."})
+    adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning rate schedule."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the image column for the collator (leave False)."}
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "The student has no unused trainable parameters (leave False)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        num_teachers = len(self.teachers) if self.teachers else None
+        for name in ("teacher_revisions", "teacher_summary", "teacher_grid_alignment", "teacher_image_size"):
+            values = getattr(self, name)
+            if values is not None and num_teachers is not None and len(values) not in (1, num_teachers):
+                raise ValueError(
+                    f"--{name} got {len(values)} values for {num_teachers} teachers: give one value per teacher, or "
+                    "one value for all of them."
+                )
+        for value in self.teacher_summary or []:
+            if value not in SUMMARY_TYPES:
+                raise ValueError(f"--teacher_summary values must be in {SUMMARY_TYPES}, got {value!r}.")
+        for value in self.teacher_grid_alignment or []:
+            if value not in GRID_ALIGNMENTS:
+                raise ValueError(f"--teacher_grid_alignment values must be in {GRID_ALIGNMENTS}, got {value!r}.")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"--teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
+        if not 0.0 <= self.teacher_drop_prob < 1.0:
+            raise ValueError(f"--teacher_drop_prob must be in [0, 1), got {self.teacher_drop_prob}.")
+        if self.loss_normalization not in COEFFICIENT_NORMALIZATIONS:
+            raise ValueError(
+                f"--loss_normalization must be one of {COEFFICIENT_NORMALIZATIONS}, got {self.loss_normalization!r}."
+            )
+        if self.load_size is None:
+            self.load_size = self.image_size * 8 // 7
+        if self.load_size < self.image_size:
+            raise ValueError(f"--load_size ({self.load_size}) must be >= --image_size ({self.image_size}).")
+
+    def teacher_options(self, index: int) -> dict:
+        """Loading options of the `index`-th teacher, from the per-teacher lists (one value broadcasts)."""
+
+        def pick(values):
+            if not values:
+                return None
+            return values[0] if len(values) == 1 else values[index]
+
+        return {
+            "revision": pick(self.teacher_revisions),
+            "summary": pick(self.teacher_summary),
+            "grid_alignment": pick(self.teacher_grid_alignment),
+            "image_size": pick(self.teacher_image_size),
+        }

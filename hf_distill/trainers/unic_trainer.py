@@ -1,0 +1,296 @@
+"""UNIC multi-teacher distillation as a `transformers.Trainer` (UNIC, Sariyildiz et al., ECCV 2024).
+
+One training step: decode a batch of uint8 images -> batched UNIC augmentations on the device -> the SAME normalized
+view feeds the student and every frozen teacher (teachers in inference mode, re-normalized and grid-aligned by their
+wrappers) -> teacher features standardized with EMA statistics over the global batch -> per-image, per-teacher losses
+-> teacher dropping -> total loss. Metrics stay on the device and are reduced only when logged.
+"""
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from ..data.augmentations import UnicAugmentation, resize_center
+from ..data.image_datasets import ImageCollator
+from ..losses.unic import teacher_drop_coefficients, teacher_losses, unic_loss
+from ..models.configuration_teacher import TeacherConfig
+from ..models.modeling_teacher import load_teacher, teacher_name
+from ..models.modeling_unic import UnicStudentModel
+from ..models.standardization import ema_weight
+from .unic_config import UnicConfig
+
+logger = logging.getLogger(__name__)
+
+
+def teacher_spec(name: str, teacher) -> dict:
+    """`{"name", "summary_dim", "patch_dim"}` of a teacher module or a [`TeacherConfig`] (for the student config)."""
+    if isinstance(teacher, TeacherConfig):
+        return {"name": name, "summary_dim": teacher.hidden_size, "patch_dim": teacher.hidden_size}
+    return {"name": name, "summary_dim": teacher.summary_dim, "patch_dim": teacher.patch_dim}
+
+
+def unique_teacher_names(teachers: list) -> list[str]:
+    """Short, unique names for logs and head keys (`dinov2-base`, `dinov2-base_1`, ...)."""
+    names = []
+    for teacher in teachers:
+        name = teacher_name(teacher).replace(".", "_")
+        base, index = name, 1
+        while name in names:
+            name, index = f"{base}_{index}", index + 1
+        names.append(name)
+    return names
+
+
+class UnicTrainer(Trainer):
+    """Trainer for UNIC distillation of several frozen teachers into one student ([`UnicStudentModel`]).
+
+    Args:
+        model ([`UnicStudentModel`]): the student with one head pair and standardizer pair per teacher.
+        args ([`UnicConfig`]): training configuration.
+        teachers (`list[str | nn.Module]`, *optional*): Hub ids / local paths / teacher modules, in the order of
+            `model.config.teachers`. Defaults to `args.teachers`. Loaded and prepared after `Trainer.__init__`, never
+            wrapped by DDP.
+        train_dataset: a dataset whose examples hold a PIL image under `image_column`.
+        image_column (`str`, defaults to `"image"`): column read by the default collator.
+        Other arguments are those of [`~transformers.Trainer`].
+    """
+
+    _tag_names = ["hf_distill", "unic", "distillation"]
+
+    def __init__(
+        self,
+        model: UnicStudentModel,
+        args: UnicConfig,
+        teachers: list | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        data_collator=None,
+        image_column: str = "image",
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        **kwargs,
+    ):
+        if not isinstance(model, UnicStudentModel):
+            raise TypeError(f"UnicTrainer trains a UnicStudentModel, got {type(model).__name__}.")
+        teachers = list(teachers if teachers is not None else (args.teachers or []))
+        if len(teachers) != len(model.config.teachers):
+            raise ValueError(
+                f"The student has heads for {len(model.config.teachers)} teachers "
+                f"({model.config.teacher_names}) but {len(teachers)} teachers were given."
+            )
+        model.grid_size(args.image_size, args.image_size)  # fails early on a size the patch size does not divide
+        if data_collator is None:
+            data_collator = ImageCollator(args.load_size, image_column=image_column)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=data_collator,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            **kwargs,
+        )
+        self.loss_is_scaled_for_ga = False  # per-batch mean: the Trainer divides by the accumulation steps
+        self.teacher_names = model.config.teacher_names
+        self.teachers = [self._load_and_prepare_teacher(teacher, index) for index, teacher in enumerate(teachers)]
+        self.augmentation = UnicAugmentation(
+            scale=tuple(args.crop_scale),
+            flip_prob=args.flip_prob,
+            color_jitter_p=args.color_jitter_prob,
+            grayscale_p=args.grayscale_prob,
+            blur_p=args.blur_prob,
+            solarize_p=args.solarize_prob,
+        )
+        self._student_mean = torch.tensor(model.config.image_mean, device=self.args.device)
+        self._student_std = torch.tensor(model.config.image_std, device=self.args.device)
+        self._generator = None
+        self._rng_position = (-1, 0)  # (global step, call within the step) of the last random draw
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ------------------------------------------------------------------ teachers
+
+    def _teacher_dtype(self) -> torch.dtype | None:
+        choice = self.args.teacher_dtype
+        if choice == "auto":
+            return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        return getattr(torch, choice)
+
+    def _load_and_prepare_teacher(self, teacher, index: int) -> nn.Module:
+        name = self.teacher_names[index]
+        options = {k: v for k, v in self.args.teacher_options(index).items() if v is not None}
+        teacher = load_teacher(teacher, dtype=self._teacher_dtype(), **(options if isinstance(teacher, str) else {}))
+        expected = self.model.config.teachers[index]
+        spec = teacher_spec(name, teacher)
+        if (spec["summary_dim"], spec["patch_dim"]) != (expected["summary_dim"], expected["patch_dim"]):
+            raise ValueError(
+                f"Teacher {index} ({name}) outputs {spec['summary_dim']}-d summary / {spec['patch_dim']}-d patch "
+                f"tokens but the student's heads for {expected['name']!r} predict {expected['summary_dim']} / "
+                f"{expected['patch_dim']}: build the student for these teachers (same order)."
+            )
+        if self.is_deepspeed_enabled:
+            teacher = self._prepare_deepspeed(teacher)
+        elif self.is_fsdp_enabled:
+            teacher = self._prepare_fsdp(teacher)
+        else:
+            teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        teacher.eval()
+        logger.info(
+            "Teacher %d %r: %s, %d-d summary / %d-d patch tokens, grid alignment %r, dtype %s",
+            index,
+            name,
+            type(teacher).__name__,
+            spec["summary_dim"],
+            spec["patch_dim"],
+            getattr(teacher, "grid_alignment", "?"),
+            next(teacher.parameters()).dtype,
+        )
+        return teacher
+
+    def _prepare_deepspeed(self, teacher: nn.Module) -> nn.Module:
+        """A DeepSpeed inference engine for a frozen teacher: ZeRO-3 partitions it like the student, other stages
+        keep a full copy (stage 0)."""
+        import deepspeed
+
+        plugin = self.accelerator.state.deepspeed_plugin
+        config = copy.deepcopy(plugin.deepspeed_config)
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        if config.get("zero_optimization", {}).get("stage") != 3:
+            config["zero_optimization"] = {"stage": 0}
+        engine, *_ = deepspeed.initialize(model=teacher, config=config)
+        engine.eval()
+        return engine
+
+    def _prepare_fsdp(self, teacher: nn.Module) -> nn.Module:
+        """Shard a frozen teacher with FSDP2 (`fully_shard` on each repeated block, then on the root)."""
+        from torch.distributed.fsdp import fully_shard
+
+        teacher.to(self.accelerator.device)
+        block_names = set(getattr(teacher, "_no_split_modules", None) or [])
+        for module in teacher.modules():
+            if type(module).__name__ in block_names:
+                fully_shard(module)
+        fully_shard(teacher)
+        return teacher
+
+    # ------------------------------------------------------------------ one step
+
+    def _generator_for_step(self, device: torch.device) -> torch.Generator:
+        """A generator seeded from (seed, global step, process, call within the step): stateless, so a resumed run
+        draws exactly the augmentations and drops of an uninterrupted one."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        step = self.state.global_step
+        call = self._rng_position[1] + 1 if self._rng_position[0] == step else 0
+        self._rng_position = (step, call)
+        seed = hash((self.args.seed, step, call, self.args.process_index)) & 0x7FFF_FFFF_FFFF_FFFF
+        return self._generator.manual_seed(seed)
+
+    def make_views(self, pixel_values: torch.Tensor, training: bool, generator: torch.Generator) -> torch.Tensor:
+        """uint8 `[B, 3, S, S]` -> the normalized student view `[B, 3, image_size, image_size]`."""
+        size = self.args.image_size
+        if training and self.args.augment:
+            views = self.augmentation(pixel_values, size, generator)
+        else:
+            views = resize_center(pixel_values, size)
+        return (views - self._student_mean.view(1, -1, 1, 1)) / self._student_std.view(1, -1, 1, 1)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        training = model.training
+        student = self.accelerator.unwrap_model(model)
+        generator = self._generator_for_step(inputs["pixel_values"].device)
+        pixel_values = self.make_views(inputs["pixel_values"], training, generator)
+        grid = student.grid_size(*pixel_values.shape[-2:])
+        weight = None
+        if training:
+            weight = ema_weight(
+                student.config.standardization,
+                self.state.global_step,
+                self.state.max_steps,
+                student.config.standardization_momentum,
+            )
+
+        targets = []
+        for name, teacher in zip(self.teacher_names, self.teachers):
+            with torch.inference_mode():
+                output = teacher(pixel_values, self._student_mean, self._student_std, grid_size=grid)
+            targets.append(
+                (
+                    student.cls_standardizers[name](output.summary, weight),
+                    student.patch_standardizers[name](output.patch_tokens, weight),
+                )
+            )
+
+        outputs = model(pixel_values=pixel_values)
+        per_teacher = [
+            teacher_losses(cls_pred, cls_target, patch_pred, patch_target)
+            for cls_pred, patch_pred, (cls_target, patch_target) in zip(
+                outputs.cls_predictions, outputs.patch_predictions, targets
+            )
+        ]
+        losses = torch.stack([terms["loss"] for terms in per_teacher], dim=1)  # [B, T]
+        if training:
+            coefficients = teacher_drop_coefficients(losses, self.args.teacher_drop_prob, generator)
+        else:
+            coefficients = torch.ones_like(losses)
+        loss = unic_loss(losses, coefficients, self.args.loss_normalization)
+
+        metrics = self._metrics["train" if training else "eval"]
+        for index, (name, terms) in enumerate(zip(self.teacher_names, per_teacher)):
+            metrics[f"{name}/cls_loss"].append(terms["cls"].detach().mean())
+            metrics[f"{name}/patch_loss"].append(terms["patch"].detach().mean())
+            metrics[f"{name}/kept"].append(coefficients[:, index].mean())
+        return (loss, outputs) if return_outputs else loss
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Weight decay on >= 2-D weights only (UNIC code): no decay on biases and norm weights."""
+        return [name for name, parameter in model.named_parameters() if parameter.ndim >= 2]
+
+    # ------------------------------------------------------------------ logging and saving
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        if metrics:
+            names = sorted(metrics)
+            values = torch.stack([torch.stack(metrics[name]).mean() for name in names])
+            values = self.accelerator.reduce(values, reduction="mean").tolist()  # one host sync per log
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({f"{prefix}{name}": value for name, value in zip(names, values)})
+            metrics.clear()
+        super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints keep the full student (heads and standardization statistics, to resume); the final save
+        exports ONLY the encoder as a stock transformers model with its image processor, written atomically."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call=True)
+        output_dir = output_dir or self.args.output_dir
+        state_dict = self.accelerator.get_state_dict(self.model)  # gathered under FSDP / ZeRO-3
+        if not self.args.should_save:
+            return None
+        student = self.accelerator.unwrap_model(self.model)
+        encoder_state = {
+            key.removeprefix("backbone."): v for key, v in state_dict.items() if key.startswith("backbone.")
+        }
+        os.makedirs(output_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".export-", dir=output_dir)
+        try:
+            student.save_encoder(staging, self.args.image_size, state_dict=encoder_state)
+            for file_name in os.listdir(staging):
+                os.replace(os.path.join(staging, file_name), os.path.join(output_dir, file_name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        logger.info("Exported the student encoder (%s) to %s", type(student.backbone).__name__, output_dir)
+        return None

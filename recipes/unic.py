@@ -1,0 +1,211 @@
+"""UNIC: distil several frozen teachers into one universal student encoder.
+
+One GPU or CPU:
+    accelerate launch recipes/unic.py --config recipes/configs/unic_tiny.yaml
+
+Several GPUs (DDP; FSDP and DeepSpeed configs sit beside it):
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/unic.py \
+        --config recipes/configs/unic_vitb16_in1k_4teachers.yaml
+
+Two processes on CPU (`accelerate launch --cpu` silently starts only one):
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+        recipes/unic.py --config recipes/configs/unic_tiny.yaml --use_cpu
+
+Any option of the YAML file can be overridden on the command line (`--max_steps 10`). A killed run restarts from its
+last checkpoint in `--output_dir` when launched again with the same command. The final `--output_dir` holds the
+student encoder as a stock transformers model: `AutoModel.from_pretrained(output_dir)`.
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import transformers
+import yaml
+from transformers import AutoConfig, HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_distill.data.image_datasets import load_image_dataset
+from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher_config
+from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
+from hf_distill.models.standardization import STANDARDIZATION_MODES
+from hf_distill.trainers import UnicConfig, UnicTrainer, teacher_spec, unique_teacher_names
+
+logger = logging.getLogger("hf_distill.recipes.unic")
+
+
+@dataclass
+class ScriptArguments:
+    """Data and student options of the UNIC recipe (training options are in `UnicConfig`)."""
+
+    student_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id, folder or config.json of a transformers ViT-family config; the student is "
+            "built from it with random weights."
+        },
+    )
+    train_data: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset id, local image folder, or folder written by datasets.save_to_disk."},
+    )
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of --train_data to train on."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    use_ladder: bool = field(default=True, metadata={"help": "Ladder of projectors over the student's blocks."})
+    ladder_layers: list[int] | None = field(
+        default=None, metadata={"help": "1-based blocks feeding the ladder (default: all).", "nargs": "+"}
+    )
+    standardization: str = field(
+        default="unic", metadata={"help": f"Teacher feature standardization, one of {STANDARDIZATION_MODES}."}
+    )
+    student_image_mean: list[float] = field(
+        default_factory=lambda: list(IMAGENET_MEAN), metadata={"help": "Student pixel mean.", "nargs": 3}
+    )
+    student_image_std: list[float] = field(
+        default_factory=lambda: list(IMAGENET_STD), metadata={"help": "Student pixel std.", "nargs": 3}
+    )
+
+
+def make_parser() -> HfArgumentParser:
+    parser = HfArgumentParser((ScriptArguments, UnicConfig))
+    parser.add_argument("--config", default=None, help="YAML file whose keys set the defaults of any option.")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, UnicConfig]:
+    """Parse `argv`, with the YAML file of `--config` (if any) as defaults that the command line overrides."""
+    parser = make_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known, _ = parser.parse_known_args(argv)
+    if known.config is not None:
+        with open(known.config) as handle:
+            defaults = yaml.safe_load(handle) or {}
+        options = {action.dest for action in parser._actions}
+        unknown = sorted(set(defaults) - options)
+        if unknown:
+            raise ValueError(f"Unknown options in {known.config}: {unknown}. See `python recipes/unic.py --help`.")
+        parser.set_defaults(**defaults)
+    script_args, training_args, _ = parser.parse_args_into_dataclasses(args=argv)
+    if not script_args.student_config or not script_args.train_data:
+        raise ValueError("--student_config, --train_data and --teachers are required (on the command line or YAML).")
+    return script_args, training_args
+
+
+def load_student_backbone_config(source: str, image_size: int):
+    """The student's transformers config, checked to be a ViT-family config whose patch size divides `image_size`."""
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not load the student config {source!r} (a Hub id, a folder or a config.json): {error}"
+        ) from error
+    if not (hasattr(config, "patch_size") and hasattr(config, "hidden_size")):
+        raise ValueError(f"--student_config {source!r} ({config.model_type}) is not a ViT-family config.")
+    patch_size = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    if image_size % patch_size:
+        raise ValueError(
+            f"--image_size {image_size} is not divisible by the student's patch size {patch_size}: use a multiple of "
+            f"{patch_size}, e.g. {image_size // patch_size * patch_size or patch_size} or "
+            f"{(image_size // patch_size + 1) * patch_size}."
+        )
+    config.image_size = image_size
+    return config
+
+
+def setup_logging(training_args: UnicConfig) -> None:
+    level = training_args.get_process_log_level()
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler()],
+    )
+    logging.getLogger("hf_distill").setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def main(argv: list[str] | None = None, teachers: list | None = None, callbacks: list | None = None) -> UnicTrainer:
+    """Run UNIC distillation. `teachers` may replace `--teachers` with modules (e.g. `ModuleTeacher`); `callbacks`
+    are extra `TrainerCallback`s."""
+    script_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+
+    # Everything that can be wrong with the input is checked here, before weights are loaded or training starts.
+    teacher_sources = teachers if teachers is not None else training_args.teachers
+    if not teacher_sources:
+        raise ValueError("No teachers: pass --teachers ID_OR_PATH [ID_OR_PATH ...] (or set `teachers:` in the YAML).")
+    names = unique_teacher_names(teacher_sources)
+    specs = []
+    for index, (name, teacher) in enumerate(zip(names, teacher_sources)):
+        config = (
+            load_teacher_config(teacher, **training_args.teacher_options(index))
+            if isinstance(teacher, str)
+            else teacher
+        )
+        specs.append(teacher_spec(name, config))
+    backbone_config = load_student_backbone_config(script_args.student_config, training_args.image_size)
+    train_dataset = load_image_dataset(script_args.train_data, script_args.image_column, script_args.dataset_split)
+    if script_args.max_train_samples is not None:
+        train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
+
+    student_config = UnicStudentConfig(
+        backbone_config=backbone_config,
+        teachers=specs,
+        use_ladder=script_args.use_ladder,
+        ladder_layers=script_args.ladder_layers,
+        standardization=script_args.standardization,
+        image_mean=script_args.student_image_mean,
+        image_std=script_args.student_image_std,
+    )
+    student = UnicStudentModel(student_config)
+    logger.info(
+        "Student %s: %.1fM encoder parameters, %.1fM in expendable heads; teachers: %s; %d training images",
+        backbone_config.model_type,
+        student.backbone.num_parameters() / 1e6,
+        (student.num_parameters() - student.backbone.num_parameters()) / 1e6,
+        ", ".join(names),
+        len(train_dataset),
+    )
+
+    trainer = UnicTrainer(
+        model=student,
+        args=training_args,
+        teachers=teacher_sources,
+        train_dataset=train_dataset,
+        image_column=script_args.image_column,
+        callbacks=callbacks,
+    )
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and os.path.isdir(training_args.output_dir):
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+        if checkpoint is not None:
+            logger.info("Resuming from the last checkpoint in the output directory: %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    trainer.save_model()
+    return trainer
+
+
+def exit_cleanly(code: int = 0) -> None:
+    """Flush and leave without running interpreter finalizers: accelerate/gloo runs sometimes abort at exit
+    ("terminate called without an active exception") after all the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
+    exit_cleanly(0)
