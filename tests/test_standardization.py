@@ -68,3 +68,34 @@ def test_standardizer_buffers_are_in_state_dict():
     state = FeatureStandardizer(5).state_dict()
     assert set(state) == {"mean", "std"}
     assert not math.isnan(state["std"].sum().item())
+
+
+def _moments_worker(rank, world_size, port, chunks, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    standardizer = FeatureStandardizer(chunks[rank].shape[-1], "unic")
+    standardizer(chunks[rank], ema_weight=1.0)  # EMA weight 1: the buffers become the batch statistics
+    results[rank] = (standardizer.mean.clone(), standardizer.std.clone())
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_statistics_are_over_the_global_batch_across_processes():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.manual_seed(0)
+    chunks = [torch.randn(8, 6, 4) + 3.0, torch.randn(5, 6, 4) * 4.0 - 2.0]  # ranks with different data and sizes
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_moments_worker, args=(2, port, chunks, results), nprocs=2, join=True)
+    flat = torch.cat([chunk.reshape(-1, 4) for chunk in chunks]).double()
+    for rank in (0, 1):
+        mean, std = results[rank]
+        torch.testing.assert_close(mean.double(), flat.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(std.double(), flat.std(0, unbiased=False), rtol=1e-4, atol=1e-4)
