@@ -33,7 +33,7 @@ from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from hf_distill.models.standardization import STANDARDIZATION_MODES
 from hf_distill.trainers import UnicConfig, UnicTrainer, teacher_spec, unique_teacher_names
 
-logger = logging.getLogger("hf_distill.recipes.unic")
+logger = logging.getLogger("hf_distill.recipes.unic")  # under "hf_distill" so it follows the same level
 
 
 @dataclass
@@ -116,13 +116,17 @@ def load_student_backbone_config(source: str, image_size: int):
 
 
 def setup_logging(training_args: UnicConfig) -> None:
+    """hf_distill says what it is doing on the main process (INFO); transformers and datasets follow `--log_level`."""
     level = training_args.get_process_log_level()
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         handlers=[logging.StreamHandler()],
     )
-    logging.getLogger("hf_distill").setLevel(level)
+    if training_args.log_level == "passive" and training_args.should_log:
+        logging.getLogger("hf_distill").setLevel(logging.INFO)
+    else:
+        logging.getLogger("hf_distill").setLevel(level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
 
@@ -162,11 +166,12 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         image_std=script_args.student_image_std,
     )
     student = UnicStudentModel(student_config)
+    encoder_parameters = student.backbone.num_parameters()
     logger.info(
-        "Student %s: %.1fM encoder parameters, %.1fM in expendable heads; teachers: %s; %d training images",
+        "Student %s: %s encoder parameters + %s in expendable heads; teachers: %s; %d training images",
         backbone_config.model_type,
-        student.backbone.num_parameters() / 1e6,
-        (student.num_parameters() - student.backbone.num_parameters()) / 1e6,
+        f"{encoder_parameters:,}",
+        f"{student.num_parameters() - encoder_parameters:,}",
         ", ".join(names),
         len(train_dataset),
     )

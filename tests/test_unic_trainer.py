@@ -85,6 +85,16 @@ def test_teacher_dropping_metrics_and_checkpoint_files(tiny_teachers, image_data
     assert json.loads((checkpoint / "config.json").read_text())["model_type"] == "hf_distill_unic_student"
 
 
+def test_evaluation_reports_loss_and_per_teacher_metrics(tiny_teachers, image_dataset_dir, tmp_path):
+    trainer = build(tiny_teachers, image_dataset_dir, tmp_path, max_steps=2, per_device_eval_batch_size=8)
+    trainer.train()
+    statistics = trainer.model.cls_standardizers["vit-p4"].mean.clone()
+    metrics = trainer.evaluate(trainer.train_dataset.select(range(16)))
+    assert metrics["eval_loss"] > 0
+    assert metrics["eval_vit-p4/kept"] == 1.0 and "eval_dinov2-p7/patch_loss" in metrics
+    assert torch.equal(trainer.model.cls_standardizers["vit-p4"].mean, statistics)  # frozen at evaluation
+
+
 def test_teachers_stay_frozen_and_outside_the_optimizer(tiny_teachers, image_dataset_dir, tmp_path):
     trainer = build(tiny_teachers, image_dataset_dir, tmp_path, max_steps=2)
     before = [{k: v.clone() for k, v in t.state_dict().items()} for t in trainer.teachers]

@@ -208,7 +208,8 @@ class UnicTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
         student = self.accelerator.unwrap_model(model)
-        generator = self._generator_for_step(inputs["pixel_values"].device)
+        # evaluation draws nothing, so it cannot shift the random stream of the training steps
+        generator = self._generator_for_step(inputs["pixel_values"].device) if training else None
         pixel_values = self.make_views(inputs["pixel_values"], training, generator)
         grid = student.grid_size(*pixel_values.shape[-2:])
         weight = None
@@ -251,6 +252,13 @@ class UnicTrainer(Trainer):
             metrics[f"{name}/patch_loss"].append(terms["patch"].detach().mean())
             metrics[f"{name}/kept"].append(coefficients[:, index].mean())
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the distillation loss on center views with frozen statistics and no teacher dropping."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Weight decay on >= 2-D weights only (UNIC code): no decay on biases and norm weights."""
