@@ -130,3 +130,27 @@ def test_student_and_teachers_must_match(tiny_teachers, image_dataset_dir, tmp_p
     with pytest.raises(ValueError, match="build the student for these teachers"):
         trainer = build(tiny_teachers, image_dataset_dir, tmp_path)
         UnicTrainer(model=trainer.model, args=trainer.args, teachers=[tiny_teachers["dinov2"], tiny_teachers["vit"]])
+
+
+def test_a_plain_module_teacher_trains_beside_a_transformers_teacher(tiny_teachers, image_dataset_dir, tmp_path):
+    from torch import nn
+
+    from hf_distill import ModuleTeacher
+
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(8, 40, 3, stride=4, padding=1))
+    cnn_teacher = ModuleTeacher(cnn, image_mean=[0.5] * 3, image_std=[0.5] * 3, patch_size=8, name="cnn")
+    teachers = [tiny_teachers["vit"], cnn_teacher]
+    names = unique_teacher_names(teachers)
+    specs = [teacher_spec(names[0], load_teacher_config(teachers[0])), teacher_spec(names[1], cnn_teacher)]
+    assert specs[1] == {"name": "cnn", "summary_dim": 40, "patch_dim": 40}
+    student = UnicStudentModel(UnicStudentConfig(backbone_config=tiny_vit_config(), teachers=specs))
+    args = UnicConfig(
+        output_dir=str(tmp_path), image_size=32, per_device_train_batch_size=8, max_steps=3, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True,
+    )  # fmt: skip
+    trainer = UnicTrainer(
+        model=student, args=args, teachers=teachers, train_dataset=load_image_dataset(image_dataset_dir)
+    )
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(e["cnn/patch_loss"])) for e in trainer.state.log_history if "loss" in e)
