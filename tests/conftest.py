@@ -85,3 +85,33 @@ def image_dataset_dir(tmp_path_factory):
     images, labels = mnist_images(32)
     Dataset.from_dict({"image": images, "label": labels}).save_to_disk(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def mnist_splits_dir(tmp_path_factory):
+    """A `save_to_disk` DatasetDict of real MNIST digits: 60 train and 30 test images, 10 classes."""
+    from datasets import DatasetDict
+
+    path = tmp_path_factory.mktemp("data") / "mnist-splits"
+    images, labels = mnist_images(90)
+    DatasetDict(
+        {
+            "train": Dataset.from_dict({"image": images[:60], "label": labels[:60]}),
+            "test": Dataset.from_dict({"image": images[60:], "label": labels[60:]}),
+        }
+    ).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def exported_student_dir(tmp_path_factory, student_config_dir):
+    """A tiny UNIC student exported as a stock ViTModel folder (random weights)."""
+    from hf_distill import UnicStudentConfig, UnicStudentModel
+
+    path = tmp_path_factory.mktemp("exported")
+    torch.manual_seed(0)
+    config = UnicStudentConfig(
+        backbone_config=tiny_vit_config(), teachers=[{"name": "t", "summary_dim": 32, "patch_dim": 32}]
+    )
+    UnicStudentModel(config).save_encoder(path, image_size=32)
+    return str(path)

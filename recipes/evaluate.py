@@ -1,0 +1,133 @@
+"""Evaluate one or more encoders (e.g. a distilled student and its teachers) and compare them.
+
+    python recipes/evaluate.py --models outputs/unic-tiny facebook/dino-vits16 --model_names student dino \
+        --config recipes/configs/eval_example.yaml --output_dir outputs/unic-tiny/eval
+
+    # shorthand for k-NN + linear probe on a dataset with `train` / `test` splits and `image` / `label` columns
+    python recipes/evaluate.py --models outputs/unic-tiny --dataset mnist=path/to/mnist --output_dir eval
+
+Prints a comparison table, writes `eval_results.json` and `plots/eval_comparison.png` to `--output_dir`, caches
+features under `--cache_dir` (a second evaluation of the same model on the same data reads them back), and with
+`--model_card_dir` adds the first model's results to the model card (`model-index`) of that exported student.
+"""
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import yaml
+from transformers import HfArgumentParser
+
+from hf_distill.evaluation.benchmark import EvalDataset, evaluate_encoder
+
+logger = logging.getLogger("hf_distill.recipes.evaluate")
+
+
+@dataclass
+class EvaluateArguments:
+    models: list[str] = field(
+        default_factory=list, metadata={"help": "Encoders to evaluate: Hub ids or local folders.", "nargs": "+"}
+    )
+    model_names: list[str] | None = field(
+        default=None, metadata={"help": "Names of the models in the table (default: folder / id).", "nargs": "+"}
+    )
+    dataset: list[str] | None = field(
+        default=None,
+        metadata={"help": "Shorthand NAME=PATH for k-NN + linear probe on train/test splits.", "nargs": "+"},
+    )
+    output_dir: str = field(default="eval_results", metadata={"help": "Where eval_results.json and plots go."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Feature cache folder (off by default)."})
+    image_size: int | None = field(default=None, metadata={"help": "Input side (default: each model's own)."})
+    batch_size: int = field(default=64, metadata={"help": "Feature extraction batch size."})
+    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200], metadata={"help": "k values of k-NN."})
+    knn_temperature: float = field(default=0.07, metadata={"help": "k-NN vote temperature."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)."})
+    model_card_dir: str | None = field(
+        default=None, metadata={"help": "Exported student folder whose model card gets the first model's results."}
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[EvaluateArguments, list[EvalDataset]]:
+    """CLI options with an optional `--config` YAML as defaults; the YAML's `datasets:` list defines the suite."""
+    parser = HfArgumentParser(EvaluateArguments)
+    parser.add_argument("--config", default=None, help="YAML file: option defaults and a `datasets:` list.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known, _ = parser.parse_known_args(argv)
+    suite_specs = []
+    if known.config is not None:
+        with open(known.config) as handle:
+            defaults = yaml.safe_load(handle) or {}
+        suite_specs = defaults.pop("datasets", [])
+        unknown = sorted(set(defaults) - {action.dest for action in parser._actions})
+        if unknown:
+            raise ValueError(f"Unknown options in {known.config}: {unknown}.")
+        parser.set_defaults(**defaults)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)[:1]
+    suite = [EvalDataset(**spec) for spec in suite_specs]
+    for item in args.dataset or []:
+        name, separator, path = item.partition("=")
+        if not separator or not name or not path:
+            raise ValueError(f"--dataset takes NAME=PATH, got {item!r}.")
+        suite.append(EvalDataset(name=name, path=path))
+    if not args.models:
+        raise ValueError("Nothing to evaluate: pass --models ID_OR_PATH [ID_OR_PATH ...].")
+    if not suite:
+        raise ValueError("No datasets: pass --dataset NAME=PATH or a --config YAML with a `datasets:` list.")
+    if args.model_names is not None and len(args.model_names) != len(args.models):
+        raise ValueError(f"--model_names has {len(args.model_names)} names for {len(args.models)} models.")
+    return args, suite
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """Markdown table: one row per metric, one column per model."""
+    names = list(results)
+    metrics = list(dict.fromkeys(metric for values in results.values() for metric in values))
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for metric in metrics:
+        cells = [f"{results[name][metric]:.2f}" if metric in results[name] else "-" for name in names]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json_atomically(payload: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(handle, "w") as stream:
+        json.dump(payload, stream, indent=2)
+    os.replace(temporary, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    args, suite = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("hf_distill").setLevel(logging.INFO)
+    names = args.model_names or [model.rstrip("/").split("/")[-1] for model in args.models]
+    results = {}
+    for name, model in zip(names, args.models):
+        logger.info("Evaluating %s (%s) on %s", name, model, ", ".join(spec.name for spec in suite))
+        results[name] = evaluate_encoder(
+            model,
+            suite,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            cache_dir=args.cache_dir,
+            knn_k=tuple(args.knn_k),
+            knn_temperature=args.knn_temperature,
+            device=args.device,
+            name=name,
+        )
+    print(format_table(results))
+    payload = {
+        "models": {name: {"source": model, "results": results[name]} for name, model in zip(names, args.models)},
+        "datasets": [vars(spec) for spec in suite],
+    }
+    write_json_atomically(payload, os.path.join(args.output_dir, "eval_results.json"))
+    logger.info("Wrote %s", os.path.join(args.output_dir, "eval_results.json"))
+    return results
+
+
+if __name__ == "__main__":
+    main()
