@@ -14,6 +14,7 @@ features under `--cache_dir` (a second evaluation of the same model on the same 
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 import yaml
 from transformers import HfArgumentParser
 
-from hf_distill.evaluation.benchmark import EvalDataset, evaluate_encoder
+from hf_distill import hub
+from hf_distill.evaluation.benchmark import EvalDataset, card_results, evaluate_encoder
 
 logger = logging.getLogger("hf_distill.recipes.evaluate")
 
@@ -126,7 +128,33 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     }
     write_json_atomically(payload, os.path.join(args.output_dir, "eval_results.json"))
     logger.info("Wrote %s", os.path.join(args.output_dir, "eval_results.json"))
+    headline = {
+        name: {key: value for key, value in values.items() if key.count("/") == 1} for name, values in results.items()
+    }  # per-domain retrieval scores stay out of the chart
+    chart = hub.plot_eval_comparison(headline, os.path.join(args.output_dir, "plots", "eval_comparison.png"))
+    logger.info("Wrote %s", chart)
+    if args.model_card_dir is not None:
+        update_model_card(args.model_card_dir, results, suite, names[0], chart, payload)
     return results
+
+
+def update_model_card(card_dir: str, results, suite, student: str, chart: str, payload: dict) -> None:
+    """Add the student's results (model-index), the other models' values and the comparison chart to the card of
+    the exported student in `card_dir`; the results are also written there as `eval_results.json`."""
+    eval_results, comparison = card_results(results, suite, student)
+    plot_path = os.path.join(card_dir, "plots", "eval_comparison.png")
+    if os.path.abspath(chart) != os.path.abspath(plot_path):
+        os.makedirs(os.path.dirname(plot_path), exist_ok=True)
+        shutil.copyfile(chart, plot_path)
+    write_json_atomically(payload, os.path.join(card_dir, "eval_results.json"))
+    card = hub.create_or_update_model_card(
+        card_dir,
+        eval_results=eval_results,
+        comparison=comparison,
+        plots=["plots/eval_comparison.png"],
+    )
+    logger.info("Updated the model card %s (%d results)", os.path.join(card_dir, "README.md"), len(eval_results))
+    return card
 
 
 if __name__ == "__main__":

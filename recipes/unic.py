@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
     trainer.save_model()
+    trainer.create_model_card(dataset_name=script_args.train_data)
+    if training_args.push_to_hub:
+        logger.info("Pushing the student to the Hub: %s", trainer.hub_model_id or training_args.hub_model_id)
+        trainer.push_to_hub()
     return trainer
 
 

@@ -60,3 +60,39 @@ def test_bad_suites_are_reported_before_any_work(tmp_path):
     config.write_text("datasets:\n  - {name: d, path: p, protocols: [retrieval]}\n")
     with pytest.raises(ValueError, match="retrieval needs `domain_column`"):
         recipe.parse_args(["--models", "x", "--config", str(config)])
+
+
+def test_training_card_gets_the_evaluation(
+    tiny_teachers, image_dataset_dir, student_config_dir, mnist_splits_dir, tmp_path
+):
+    """Train -> card with teachers and loss plot; evaluate -> model-index with the printed numbers, teachers kept."""
+    from huggingface_hub import ModelCard
+
+    from .test_recipe_unic import recipe as unic_recipe
+    from .test_recipe_unic import recipe_args
+
+    student_dir = tmp_path / "student"
+    unic_recipe.main(recipe_args(tiny_teachers, image_dataset_dir, student_config_dir, student_dir))
+    assert (student_dir / "plots" / "teacher_losses.png").stat().st_size > 1000
+    card = ModelCard.load(student_dir / "README.md")
+    assert "vit-p4" in card.text and "dinov2-p7" in card.text and "teacher_losses.png" in card.text
+
+    results = recipe.main(
+        [
+            "--models", str(student_dir), tiny_teachers["vit"], tiny_teachers["dinov2"],
+            "--model_names", "student", "vit-p4", "dinov2-p7",
+            "--dataset", f"mnist={mnist_splits_dir}", "--knn_k", "10",
+            "--output_dir", str(tmp_path / "eval"), "--model_card_dir", str(student_dir),
+        ]
+    )  # fmt: skip
+    card = ModelCard.load(student_dir / "README.md")
+    model_index = {(r.metric_name, r.dataset_name): r.metric_value for r in card.data.eval_results}
+    assert model_index[("k-NN top-1 (k=10)", "mnist")] == round(results["student"]["mnist/knn_top1@10"], 2)
+    assert model_index[("Linear probe top-1", "mnist")] == round(results["student"]["mnist/linear_top1"], 2)
+    assert "vit-p4" in card.text and "teacher_losses.png" in card.text and "eval_comparison.png" in card.text
+    assert (student_dir / "plots" / "eval_comparison.png").exists() and (student_dir / "eval_results.json").exists()
+    # teachers' values in the comparison table
+    row = next(line for line in card.text.splitlines() if line.startswith("| Linear probe"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    expected = [results[name]["mnist/linear_top1"] for name in ("student", "vit-p4", "dinov2-p7")]
+    assert cells[3:] == [f"{value:.2f}" for value in expected]

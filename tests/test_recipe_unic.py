@@ -119,3 +119,33 @@ def test_two_processes_on_cpu_see_different_data_and_end_identical(
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
     initial = AutoModel.from_pretrained(tmp_path / "out")  # rank 0 exported the trained encoder
     assert type(initial) is ViTModel
+
+
+@pytest.mark.timeout(120)
+def test_push_to_hub_from_the_recipe_uploads_only_the_student(
+    tiny_teachers, image_dataset_dir, student_config_dir, tmp_path, monkeypatch
+):
+    """`--push_to_hub --hub_model_id` against a local fake Hub: the exported encoder, its image processor, the card
+    and the plots arrive; no checkpoint, heads or optimizer state."""
+    import huggingface_hub
+    import transformers.utils.hub
+
+    from .test_hub import FakeHub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    output_dir = tmp_path / "out"
+    with FakeHub() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)  # transformers' shared HfApi keeps its endpoint
+        args = recipe_args(tiny_teachers, image_dataset_dir, student_config_dir, output_dir)
+        recipe.main(args + ["--push_to_hub", "true", "--hub_model_id", "me/unic-tiny", "--hub_token", "hf_dummy"])
+    # every write went through the implemented endpoints (a client may also probe GET endpoints that 404 here)
+    assert not [request for request in hub.unknown if request[0] != "GET"], hub.unknown
+    assert hub.created and all((c["name"], c["organization"]) == ("unic-tiny", "me") for c in hub.created)
+    uploaded = hub.files["me/unic-tiny"]
+    assert sorted(uploaded) == [
+        "README.md", "config.json", "model.safetensors", "plots/teacher_losses.png", "preprocessor_config.json"
+    ]  # fmt: skip
+    assert uploaded["model.safetensors"] == (output_dir / "model.safetensors").read_bytes()
+    assert "me/unic-tiny" in uploaded["README.md"].decode()  # the usage snippet names the repo

@@ -1,0 +1,40 @@
+"""Evaluation of encoders: feature extraction with a cache, k-NN, linear probe, retrieval, dense probe.
+
+The metrics are also shipped as `evaluate` modules that load offline by path:
+`evaluate.load(hf_distill.evaluation.metric_path("knn_accuracy"))`.
+"""
+
+import os
+
+from .benchmark import EvalDataset, evaluate_encoder
+from .features import FeatureSet, extract_features, load_encoder
+from .knn import knn_accuracy, knn_predict
+from .linear_probe import linear_probe
+from .retrieval import retrieval_metrics
+from .segmentation import dense_linear_probe, mean_iou
+
+METRICS = ("knn_accuracy", "linear_probe", "retrieval", "mean_iou")
+
+
+def metric_path(name: str) -> str:
+    """Folder of the packaged `evaluate` module `name` (one of `METRICS`), for `evaluate.load(path)`."""
+    if name not in METRICS:
+        raise ValueError(f"Unknown metric {name!r}; hf_distill ships {METRICS}.")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", name)
+
+
+__all__ = [
+    "METRICS",
+    "EvalDataset",
+    "FeatureSet",
+    "dense_linear_probe",
+    "evaluate_encoder",
+    "extract_features",
+    "knn_accuracy",
+    "knn_predict",
+    "linear_probe",
+    "load_encoder",
+    "mean_iou",
+    "metric_path",
+    "retrieval_metrics",
+]

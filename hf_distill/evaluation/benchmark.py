@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from huggingface_hub import EvalResult
 from PIL import Image
 
 from ..data.image_datasets import load_image_dataset
@@ -170,3 +171,56 @@ def evaluate_encoder(
         scores = {key: round(value, 2) for key, value in results.items() if key.startswith(f"{spec.name}/")}
         logger.info("%s on %s: %s", label, spec.name, scores)
     return results
+
+
+def _describe(metric: str) -> tuple[str, str, str, str] | None:
+    """`(task_type, task_name, metric_type, metric_name)` of a flat metric key's last part, None for per-domain."""
+    if metric.startswith("knn_top1@"):
+        k = metric.split("@")[1]
+        return "image-classification", f"k-NN classification (k={k})", "accuracy", f"k-NN top-1 (k={k})"
+    if metric == "linear_top1":
+        return "image-classification", "Linear probe", "accuracy", "Linear probe top-1"
+    if metric in ("R@1", "mMP@5"):
+        return "image-retrieval", "Universal retrieval (merged index)", metric.lower().replace("@", "_at_"), metric
+    if metric == "mIoU":
+        return "image-segmentation", "Dense linear probe", "mean_iou", "mIoU"
+    return None
+
+
+def card_results(
+    results: dict[str, dict[str, float]], suite: list[EvalDataset], student: str
+) -> tuple[list[EvalResult], list[dict]]:
+    """Turn `{model: {"dataset/metric": value}}` into the student's `EvalResult`s (for the card's `model-index`)
+    and comparison rows with the other models' values (for the card's table). Per-domain retrieval scores stay out."""
+    paths = {spec.name: spec for spec in suite}
+    eval_results, comparison = [], []
+    for key, value in results[student].items():
+        dataset, _, metric = key.partition("/")
+        described = _describe(metric)
+        if described is None or dataset not in paths:
+            continue
+        task_type, task_name, metric_type, metric_name = described
+        spec = paths[dataset]
+        eval_results.append(
+            EvalResult(
+                task_type=task_type,
+                task_name=task_name,
+                dataset_type=spec.path,
+                dataset_name=dataset,
+                dataset_split=spec.test_split,
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_value=round(float(value), 2),
+            )
+        )
+        others = {name: round(values[key], 2) for name, values in results.items() if name != student and key in values}
+        if others:
+            comparison.append(
+                {
+                    "task": task_name,
+                    "dataset": f"{dataset} ({spec.test_split})",
+                    "metric": metric_name,
+                    "teachers": others,
+                }
+            )
+    return eval_results, comparison

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from .. import hub
 from ..data.augmentations import UnicAugmentation, resize_center
 from ..data.image_datasets import ImageCollator
 from ..losses.unic import teacher_drop_coefficients, teacher_losses, unic_loss
@@ -302,3 +303,79 @@ class UnicTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         logger.info("Exported the student encoder (%s) to %s", type(student.backbone).__name__, output_dir)
         return None
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: list[str] | None = None
+    ) -> None:
+        """Write (or update) `output_dir/README.md` and `output_dir/plots/teacher_losses.png` (per-teacher losses and
+        kept coefficients over training, UNIC figures 3-4). Existing evaluation results in the card are kept."""
+        if not self.is_world_process_zero():
+            return
+        output_dir = self.args.output_dir
+        student = self.accelerator.unwrap_model(self.model)
+        plots = []
+        plot = hub.plot_training_curves(
+            self.state.log_history, os.path.join(output_dir, "plots", "teacher_losses.png")
+        )
+        if plot is not None:
+            plots.append(os.path.relpath(plot, output_dir))
+        teachers = []
+        for name, teacher in zip(self.teacher_names, self.teachers):
+            config = getattr(teacher, "config", None)
+            teachers.append(
+                {
+                    "name": name,
+                    "source": getattr(config, "source", None) or type(teacher).__name__,
+                    "revision": getattr(config, "revision", None),
+                    "summary": getattr(config, "summary", "mean_patch"),
+                    "grid_alignment": teacher.grid_alignment,
+                }
+            )
+        backbone = student.config.backbone_config
+        settings = {
+            "student": f"{backbone.model_type} ({backbone.num_hidden_layers} blocks, width {backbone.hidden_size}, "
+            f"patch {student.config.patch_size})",
+            "image size": self.args.image_size,
+            "training steps": self.state.global_step,
+            "global batch size": self.args.per_device_train_batch_size
+            * self.args.gradient_accumulation_steps
+            * self.args.world_size,
+            "learning rate": self.args.learning_rate,
+            "teacher dropping p": self.args.teacher_drop_prob,
+            "loss normalization": self.args.loss_normalization,
+            "ladder of projectors": student.config.ladder_block_indices if student.config.use_ladder else "off",
+            "standardization": student.config.standardization,
+            "augmentations": "UNIC (crop, flip, color jitter, grayscale, blur, solarize)"
+            if self.args.augment
+            else "off",
+        }
+        hub.create_or_update_model_card(
+            output_dir,
+            model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
+            teachers=teachers,
+            training_data=dataset_name or "-",
+            settings=settings,
+            plots=plots,
+            tags=tags,
+            repo_id=self.hub_model_id or self.args.hub_model_id,
+        )
+        logger.info("Wrote the model card %s", os.path.join(output_dir, "README.md"))
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Checkpoints (projector heads, optimizer) are never uploaded: only the exported student is."""
+
+    def push_to_hub(
+        self, commit_message: str | None = None, blocking: bool = True, token=None, revision=None, **kwargs
+    ):
+        """Upload the exported student of `output_dir` (weights, image processor, card, plots, eval results, and only
+        those) to `--hub_model_id`."""
+        if not self.is_world_process_zero():
+            return None
+        return hub.push_to_hub(
+            self.args.output_dir,
+            self.hub_model_id or self.args.hub_model_id,
+            token=token or self.args.hub_token,
+            private=self.args.hub_private_repo,
+            commit_message=commit_message or "Upload distilled student with hf_distill",
+            revision=revision or self.args.hub_revision,
+        )
