@@ -96,3 +96,30 @@ def test_training_card_gets_the_evaluation(
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     expected = [results[name]["mnist/linear_top1"] for name in ("student", "vit-p4", "dinov2-p7")]
     assert cells[3:] == [f"{value:.2f}" for value in expected]
+
+
+def test_yaml_suite_with_segmentation(exported_student_dir, tmp_path):
+    """Dense linear probe through the recipe: MNIST digits with foreground masks (pixel > 127 -> class 1)."""
+    import numpy as np
+    from datasets import Dataset, DatasetDict
+    from PIL import Image
+
+    from .conftest import mnist_images
+
+    images, _ = mnist_images(24)
+    masks = [Image.fromarray((np.asarray(image.convert("L")) > 127).astype(np.uint8)) for image in images]
+    DatasetDict(
+        {
+            "train": Dataset.from_dict({"image": images[:16], "mask": masks[:16]}),
+            "test": Dataset.from_dict({"image": images[16:], "mask": masks[16:]}),
+        }
+    ).save_to_disk(str(tmp_path / "seg"))
+    config = tmp_path / "suite.yaml"
+    config.write_text(
+        "datasets:\n"
+        f"  - {{name: digits-seg, path: {tmp_path / 'seg'}, protocols: [segmentation], mask_column: mask, "
+        "num_classes: 2}\n"
+    )
+    results = recipe.main(["--models", exported_student_dir, "--config", str(config), "--output_dir", str(tmp_path)])
+    (values,) = results.values()
+    assert set(values) == {"digits-seg/mIoU"} and 0.0 < values["digits-seg/mIoU"] <= 100.0
