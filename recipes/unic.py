@@ -28,7 +28,8 @@ from transformers import AutoConfig, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_distill.data.image_datasets import load_image_dataset
-from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher_config
+from hf_distill.data.teacher_cache import CACHE_INDEX, TeacherOutputCache
+from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher, load_teacher_config
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from hf_distill.models.standardization import STANDARDIZATION_MODES
 from hf_distill.trainers import UnicConfig, UnicTrainer, teacher_spec, unique_teacher_names
@@ -115,6 +116,33 @@ def load_student_backbone_config(source: str, image_size: int):
     return config
 
 
+def build_teacher_cache(training_args, teacher_sources, names, train_dataset, script_args, student) -> None:
+    """Run the teachers once over the fixed views of the training set, unless a complete cache is already there."""
+    if os.path.exists(os.path.join(training_args.teacher_cache, CACHE_INDEX)):
+        logger.info("Using the teacher-output cache in %s", training_args.teacher_cache)
+        return
+    dtype = training_args.teacher_torch_dtype()
+    teachers = []
+    for index, (name, source) in enumerate(zip(names, teacher_sources)):
+        options = training_args.teacher_options(index) if isinstance(source, str) else {}
+        teachers.append((name, load_teacher(source, dtype=dtype, **options).to(training_args.device)))
+    logger.info("Building the teacher-output cache in %s", training_args.teacher_cache)
+    TeacherOutputCache.build(
+        training_args.teacher_cache,
+        teachers,
+        train_dataset,
+        image_column=script_args.image_column,
+        image_size=training_args.image_size,
+        load_size=training_args.load_size,
+        student_mean=student.config.image_mean,
+        student_std=student.config.image_std,
+        grid_size=student.grid_size(training_args.image_size, training_args.image_size),
+        num_views=training_args.teacher_cache_views,
+        batch_size=training_args.per_device_train_batch_size,
+        device=training_args.device,
+    )
+
+
 def setup_logging(training_args: UnicConfig) -> None:
     """hf_distill says what it is doing on the main process (INFO); transformers and datasets follow `--log_level`."""
     level = training_args.get_process_log_level()
@@ -175,6 +203,10 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         ", ".join(names),
         len(train_dataset),
     )
+
+    if training_args.teacher_cache is not None:
+        with training_args.main_process_first(desc="teacher-output cache"):
+            build_teacher_cache(training_args, teacher_sources, names, train_dataset, script_args, student)
 
     trainer = UnicTrainer(
         model=student,

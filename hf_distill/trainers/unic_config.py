@@ -48,6 +48,11 @@ class UnicConfig(TrainingArguments):
             Probabilities of the UNIC augmentations (0.5, 0.8, 0.2, 0.2, 0.2).
         augment (`bool`, defaults to `True`):
             Apply the training augmentations. When `False`, training views are resized and center-cropped.
+        teacher_cache (`str`, *optional*):
+            Folder of a [`TeacherOutputCache`]: teacher outputs of fixed views (center crop and its flip) computed
+            once and read during training instead of running the teachers.
+        teacher_cache_views (`int`, defaults to 2):
+            Number of fixed views per image in the cache (1: center, 2: center and flip).
     """
 
     teachers: list[str] | None = field(
@@ -91,6 +96,14 @@ class UnicConfig(TrainingArguments):
     blur_prob: float = field(default=0.2, metadata={"help": "Gaussian blur probability."})
     solarize_prob: float = field(default=0.2, metadata={"help": "Solarization probability."})
     augment: bool = field(default=True, metadata={"help": "Apply the UNIC training augmentations."})
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of a teacher-output cache of fixed views (center, flip): built on first use, then the "
+            "teachers are not run during training (no crop / color augmentation in this mode)."
+        },
+    )
+    teacher_cache_views: int = field(default=2, metadata={"help": "Fixed views per image in the cache: 1 or 2."})
 
     # TrainingArguments defaults changed for UNIC (naver/unic code).
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (UNIC: 3e-4 * batch / 256)."})
@@ -129,10 +142,20 @@ class UnicConfig(TrainingArguments):
             raise ValueError(
                 f"--loss_normalization must be one of {COEFFICIENT_NORMALIZATIONS}, got {self.loss_normalization!r}."
             )
+        if self.teacher_cache_views not in (1, 2):
+            raise ValueError(f"--teacher_cache_views must be 1 or 2, got {self.teacher_cache_views}.")
         if self.load_size is None:
             self.load_size = self.image_size * 8 // 7
         if self.load_size < self.image_size:
             raise ValueError(f"--load_size ({self.load_size}) must be >= --image_size ({self.image_size}).")
+
+    def teacher_torch_dtype(self):
+        """The `torch.dtype` of the teachers' weights (`None`: keep float32)."""
+        import torch
+
+        if self.teacher_dtype == "auto":
+            return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else None
+        return getattr(torch, self.teacher_dtype)
 
     def teacher_options(self, index: int) -> dict:
         """Loading options of the `index`-th teacher, from the per-teacher lists (one value broadcasts)."""

@@ -20,6 +20,7 @@ from transformers import Trainer
 from .. import hub
 from ..data.augmentations import UnicAugmentation, resize_center
 from ..data.image_datasets import ImageCollator
+from ..data.teacher_cache import INDEX_COLUMN, TeacherOutputCache, fixed_views
 from ..losses.unic import teacher_drop_coefficients, teacher_losses, unic_loss
 from ..models.configuration_teacher import TeacherConfig
 from ..models.modeling_teacher import load_teacher, teacher_name
@@ -81,15 +82,33 @@ class UnicTrainer(Trainer):
     ):
         if not isinstance(model, UnicStudentModel):
             raise TypeError(f"UnicTrainer trains a UnicStudentModel, got {type(model).__name__}.")
-        teachers = list(teachers if teachers is not None else (args.teachers or []))
-        if len(teachers) != len(model.config.teachers):
-            raise ValueError(
-                f"The student has heads for {len(model.config.teachers)} teachers "
-                f"({model.config.teacher_names}) but {len(teachers)} teachers were given."
-            )
-        model.grid_size(args.image_size, args.image_size)  # fails early on a size the patch size does not divide
+        grid = model.grid_size(
+            args.image_size, args.image_size
+        )  # fails early on a size the patch size does not divide
+        self.teacher_cache = TeacherOutputCache(args.teacher_cache) if args.teacher_cache else None
+        if self.teacher_cache is not None:
+            if self.teacher_cache.teacher_names != model.config.teacher_names:
+                raise ValueError(
+                    f"The teacher-output cache holds {self.teacher_cache.teacher_names}, the student has heads for "
+                    f"{model.config.teacher_names}."
+                )
+            self.teacher_cache.check(train_dataset, args.image_size, grid)
+            if eval_dataset is not None:
+                raise ValueError(
+                    "Evaluation loss needs online teachers: do not pass an eval_dataset with a teacher cache."
+                )
+            train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
+            teachers = []  # the cache replaces the teachers
+        else:
+            teachers = list(teachers if teachers is not None else (args.teachers or []))
+            if len(teachers) != len(model.config.teachers):
+                raise ValueError(
+                    f"The student has heads for {len(model.config.teachers)} teachers "
+                    f"({model.config.teacher_names}) but {len(teachers)} teachers were given."
+                )
         if data_collator is None:
-            data_collator = ImageCollator(args.load_size, image_column=image_column)
+            index_column = INDEX_COLUMN if self.teacher_cache is not None else None
+            data_collator = ImageCollator(args.load_size, image_column=image_column, index_column=index_column)
         super().__init__(
             model=model,
             args=args,
@@ -120,16 +139,12 @@ class UnicTrainer(Trainer):
 
     # ------------------------------------------------------------------ teachers
 
-    def _teacher_dtype(self) -> torch.dtype | None:
-        choice = self.args.teacher_dtype
-        if choice == "auto":
-            return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        return getattr(torch, choice)
-
     def _load_and_prepare_teacher(self, teacher, index: int) -> nn.Module:
         name = self.teacher_names[index]
         options = {k: v for k, v in self.args.teacher_options(index).items() if v is not None}
-        teacher = load_teacher(teacher, dtype=self._teacher_dtype(), **(options if isinstance(teacher, str) else {}))
+        teacher = load_teacher(
+            teacher, dtype=self.args.teacher_torch_dtype(), **(options if isinstance(teacher, str) else {})
+        )
         expected = self.model.config.teachers[index]
         spec = teacher_spec(name, teacher)
         if (spec["summary_dim"], spec["patch_dim"]) != (expected["summary_dim"], expected["patch_dim"]):
@@ -210,8 +225,16 @@ class UnicTrainer(Trainer):
         training = model.training
         student = self.accelerator.unwrap_model(model)
         # evaluation draws nothing, so it cannot shift the random stream of the training steps
-        generator = self._generator_for_step(inputs["pixel_values"].device) if training else None
-        pixel_values = self.make_views(inputs["pixel_values"], training, generator)
+        device = inputs["pixel_values"].device
+        generator = self._generator_for_step(device) if training else None
+        if self.teacher_cache is not None:
+            views = torch.zeros(inputs["pixel_values"].shape[0], dtype=torch.long, device=device)
+            if training:
+                views = torch.randint(self.teacher_cache.num_views, views.shape, generator=generator, device=device)
+            pixel_values = fixed_views(inputs["pixel_values"], self.args.image_size, views)
+            pixel_values = (pixel_values - self._student_mean.view(1, -1, 1, 1)) / self._student_std.view(1, -1, 1, 1)
+        else:
+            pixel_values = self.make_views(inputs["pixel_values"], training, generator)
         grid = student.grid_size(*pixel_values.shape[-2:])
         weight = None
         if training:
@@ -223,13 +246,17 @@ class UnicTrainer(Trainer):
             )
 
         targets = []
-        for name, teacher in zip(self.teacher_names, self.teachers):
-            with torch.inference_mode():
-                output = teacher(pixel_values, self._student_mean, self._student_std, grid_size=grid)
+        for index, name in enumerate(self.teacher_names):
+            if self.teacher_cache is not None:
+                summary, patch_tokens = self.teacher_cache.lookup(name, inputs["sample_index"], views, device)
+            else:
+                with torch.inference_mode():
+                    output = self.teachers[index](pixel_values, self._student_mean, self._student_std, grid_size=grid)
+                summary, patch_tokens = output.summary, output.patch_tokens
             targets.append(
                 (
-                    student.cls_standardizers[name](output.summary, weight),
-                    student.patch_standardizers[name](output.patch_tokens, weight),
+                    student.cls_standardizers[name](summary, weight),
+                    student.patch_standardizers[name](patch_tokens, weight),
                 )
             )
 
@@ -319,18 +346,24 @@ class UnicTrainer(Trainer):
         )
         if plot is not None:
             plots.append(os.path.relpath(plot, output_dir))
-        teachers = []
-        for name, teacher in zip(self.teacher_names, self.teachers):
-            config = getattr(teacher, "config", None)
-            teachers.append(
-                {
-                    "name": name,
-                    "source": getattr(config, "source", None) or type(teacher).__name__,
-                    "revision": getattr(config, "revision", None),
-                    "summary": getattr(config, "summary", "mean_patch"),
-                    "grid_alignment": teacher.grid_alignment,
-                }
-            )
+        if self.teacher_cache is not None:
+            teachers = [
+                {key: teacher.get(key) for key in ("name", "source", "summary", "grid_alignment")}
+                for teacher in self.teacher_cache.info["teachers"]
+            ]
+        else:
+            teachers = []
+            for name, teacher in zip(self.teacher_names, self.teachers):
+                config = getattr(teacher, "config", None)
+                teachers.append(
+                    {
+                        "name": name,
+                        "source": getattr(config, "source", None) or type(teacher).__name__,
+                        "revision": getattr(config, "revision", None),
+                        "summary": getattr(config, "summary", "mean_patch"),
+                        "grid_alignment": teacher.grid_alignment,
+                    }
+                )
         backbone = student.config.backbone_config
         settings = {
             "student": f"{backbone.model_type} ({backbone.num_hidden_layers} blocks, width {backbone.hidden_size}, "
