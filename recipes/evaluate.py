@@ -42,7 +42,13 @@ class EvaluateArguments:
     )
     output_dir: str = field(default="eval_results", metadata={"help": "Where eval_results.json and plots go."})
     cache_dir: str | None = field(default=None, metadata={"help": "Feature cache folder (off by default)."})
-    image_size: int | None = field(default=None, metadata={"help": "Input side (default: each model's own)."})
+    image_size: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Input side, one for all models or one per model (default: each model's own).",
+            "nargs": "+",
+        },
+    )
     batch_size: int = field(default=64, metadata={"help": "Feature extraction batch size."})
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200], metadata={"help": "k values of k-NN."})
     knn_temperature: float = field(default=0.07, metadata={"help": "k-NN vote temperature."})
@@ -78,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[EvaluateArguments, list[E
         raise ValueError("Nothing to evaluate: pass --models ID_OR_PATH [ID_OR_PATH ...].")
     if not suite:
         raise ValueError("No datasets: pass --dataset NAME=PATH or a --config YAML with a `datasets:` list.")
+    if args.image_size is not None and len(args.image_size) not in (1, len(args.models)):
+        raise ValueError(f"--image_size takes one value or one per model ({len(args.models)}).")
     if args.model_names is not None and len(args.model_names) != len(args.models):
         raise ValueError(f"--model_names has {len(args.model_names)} names for {len(args.models)} models.")
     return args, suite
@@ -107,13 +115,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hf_distill").setLevel(logging.INFO)
     names = args.model_names or [model.rstrip("/").split("/")[-1] for model in args.models]
+    sizes = (
+        args.image_size if args.image_size and len(args.image_size) > 1 else (args.image_size or [None]) * len(names)
+    )
     results = {}
-    for name, model in zip(names, args.models):
+    for name, model, image_size in zip(names, args.models, sizes):
         logger.info("Evaluating %s (%s) on %s", name, model, ", ".join(spec.name for spec in suite))
         results[name] = evaluate_encoder(
             model,
             suite,
-            image_size=args.image_size,
+            image_size=image_size,
             batch_size=args.batch_size,
             cache_dir=args.cache_dir,
             knn_k=tuple(args.knn_k),

@@ -31,6 +31,7 @@ from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.data.teacher_cache import CACHE_INDEX, TeacherOutputCache
 from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher, load_teacher_config
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
+from hf_distill.models.modeling_teacher import is_factory_spec
 from hf_distill.models.standardization import STANDARDIZATION_MODES
 from hf_distill.trainers import UnicConfig, UnicTrainer, teacher_spec, unique_teacher_names
 
@@ -124,7 +125,9 @@ def build_teacher_cache(training_args, teacher_sources, names, train_dataset, sc
     dtype = training_args.teacher_torch_dtype()
     teachers = []
     for index, (name, source) in enumerate(zip(names, teacher_sources)):
-        options = training_args.teacher_options(index) if isinstance(source, str) else {}
+        options = (
+            training_args.teacher_options(index) if isinstance(source, str) and not is_factory_spec(source) else {}
+        )
         teachers.append((name, load_teacher(source, dtype=dtype, **options).to(training_args.device)))
     logger.info("Building the teacher-output cache in %s", training_args.teacher_cache)
     TeacherOutputCache.build(
@@ -173,12 +176,11 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
     names = unique_teacher_names(teacher_sources)
     specs = []
     for index, (name, teacher) in enumerate(zip(names, teacher_sources)):
-        config = (
-            load_teacher_config(teacher, **training_args.teacher_options(index))
-            if isinstance(teacher, str)
-            else teacher
-        )
-        specs.append(teacher_spec(name, config))
+        if is_factory_spec(teacher):
+            teacher = load_teacher(teacher)  # plain-module teachers are cheap to build; their sizes need a forward
+        elif isinstance(teacher, str):
+            teacher = load_teacher_config(teacher, **training_args.teacher_options(index))
+        specs.append(teacher_spec(name, teacher))
     backbone_config = load_student_backbone_config(script_args.student_config, training_args.image_size)
     train_dataset = load_image_dataset(script_args.train_data, script_args.image_column, script_args.dataset_split)
     if script_args.max_train_samples is not None:

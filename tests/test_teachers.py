@@ -149,3 +149,20 @@ def test_unknown_teacher_fails_with_a_clear_message():
 def test_plain_module_must_be_wrapped():
     with pytest.raises(TypeError, match="ModuleTeacher"):
         load_teacher(TinyCNN())
+
+
+def tiny_cnn_teacher():
+    """A factory for `py:tests.test_teachers:tiny_cnn_teacher`."""
+    torch.manual_seed(0)
+    return ModuleTeacher(TinyCNN(), image_mean=[0.5] * 3, image_std=[0.5] * 3, patch_size=4, name="cnn")
+
+
+def test_module_teacher_from_a_factory_spec():
+    from hf_distill.models import teacher_name
+
+    spec = "py:tests.test_teachers:tiny_cnn_teacher"
+    teacher = load_teacher(spec)
+    assert isinstance(teacher, ModuleTeacher) and teacher.summary_dim == 24
+    assert teacher_name(spec) == "tiny_cnn"
+    with pytest.raises(TeacherNotFoundError, match="could not be imported"):
+        load_teacher("py:tests.test_teachers:no_such_factory")

@@ -354,6 +354,28 @@ def load_teacher_config(
     )
 
 
+FACTORY_PREFIX = "py:"
+
+
+def is_factory_spec(teacher) -> bool:
+    """`py:package.module:function`: a teacher built by calling a Python function (e.g. a `ModuleTeacher` around a
+    CNN), so that plain-module teachers can be named on a command line."""
+    return isinstance(teacher, str) and teacher.startswith(FACTORY_PREFIX)
+
+
+def _build_from_factory(spec: str) -> nn.Module:
+    import importlib
+
+    module_name, _, function_name = spec[len(FACTORY_PREFIX) :].partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"A teacher factory is written py:package.module:function, got {spec!r}.")
+    try:
+        factory = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise TeacherNotFoundError(f"Teacher factory {spec!r} could not be imported: {error}") from error
+    return factory()
+
+
 def load_teacher(
     teacher: "str | nn.Module",
     revision: str | None = None,
@@ -365,6 +387,8 @@ def load_teacher(
     The result is frozen (`eval()`, no gradients). `options` are [`TeacherConfig`] fields (`summary`,
     `grid_alignment`, `image_size`); `dtype` (e.g. `torch.bfloat16`) casts the teacher's weights.
     """
+    if is_factory_spec(teacher):
+        teacher = _build_from_factory(teacher)
     if isinstance(teacher, (TeacherModel, ModuleTeacher)):
         model = teacher
     elif isinstance(teacher, nn.Module):
@@ -389,6 +413,8 @@ def load_teacher(
 
 def teacher_name(teacher: "str | nn.Module") -> str:
     """Short name of a teacher for logs: the last part of its id/path, or the module's name."""
+    if is_factory_spec(teacher):
+        return teacher.rsplit(":", 1)[-1].removesuffix("_teacher")
     if isinstance(teacher, str):
         return teacher.rstrip("/").split("/")[-1]
     if isinstance(teacher, TeacherModel) and teacher.config.source:
@@ -403,6 +429,7 @@ __all__ = [
     "TeacherOutput",
     "TeacherPreTrainedModel",
     "freeze_teacher",
+    "is_factory_spec",
     "interpolate_tokens",
     "load_teacher",
     "load_teacher_config",

@@ -23,7 +23,7 @@ from ..data.image_datasets import ImageCollator
 from ..data.teacher_cache import INDEX_COLUMN, TeacherOutputCache, fixed_views
 from ..losses.unic import teacher_drop_coefficients, teacher_losses, unic_loss
 from ..models.configuration_teacher import TeacherConfig
-from ..models.modeling_teacher import load_teacher, teacher_name
+from ..models.modeling_teacher import is_factory_spec, load_teacher, teacher_name
 from ..models.modeling_unic import UnicStudentModel
 from ..models.standardization import ema_weight
 from .unic_config import UnicConfig
@@ -142,9 +142,8 @@ class UnicTrainer(Trainer):
     def _load_and_prepare_teacher(self, teacher, index: int) -> nn.Module:
         name = self.teacher_names[index]
         options = {k: v for k, v in self.args.teacher_options(index).items() if v is not None}
-        teacher = load_teacher(
-            teacher, dtype=self.args.teacher_torch_dtype(), **(options if isinstance(teacher, str) else {})
-        )
+        from_path = isinstance(teacher, str) and not is_factory_spec(teacher)
+        teacher = load_teacher(teacher, dtype=self.args.teacher_torch_dtype(), **(options if from_path else {}))
         expected = self.model.config.teachers[index]
         spec = teacher_spec(name, teacher)
         if (spec["summary_dim"], spec["patch_dim"]) != (expected["summary_dim"], expected["patch_dim"]):
