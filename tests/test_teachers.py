@@ -163,6 +163,6 @@ def test_module_teacher_from_a_factory_spec():
     spec = "py:tests.test_teachers:tiny_cnn_teacher"
     teacher = load_teacher(spec)
     assert isinstance(teacher, ModuleTeacher) and teacher.summary_dim == 24
-    assert teacher_name(spec) == "tiny_cnn"
+    assert teacher_name(spec) == "tiny-cnn"
     with pytest.raises(TeacherNotFoundError, match="could not be imported"):
         load_teacher("py:tests.test_teachers:no_such_factory")

@@ -414,7 +414,7 @@ def load_teacher(
 def teacher_name(teacher: "str | nn.Module") -> str:
     """Short name of a teacher for logs: the last part of its id/path, or the module's name."""
     if is_factory_spec(teacher):
-        return teacher.rsplit(":", 1)[-1].removesuffix("_teacher")
+        return teacher.rsplit(":", 1)[-1].removesuffix("_teacher").replace("_", "-")
     if isinstance(teacher, str):
         return teacher.rstrip("/").split("/")[-1]
     if isinstance(teacher, TeacherModel) and teacher.config.source:
