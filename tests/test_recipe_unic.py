@@ -149,3 +149,30 @@ def test_push_to_hub_from_the_recipe_uploads_only_the_student(
     ]  # fmt: skip
     assert uploaded["model.safetensors"] == (output_dir / "model.safetensors").read_bytes()
     assert "me/unic-tiny" in uploaded["README.md"].decode()  # the usage snippet names the repo
+
+
+@pytest.mark.parametrize(
+    "config",
+    sorted((ROOT / "recipes" / "configs").glob("unic*.yaml"))
+    + [ROOT / "recipes" / "configs" / "demo_fashion_mnist.yaml"],
+    ids=lambda p: p.name,
+)
+def test_shipped_configs_parse(config):
+    """Every shipped YAML names only existing options with valid values (nothing is loaded; bf16 configs are meant
+    for GPUs, so bf16 is turned off here)."""
+    script_args, training_args = recipe.parse_args(
+        [
+            "--config",
+            str(config),
+            "--teachers",
+            "a",
+            "b",
+            "--student_config",
+            "s",
+            "--train_data",
+            "d",
+            "--bf16",
+            "false",
+        ]
+    )
+    assert training_args.image_size % 8 == 0 and script_args.image_column == "image"

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..models.modeling_teacher import teacher_source
 from .augmentations import resize_center
 from .image_datasets import ImageCollator
 
@@ -173,7 +174,7 @@ class TeacherOutputCache:
                     "name": name,
                     "summary_dim": first[f"{name}.summary"].shape[-1],
                     "patch_dim": first[f"{name}.patch"].shape[-1],
-                    "source": getattr(getattr(teacher, "config", None), "source", None) or type(teacher).__name__,
+                    "source": teacher_source(teacher),
                     "summary": getattr(getattr(teacher, "config", None), "summary", "mean_patch"),
                     "grid_alignment": getattr(teacher, "grid_alignment", None),
                 }

@@ -103,7 +103,7 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     options = {
         "summary": getattr(getattr(encoder, "config", None), "summary", None),
         "mean": list(encoder.image_mean),

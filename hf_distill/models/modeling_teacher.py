@@ -252,6 +252,7 @@ class ModuleTeacher(TeacherMixin, nn.Module):
         self.grid_alignment = grid_alignment
         self.input_size = image_size
         self.name = name or type(module).__name__.lower()
+        self.source = None  # set by load_teacher for a py:module:function factory
         freeze_teacher(self)
         probe_size = image_size or 2 * self.patch_size
         param = next(self.module.parameters())
@@ -388,7 +389,9 @@ def load_teacher(
     `grid_alignment`, `image_size`); `dtype` (e.g. `torch.bfloat16`) casts the teacher's weights.
     """
     if is_factory_spec(teacher):
-        teacher = _build_from_factory(teacher)
+        spec, teacher = teacher, _build_from_factory(teacher)
+        if isinstance(teacher, ModuleTeacher):
+            teacher.source = spec
     if isinstance(teacher, (TeacherModel, ModuleTeacher)):
         model = teacher
     elif isinstance(teacher, nn.Module):
@@ -409,6 +412,12 @@ def load_teacher(
     if dtype is not None:
         model.to(dtype)
     return freeze_teacher(model)
+
+
+def teacher_source(teacher: nn.Module) -> str:
+    """Where a loaded teacher comes from: its Hub id / path, its factory spec, or its class name."""
+    config_source = getattr(getattr(teacher, "config", None), "source", None)
+    return config_source or getattr(teacher, "source", None) or type(teacher).__name__
 
 
 def teacher_name(teacher: "str | nn.Module") -> str:
@@ -436,4 +445,5 @@ __all__ = [
     "renormalize_pixels",
     "resize_pixels",
     "teacher_name",
+    "teacher_source",
 ]

@@ -23,7 +23,7 @@ from ..data.image_datasets import ImageCollator
 from ..data.teacher_cache import INDEX_COLUMN, TeacherOutputCache, fixed_views
 from ..losses.unic import teacher_drop_coefficients, teacher_losses, unic_loss
 from ..models.configuration_teacher import TeacherConfig
-from ..models.modeling_teacher import is_factory_spec, load_teacher, teacher_name
+from ..models.modeling_teacher import is_factory_spec, load_teacher, teacher_name, teacher_source
 from ..models.modeling_unic import UnicStudentModel
 from ..models.standardization import ema_weight
 from .unic_config import UnicConfig
@@ -357,7 +357,7 @@ class UnicTrainer(Trainer):
                 teachers.append(
                     {
                         "name": name,
-                        "source": getattr(config, "source", None) or type(teacher).__name__,
+                        "source": teacher_source(teacher),
                         "revision": getattr(config, "revision", None),
                         "summary": getattr(config, "summary", "mean_patch"),
                         "grid_alignment": teacher.grid_alignment,
@@ -377,9 +377,7 @@ class UnicTrainer(Trainer):
             "loss normalization": self.args.loss_normalization,
             "ladder of projectors": student.config.ladder_block_indices if student.config.use_ladder else "off",
             "standardization": student.config.standardization,
-            "augmentations": "UNIC (crop, flip, color jitter, grayscale, blur, solarize)"
-            if self.args.augment
-            else "off",
+            "augmentations": self._augmentation_description(),
         }
         hub.create_or_update_model_card(
             output_dir,
@@ -392,6 +390,13 @@ class UnicTrainer(Trainer):
             repo_id=self.hub_model_id or self.args.hub_model_id,
         )
         logger.info("Wrote the model card %s", os.path.join(output_dir, "README.md"))
+
+    def _augmentation_description(self) -> str:
+        if self.teacher_cache is not None:
+            return f"none, teacher-output cache of {self.teacher_cache.num_views} fixed views (center crop and flip)"
+        if self.args.augment:
+            return "UNIC (random resized crop, flip, color jitter, grayscale, blur, solarize)"
+        return "none (center crop)"
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Checkpoints (projector heads, optimizer) are never uploaded: only the exported student is."""
