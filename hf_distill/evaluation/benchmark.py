@@ -14,7 +14,7 @@ from huggingface_hub import EvalResult
 from PIL import Image
 
 from ..data.image_datasets import load_image_dataset
-from .features import extract_features
+from .features import extract_features, load_encoder
 from .knn import knn_accuracy
 from .linear_probe import linear_probe
 from .retrieval import retrieval_metrics
@@ -89,6 +89,20 @@ def _masks(dataset, column: str, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(masks))
 
 
+def _split_features(encoder, spec: EvalDataset, split: str, limit: int | None, label: str, **options):
+    """Load one split of `spec` and extract its features (patch tokens too when segmentation is asked for)."""
+    dataset = spec.load(split, limit)
+    return dataset, extract_features(
+        encoder,
+        dataset,
+        image_column=spec.image_column,
+        label_column=spec.label_column if spec.label_column in dataset.column_names else None,
+        return_patch_tokens="segmentation" in spec.protocols,
+        description=f"{label} | {spec.name}/{split}",
+        **options,
+    )
+
+
 def evaluate_encoder(
     encoder,
     suite: list[EvalDataset],
@@ -103,34 +117,13 @@ def evaluate_encoder(
     """Run every protocol of every dataset of `suite` on `encoder`; returns flat `{"dataset/metric": value}`."""
     results: dict[str, float] = {}
     label = name or (encoder if isinstance(encoder, str) else type(encoder).__name__)
+    encoder, default_size = load_encoder(encoder)  # loaded once for every dataset and split
+    image_size = image_size or default_size
+    options = dict(image_size=image_size, batch_size=batch_size, cache_dir=cache_dir, device=device, label=label)
     for spec in suite:
-        common = dict(
-            image_column=spec.image_column,
-            image_size=image_size,
-            batch_size=batch_size,
-            cache_dir=cache_dir,
-            device=device,
-        )
-        test = spec.load(spec.test_split, spec.max_test_samples)
-        needs_patches = "segmentation" in spec.protocols
-        test_features = extract_features(
-            encoder,
-            test,
-            label_column=spec.label_column if spec.label_column in test.column_names else None,
-            return_patch_tokens=needs_patches,
-            description=f"{label} | {spec.name}/{spec.test_split}",
-            **common,
-        )
+        test, test_features = _split_features(encoder, spec, spec.test_split, spec.max_test_samples, **options)
         if {"knn", "linear", "segmentation"} & set(spec.protocols):
-            train = spec.load(spec.train_split, spec.max_train_samples)
-            train_features = extract_features(
-                encoder,
-                train,
-                label_column=spec.label_column if spec.label_column in train.column_names else None,
-                return_patch_tokens=needs_patches,
-                description=f"{label} | {spec.name}/{spec.train_split}",
-                **common,
-            )
+            train, train_features = _split_features(encoder, spec, spec.train_split, spec.max_train_samples, **options)
         if "knn" in spec.protocols:
             metrics = knn_accuracy(
                 train_features.features,
