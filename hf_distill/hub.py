@@ -36,12 +36,13 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+from .io_utils import write_text_atomically
 
 __all__ = [
     "CARD_END_MARKER",
@@ -297,23 +298,6 @@ def _as_list(value: Any) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file of the same folder and `os.replace` (never half-written)."""
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _generated_block(text: str) -> str:
     match = _CARD_BLOCK.search(text)
     if match is None:  # the packaged template always has both markers
@@ -469,7 +453,7 @@ def create_or_update_model_card(
 
     if not card.text.endswith("\n"):
         card.text += "\n"
-    _write_atomic(readme, str(card))
+    write_text_atomically(readme, str(card))
     return card
 
 

@@ -11,12 +11,10 @@ features under `--cache_dir` (a second evaluation of the same model on the same 
 `--model_card_dir` adds the first model's results to the model card (`model-index`) of that exported student.
 """
 
-import json
 import logging
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import yaml
@@ -24,6 +22,7 @@ from transformers import HfArgumentParser
 
 from hf_distill import hub
 from hf_distill.evaluation.benchmark import EvalDataset, card_results, evaluate_encoder
+from hf_distill.io_utils import write_json_atomically
 
 logger = logging.getLogger("hf_distill.recipes.evaluate")
 
@@ -102,14 +101,6 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomically(payload: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=2)
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args, suite = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -137,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "models": {name: {"source": model, "results": results[name]} for name, model in zip(names, args.models)},
         "datasets": [vars(spec) for spec in suite],
     }
-    write_json_atomically(payload, os.path.join(args.output_dir, "eval_results.json"))
+    write_json_atomically(os.path.join(args.output_dir, "eval_results.json"), payload)
     logger.info("Wrote %s", os.path.join(args.output_dir, "eval_results.json"))
     headline = {
         name: {key: value for key, value in values.items() if key.count("/") == 1} for name, values in results.items()
@@ -157,7 +148,7 @@ def update_model_card(card_dir: str, results, suite, student: str, chart: str, p
     if os.path.abspath(chart) != os.path.abspath(plot_path):
         os.makedirs(os.path.dirname(plot_path), exist_ok=True)
         shutil.copyfile(chart, plot_path)
-    write_json_atomically(payload, os.path.join(card_dir, "eval_results.json"))
+    write_json_atomically(os.path.join(card_dir, "eval_results.json"), payload)
     card = hub.create_or_update_model_card(
         card_dir,
         eval_results=eval_results,

@@ -13,13 +13,13 @@ Layout: `DIR/shard-00000.safetensors` ... with tensors `{teacher}.summary` `[n, 
 import json
 import logging
 import os
-import tempfile
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..io_utils import save_safetensors_atomically, write_json_atomically
 from ..models.modeling_teacher import teacher_source
 from .augmentations import resize_center
 from .image_datasets import ImageCollator
@@ -34,17 +34,6 @@ def fixed_views(pixel_values: torch.Tensor, size: int, views: torch.Tensor) -> t
     `views == 1`."""
     images = resize_center(pixel_values, size)
     return torch.where((views == 1).view(-1, 1, 1, 1), images.flip(-1), images)
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({key: value.contiguous() for key, value in tensors.items()}, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 class TeacherOutputCache:
@@ -165,7 +154,7 @@ class TeacherOutputCache:
                 for key, values in per_view.items():
                     outputs.setdefault(key, []).append(torch.stack(values, dim=1))  # [b, V, ...]
                 progress.update(pixels.shape[0])
-            _atomic_save({key: torch.cat(values) for key, values in outputs.items()}, path)
+            save_safetensors_atomically({key: torch.cat(values) for key, values in outputs.items()}, path)
         progress.close()
         first = load_file(os.path.join(directory, shard_names[0]))
         info = {
@@ -188,10 +177,7 @@ class TeacherOutputCache:
             "dtype": str(dtype).removeprefix("torch."),
             "shards": shard_names,
         }
-        handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(handle, "w") as stream:
-            json.dump(info, stream, indent=2)
-        os.replace(temporary, os.path.join(directory, CACHE_INDEX))
+        write_json_atomically(os.path.join(directory, CACHE_INDEX), info)
         logger.info(
             "Cached the outputs of %d teachers for %d images x %d views in %s",
             len(teachers),

@@ -10,11 +10,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -22,6 +21,7 @@ from transformers import PreTrainedModel
 from transformers.image_processing_utils import ImageProcessingMixin
 
 from ..data.image_datasets import ImageCollator
+from ..io_utils import save_safetensors_atomically
 from ..models.configuration_teacher import TeacherConfig
 from ..models.modeling_teacher import ModuleTeacher, TeacherModel, freeze_teacher, load_teacher
 
@@ -114,19 +114,6 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 @torch.inference_mode()
 def extract_features(
     encoder,
@@ -205,7 +192,7 @@ def extract_features(
             tensors["labels"] = result.labels
         if result.patch_tokens is not None:
             tensors["patch_tokens"] = result.patch_tokens
-        _atomic_save(tensors, cache_path, metadata={"image_size": str(image_size)})
+        save_safetensors_atomically(tensors, cache_path, metadata={"image_size": str(image_size)})
     return result
 
 
