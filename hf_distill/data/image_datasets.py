@@ -43,16 +43,19 @@ def load_image_dataset(source: str, image_column: str = "image", split: str = "t
     return dataset
 
 
-def _to_square_uint8(image: Image.Image, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` (bicubic) and center-crop to `size x size`; returns `[3, size, size]`."""
-    image = image.convert("RGB")
+def resize_center_crop(image: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
+    """Resize the shorter side to `size` and center-crop to `size x size` (use `Image.NEAREST` for label maps)."""
     width, height = image.size
     scale = size / min(width, height)
     new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_width, new_height), Image.BICUBIC)
+    image = image.resize((new_width, new_height), resample)
     left, top = (new_width - size) // 2, (new_height - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    return image.crop((left, top, left + size, top + size))
+
+
+def _to_square_uint8(image: Image.Image, size: int) -> np.ndarray:
+    """RGB, shorter side resized to `size` (bicubic), center-cropped: `[3, size, size]` uint8."""
+    return np.asarray(resize_center_crop(image.convert("RGB"), size), dtype=np.uint8).transpose(2, 0, 1)
 
 
 class ImageCollator:

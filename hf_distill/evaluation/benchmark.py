@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import EvalResult
 from PIL import Image
 
-from ..data.image_datasets import load_image_dataset
+from ..data.image_datasets import load_image_dataset, resize_center_crop
 from .features import extract_features, load_encoder
 from .knn import knn_accuracy
 from .linear_probe import linear_probe
@@ -80,12 +80,7 @@ def _masks(dataset, column: str, size: int) -> torch.Tensor:
     masks = []
     for mask in dataset[column]:
         mask = mask if isinstance(mask, Image.Image) else Image.fromarray(np.asarray(mask, dtype=np.uint8))
-        width, height = mask.size
-        scale = size / min(width, height)
-        new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
-        mask = mask.resize((new_width, new_height), Image.NEAREST)
-        left, top = (new_width - size) // 2, (new_height - size) // 2
-        masks.append(np.asarray(mask.crop((left, top, left + size, top + size)), dtype=np.int64))
+        masks.append(np.asarray(resize_center_crop(mask, size, Image.NEAREST), dtype=np.int64))
     return torch.from_numpy(np.stack(masks))
 
 
