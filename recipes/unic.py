@@ -125,10 +125,8 @@ def build_teacher_cache(training_args, teacher_sources, names, train_dataset, sc
     dtype = training_args.teacher_torch_dtype()
     teachers = []
     for index, (name, source) in enumerate(zip(names, teacher_sources)):
-        options = (
-            training_args.teacher_options(index) if isinstance(source, str) and not is_factory_spec(source) else {}
-        )
-        teachers.append((name, load_teacher(source, dtype=dtype, **options).to(training_args.device)))
+        teacher = load_teacher(source, dtype=dtype, **training_args.teacher_options(index))
+        teachers.append((name, teacher.to(training_args.device)))
     logger.info("Building the teacher-output cache in %s", training_args.teacher_cache)
     TeacherOutputCache.build(
         training_args.teacher_cache,

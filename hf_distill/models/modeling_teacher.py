@@ -386,7 +386,8 @@ def load_teacher(
     """Load a teacher from a Hub id / local path (prepared teacher or plain backbone), or check a module.
 
     The result is frozen (`eval()`, no gradients). `options` are [`TeacherConfig`] fields (`summary`,
-    `grid_alignment`, `image_size`); `dtype` (e.g. `torch.bfloat16`) casts the teacher's weights.
+    `grid_alignment`, `image_size`; `None` values keep the defaults) read for ids and paths only: modules and
+    `py:` factories carry their own settings. `dtype` (e.g. `torch.bfloat16`) casts the teacher's weights.
     """
     if is_factory_spec(teacher):
         spec, teacher = teacher, _build_from_factory(teacher)

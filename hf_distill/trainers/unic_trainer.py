@@ -23,7 +23,7 @@ from ..data.image_datasets import ImageCollator
 from ..data.teacher_cache import INDEX_COLUMN, TeacherOutputCache, fixed_views
 from ..losses.unic import teacher_drop_coefficients, teacher_losses, unic_loss
 from ..models.configuration_teacher import TeacherConfig
-from ..models.modeling_teacher import is_factory_spec, load_teacher, teacher_name, teacher_source
+from ..models.modeling_teacher import load_teacher, teacher_name, teacher_source
 from ..models.modeling_unic import UnicStudentModel
 from ..models.standardization import ema_weight
 from .unic_config import UnicConfig
@@ -141,9 +141,7 @@ class UnicTrainer(Trainer):
 
     def _load_and_prepare_teacher(self, teacher, index: int) -> nn.Module:
         name = self.teacher_names[index]
-        options = {k: v for k, v in self.args.teacher_options(index).items() if v is not None}
-        from_path = isinstance(teacher, str) and not is_factory_spec(teacher)
-        teacher = load_teacher(teacher, dtype=self.args.teacher_torch_dtype(), **(options if from_path else {}))
+        teacher = load_teacher(teacher, dtype=self.args.teacher_torch_dtype(), **self.args.teacher_options(index))
         expected = self.model.config.teachers[index]
         spec = teacher_spec(name, teacher)
         if (spec["summary_dim"], spec["patch_dim"]) != (expected["summary_dim"], expected["patch_dim"]):
@@ -211,10 +209,19 @@ class UnicTrainer(Trainer):
         seed = hash((self.args.seed, step, call, self.args.process_index)) & 0x7FFF_FFFF_FFFF_FFFF
         return self._generator.manual_seed(seed)
 
-    def make_views(self, pixel_values: torch.Tensor, training: bool, generator: torch.Generator) -> torch.Tensor:
-        """uint8 `[B, 3, S, S]` -> the normalized student view `[B, 3, image_size, image_size]`."""
+    def make_views(
+        self,
+        pixel_values: torch.Tensor,
+        training: bool,
+        generator: torch.Generator | None,
+        fixed_view_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """uint8 `[B, 3, S, S]` -> the normalized student view `[B, 3, image_size, image_size]`: the cached fixed views
+        `fixed_view_ids` (teacher-output cache), the UNIC augmentations (training), or the center crop."""
         size = self.args.image_size
-        if training and self.args.augment:
+        if fixed_view_ids is not None:
+            views = fixed_views(pixel_values, size, fixed_view_ids)
+        elif training and self.args.augment:
             views = self.augmentation(pixel_values, size, generator)
         else:
             views = resize_center(pixel_values, size)
@@ -226,14 +233,12 @@ class UnicTrainer(Trainer):
         # evaluation draws nothing, so it cannot shift the random stream of the training steps
         device = inputs["pixel_values"].device
         generator = self._generator_for_step(device) if training else None
+        views = None
         if self.teacher_cache is not None:
             views = torch.zeros(inputs["pixel_values"].shape[0], dtype=torch.long, device=device)
             if training:
                 views = torch.randint(self.teacher_cache.num_views, views.shape, generator=generator, device=device)
-            pixel_values = fixed_views(inputs["pixel_values"], self.args.image_size, views)
-            pixel_values = (pixel_values - self._student_mean.view(1, -1, 1, 1)) / self._student_std.view(1, -1, 1, 1)
-        else:
-            pixel_values = self.make_views(inputs["pixel_values"], training, generator)
+        pixel_values = self.make_views(inputs["pixel_values"], training, generator, views)
         grid = student.grid_size(*pixel_values.shape[-2:])
         weight = None
         if training:
