@@ -18,15 +18,11 @@ student encoder as a stock transformers model: `AutoModel.from_pretrained(output
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
-import datasets
-import transformers
-import yaml
-from transformers import AutoConfig, HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoConfig, set_seed
 
+from hf_distill.cli import checkpoint_to_resume, exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.data.teacher_cache import CACHE_INDEX, TeacherOutputCache
 from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher, load_teacher_config
@@ -69,28 +65,15 @@ class ScriptArguments:
     student_image_std: list[float] = field(
         default_factory=lambda: list(IMAGENET_STD), metadata={"help": "Student pixel std.", "nargs": 3}
     )
-
-
-def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((ScriptArguments, UnicConfig))
-    parser.add_argument("--config", default=None, help="YAML file whose keys set the defaults of any option.")
-    return parser
+    profile: bool = field(
+        default=False,
+        metadata={"help": "Record a PyTorch profiler trace of training steps 3-5 into OUTPUT_DIR/profile."},
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, UnicConfig]:
     """Parse `argv`, with the YAML file of `--config` (if any) as defaults that the command line overrides."""
-    parser = make_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    known, _ = parser.parse_known_args(argv)
-    if known.config is not None:
-        with open(known.config) as handle:
-            defaults = yaml.safe_load(handle) or {}
-        options = {action.dest for action in parser._actions}
-        unknown = sorted(set(defaults) - options)
-        if unknown:
-            raise ValueError(f"Unknown options in {known.config}: {unknown}. See `python recipes/unic.py --help`.")
-        parser.set_defaults(**defaults)
-    script_args, training_args, _ = parser.parse_args_into_dataclasses(args=argv)
+    (script_args, training_args), _ = parse_with_yaml((ScriptArguments, UnicConfig), argv)
     if not script_args.student_config or not script_args.train_data:
         raise ValueError("--student_config, --train_data and --teachers are required (on the command line or YAML).")
     return script_args, training_args
@@ -142,22 +125,6 @@ def build_teacher_cache(training_args, teacher_sources, names, train_dataset, sc
         batch_size=training_args.per_device_train_batch_size,
         device=training_args.device,
     )
-
-
-def setup_logging(training_args: UnicConfig) -> None:
-    """hf_distill says what it is doing on the main process (INFO); transformers and datasets follow `--log_level`."""
-    level = training_args.get_process_log_level()
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[logging.StreamHandler()],
-    )
-    if training_args.log_level == "passive" and training_args.should_log:
-        logging.getLogger("hf_distill").setLevel(logging.INFO)
-    else:
-        logging.getLogger("hf_distill").setLevel(level)
-    datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
 
 
 def main(argv: list[str] | None = None, teachers: list | None = None, callbacks: list | None = None) -> UnicTrainer:
@@ -214,14 +181,9 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         teachers=teacher_sources,
         train_dataset=train_dataset,
         image_column=script_args.image_column,
-        callbacks=callbacks,
+        callbacks=(callbacks or []) + profiler_callbacks(script_args.profile, training_args),
     )
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and os.path.isdir(training_args.output_dir):
-        checkpoint = get_last_checkpoint(training_args.output_dir)
-        if checkpoint is not None:
-            logger.info("Resuming from the last checkpoint in the output directory: %s", checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
@@ -231,20 +193,6 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         logger.info("Pushing the student to the Hub: %s", trainer.hub_model_id or training_args.hub_model_id)
         trainer.push_to_hub()
     return trainer
-
-
-def exit_cleanly(code: int = 0) -> None:
-    """Flush and leave without running interpreter finalizers: accelerate/gloo runs sometimes abort at exit
-    ("terminate called without an active exception") after all the work is done."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

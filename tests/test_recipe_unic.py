@@ -176,3 +176,12 @@ def test_shipped_configs_parse(config):
         ]
     )
     assert training_args.image_size % 8 == 0 and script_args.image_column == "image"
+
+
+def test_profile_flag_writes_a_trace_of_training_steps(tiny_teachers, image_dataset_dir, student_config_dir, tmp_path):
+    recipe.main(recipe_args(tiny_teachers, image_dataset_dir, student_config_dir, tmp_path, "--profile"))
+    trace = json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert "ProfilerStep#3" in names and "ProfilerStep#4" in names  # steps 1-2: wait + warm-up
+    assert "aten::addmm" in names  # operators of the step were recorded
+    assert "Self CPU" in (tmp_path / "profile" / "summary_rank0.txt").read_text()

@@ -154,3 +154,19 @@ def test_a_plain_module_teacher_trains_beside_a_transformers_teacher(tiny_teache
     )
     trainer.train()
     assert all(torch.isfinite(torch.tensor(e["cnn/patch_loss"])) for e in trainer.state.log_history if "loss" in e)
+
+
+def test_torch_compile_flag_compiles_the_student_and_the_teachers(tiny_teachers, image_dataset_dir, tmp_path):
+    from accelerate.utils import is_compiled_module
+
+    def losses(**options):
+        trainer = build(tiny_teachers, image_dataset_dir, tmp_path, max_steps=2, teacher_drop_prob=0.0, **options)
+        trainer.train()
+        return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    # the "eager" backend runs the captured graphs without code generation: same numbers, cheap on CPU
+    compiled, compiled_losses = losses(torch_compile=True, torch_compile_backend="eager")
+    assert all(is_compiled_module(teacher) for teacher in compiled.teachers)
+    assert is_compiled_module(compiled.model_wrapped)
+    _, plain_losses = losses()
+    assert compiled_losses == pytest.approx(plain_losses, rel=1e-4)

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel, ViTImageProcessor
 from transformers import initialization as init
@@ -62,6 +63,55 @@ class LadderProjector(nn.Module):
         for rung, feature in zip(self.rungs[1:], features[1:]):
             output = output + rung(feature)
         return output
+
+
+def _rung_weights(projectors: list[LadderProjector], rungs: slice, out_dim: int) -> tuple[torch.Tensor, ...]:
+    """Stack the parameters of rungs `rungs` of every teacher's projector (`R` rungs, `T` teachers, hidden `H`):
+    `w1 [R, d, T*H]`, `b1 [R, T*H]`, `w2 [R, T, H, out_dim]`, `b2 [T, out_dim]` (summed over the rungs). Output
+    widths are zero-padded to `out_dim`, which leaves each teacher's own columns exact."""
+    per_rung = [[projector.rungs[i] for projector in projectors] for i in range(len(projectors[0].rungs))[rungs]]
+    w1 = torch.stack([torch.cat([mlp[0].weight for mlp in rung], dim=0).t() for rung in per_rung])
+    b1 = torch.stack([torch.cat([mlp[0].bias for mlp in rung]) for rung in per_rung])
+
+    def pad(tensor: torch.Tensor) -> torch.Tensor:
+        return F.pad(tensor, (0, out_dim - tensor.shape[-1]))
+
+    w2 = torch.stack([torch.stack([pad(mlp[2].weight.t()) for mlp in rung]) for rung in per_rung])
+    b2 = torch.stack([torch.stack([pad(mlp[2].bias) for mlp in rung]) for rung in per_rung]).sum(dim=0)
+    return w1, b1, w2, b2
+
+
+def grouped_ladder_forward(projectors: list[LadderProjector], features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """All teachers' ladder projectors at once, with grouped matrix multiplies instead of `2 x blocks x teachers`
+    small MLP calls. Same parameters and same numbers as calling each [`LadderProjector`].
+
+    The intermediate rungs (equal hidden width) are computed together: one batched matmul for the first layers of all
+    rungs and teachers, then one einsum that applies each teacher's second layers and sums over the rungs. The last
+    rung (wider hidden layer) is one matmul plus one einsum.
+
+    Args:
+        projectors: one [`LadderProjector`] per teacher, built with the same rungs.
+        features: per rung, the student tokens `[..., d]` (same shape for every rung).
+
+    Returns:
+        Per teacher, the prediction `[..., out_dim_t]`.
+    """
+    out_dims = [projector.rungs[-1][2].out_features for projector in projectors]
+    out_dim = max(out_dims)
+    num_teachers = len(projectors)
+    lead = features[-1].shape[:-1]
+    # last rung: [M, d] @ [d, T*H] -> GELU -> [M, T, H] x [T, H, O] -> [M, T, O]
+    w1, b1, w2, b2 = _rung_weights(projectors, slice(-1, None), out_dim)
+    hidden = F.gelu(torch.addmm(b1[0], features[-1].reshape(-1, w1.shape[1]), w1[0]))
+    output = torch.einsum("mth,tho->mto", hidden.view(hidden.shape[0], num_teachers, -1), w2[0]) + b2
+    if len(features) > 1:
+        # intermediate rungs: [R, M, d] @ [R, d, T*H] -> GELU -> [R, M, T, H] x [R, T, H, O], summed over R
+        w1, b1, w2, b2 = _rung_weights(projectors, slice(None, -1), out_dim)
+        stacked = torch.stack([feature.reshape(-1, w1.shape[1]) for feature in features[:-1]])
+        hidden = F.gelu(torch.baddbmm(b1.unsqueeze(1), stacked, w1))
+        hidden = hidden.view(*hidden.shape[:2], num_teachers, -1)
+        output = output + torch.einsum("rmth,rtho->mto", hidden, w2) + b2
+    return [output[:, t, :dim].reshape(*lead, dim) for t, dim in enumerate(out_dims)]
 
 
 class UnicStudentPreTrainedModel(PreTrainedModel):
@@ -133,12 +183,19 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
         num_prefix = blocks[0].shape[1] - height * width
         cls_features = [block[:, 0] for block in blocks]
         patch_features = [block[:, num_prefix:] for block in blocks]
-        names = self.config.teacher_names
         return UnicStudentOutput(
             last_hidden_state=outputs.last_hidden_state,
-            cls_predictions=tuple(self.cls_heads[name](cls_features) for name in names),
-            patch_predictions=tuple(self.patch_heads[name](patch_features) for name in names),
+            cls_predictions=self.project(self.cls_heads, cls_features),
+            patch_predictions=self.project(self.patch_heads, patch_features),
         )
+
+    def project(self, heads: nn.ModuleDict, features: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Every teacher's prediction from the ladder features: grouped matmuls (`config.grouped_heads`) or one
+        [`LadderProjector`] call per teacher (same numbers)."""
+        projectors = [heads[name] for name in self.config.teacher_names]
+        if self.config.grouped_heads:
+            return tuple(grouped_ladder_forward(projectors, features))
+        return tuple(projector(features) for projector in projectors)
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """Save the full student (heads and statistics). Keys keep their live names (`save_original_format=False`):
@@ -165,4 +222,11 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
         self.image_processor(image_size).save_pretrained(output_dir)
 
 
-__all__ = ["LadderProjector", "ProjectorMLP", "UnicStudentModel", "UnicStudentOutput", "UnicStudentPreTrainedModel"]
+__all__ = [
+    "LadderProjector",
+    "grouped_ladder_forward",
+    "ProjectorMLP",
+    "UnicStudentModel",
+    "UnicStudentOutput",
+    "UnicStudentPreTrainedModel",
+]

@@ -53,6 +53,11 @@ class UnicConfig(TrainingArguments):
             once and read during training instead of running the teachers.
         teacher_cache_views (`int`, defaults to 2):
             Number of fixed views per image in the cache (1: center, 2: center and flip).
+
+    Speed: `--bf16` runs the student under bfloat16 autocast and (with `teacher_dtype="auto"`) keeps the teachers in
+    bfloat16; teachers always run in inference mode. `--torch_compile` (with `--torch_compile_backend` /
+    `--torch_compile_mode`) compiles the student AND the teachers (those prepared by Accelerate; not DeepSpeed / FSDP
+    teachers).
     """
 
     teachers: list[str] | None = field(

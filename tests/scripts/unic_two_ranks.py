@@ -10,6 +10,7 @@ import sys
 
 from safetensors.torch import save_file
 
+from hf_distill.cli import exit_cleanly
 from hf_distill.trainers import UnicTrainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,4 +38,4 @@ save_file(
 )
 with open(f"{record_dir}/rank{rank}.json", "w") as handle:
     json.dump({"world_size": trainer.args.world_size, "fingerprints": fingerprints}, handle)
-recipe.exit_cleanly(0)
+exit_cleanly(0)

@@ -1,0 +1,90 @@
+"""What every recipe shares: YAML defaults under command-line options, logging, resuming, profiling, a clean exit."""
+
+import logging
+import os
+import sys
+
+import datasets
+import transformers
+import yaml
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .profiling import ProfilerCallback
+
+logger = logging.getLogger(__name__)
+
+
+def parse_with_yaml(
+    dataclass_types: tuple, argv: list[str] | None = None, list_keys: tuple[str, ...] = ()
+) -> tuple[tuple, dict]:
+    """Parse `argv` into `dataclass_types`, with the YAML file of `--config` (if any) as defaults that the command
+    line overrides. Unknown YAML keys are an error. Keys in `list_keys` (e.g. a `datasets:` list) are not options:
+    they are taken out of the YAML and returned.
+
+    Returns:
+        `(dataclass instances, {key: value for key in list_keys})`.
+    """
+    parser = HfArgumentParser(dataclass_types)
+    parser.add_argument("--config", default=None, help="YAML file whose keys set the defaults of any option.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known, _ = parser.parse_known_args(argv)
+    extra = {}
+    if known.config is not None:
+        if not os.path.isfile(known.config):
+            raise FileNotFoundError(f"--config {known.config}: no such file.")
+        with open(known.config) as handle:
+            defaults = yaml.safe_load(handle) or {}
+        extra = {key: defaults.pop(key) for key in list_keys if key in defaults}
+        unknown = sorted(set(defaults) - {action.dest for action in parser._actions})
+        if unknown:
+            raise ValueError(f"Unknown options in {known.config}: {unknown}. See the recipe's --help.")
+        parser.set_defaults(**defaults)
+    instances = parser.parse_args_into_dataclasses(args=argv)
+    return tuple(instance for instance in instances if not isinstance(instance, type(known))), extra
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """hf_distill says what it is doing on the main process (INFO); transformers and datasets follow `--log_level`."""
+    level = training_args.get_process_log_level()
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler()],
+    )
+    if training_args.log_level == "passive" and training_args.should_log:
+        logging.getLogger("hf_distill").setLevel(logging.INFO)
+    else:
+        logging.getLogger("hf_distill").setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
+    """`--resume_from_checkpoint` if given, else the last checkpoint in `--output_dir`: relaunching a killed run with
+    the same command continues it."""
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and os.path.isdir(training_args.output_dir):
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+        if checkpoint is not None:
+            logger.info("Resuming from the last checkpoint in the output directory: %s", checkpoint)
+    return checkpoint
+
+
+def profiler_callbacks(profile: bool, training_args: TrainingArguments) -> list[TrainerCallback]:
+    """`[ProfilerCallback]` writing to `{output_dir}/profile` when `profile` is set, else `[]`."""
+    return [ProfilerCallback(os.path.join(training_args.output_dir, "profile"))] if profile else []
+
+
+def exit_cleanly(code: int = 0) -> None:
+    """Flush and leave without running interpreter finalizers: accelerate/gloo runs sometimes abort at exit
+    ("terminate called without an active exception") after all the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
