@@ -1,3 +1,3 @@
-from .unic import teacher_drop_coefficients, teacher_losses, token_loss, unic_loss
+from .unic import distillation_loss, teacher_drop_coefficients, teacher_losses, token_loss, unic_loss
 
-__all__ = ["teacher_drop_coefficients", "teacher_losses", "token_loss", "unic_loss"]
+__all__ = ["distillation_loss", "teacher_drop_coefficients", "teacher_losses", "token_loss", "unic_loss"]

@@ -58,9 +58,9 @@ def teacher_drop_coefficients(
         `[B, T]` float coefficients in {0, 1}, detached.
     """
     losses = losses.detach()
-    is_max = F.one_hot(losses.argmax(dim=-1), num_classes=losses.shape[-1]).bool()
     if drop_prob <= 0.0:
         return torch.ones_like(losses)
+    is_max = F.one_hot(losses.argmax(dim=-1), num_classes=losses.shape[-1]).bool()
     keep = torch.rand(losses.shape, generator=generator, device=losses.device) >= drop_prob
     return (keep | is_max).to(losses.dtype)
 
@@ -86,3 +86,31 @@ def unic_loss(
     if normalization == "batch":
         return weighted.sum() / coefficients.sum()
     raise ValueError(f"normalization must be one of {COEFFICIENT_NORMALIZATIONS}, got {normalization!r}.")
+
+
+def distillation_loss(
+    cls_predictions: list[torch.Tensor],
+    patch_predictions: list[torch.Tensor],
+    targets: list[tuple[torch.Tensor, torch.Tensor]],
+    drop_prob: float = 0.0,
+    normalization: str = "image",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]], torch.Tensor]:
+    """The UNIC objective of one batch: per-teacher losses, teacher dropping, total loss.
+
+    Args:
+        cls_predictions, patch_predictions: per teacher, `[B, D]` and `[B, N, D]` student predictions.
+        targets: per teacher, the (standardized) `(summary [B, D], patch tokens [B, N, D])`.
+        drop_prob: teacher dropping probability (0: keep all teachers, e.g. at evaluation).
+        normalization, generator: see [`unic_loss`] and [`teacher_drop_coefficients`].
+
+    Returns:
+        `(loss, per-teacher terms of [`teacher_losses`], coefficients [B, T])`, all tensors (no host sync).
+    """
+    per_teacher = [
+        teacher_losses(cls_pred, cls_target, patch_pred, patch_target)
+        for cls_pred, patch_pred, (cls_target, patch_target) in zip(cls_predictions, patch_predictions, targets)
+    ]
+    losses = torch.stack([terms["loss"] for terms in per_teacher], dim=1)
+    coefficients = teacher_drop_coefficients(losses, drop_prob, generator)
+    return unic_loss(losses, coefficients, normalization), per_teacher, coefficients

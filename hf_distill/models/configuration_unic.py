@@ -26,9 +26,12 @@ class UnicStudentConfig(PreTrainedConfig):
             Hidden width of the last-layer heads, as a multiple of the student width (UNIC: 4d).
         ladder_hidden_ratio (`float`, defaults to 1.0):
             Hidden width of the intermediate ladder heads (UNIC: d).
-        grouped_heads (`bool`, defaults to `True`):
-            Compute the heads of all teachers with grouped matrix multiplies (one batched call per layer) instead of
-            one small MLP call per block per teacher. Same parameters, same numbers; only faster.
+        grouped_heads (`bool`, *optional*):
+            Compute the heads of all teachers with grouped matrix multiplies (per group of rungs, one matmul per rung
+            plus one per teacher) instead of two small matmuls per block per teacher. Same parameters, same numbers.
+            `None` (default): grouped on GPU, where it saves kernel launches; per-teacher calls on CPU, where the
+            per-rung matmuls are already large and the grouped path's bigger intermediates were measured slower
+            (`make bench`).
         standardization (`str`, defaults to `"unic"`):
             Teacher feature standardization: `"unic"` (previous EMA statistics, cosine EMA schedule), `"dune"`
             (current batch statistics in training, EMA at eval) or `"none"`.
@@ -49,7 +52,7 @@ class UnicStudentConfig(PreTrainedConfig):
     ladder_layers: list[int] | None = None
     head_hidden_ratio: float = 4.0
     ladder_hidden_ratio: float = 1.0
-    grouped_heads: bool = True
+    grouped_heads: bool | None = None
     standardization: str = "unic"
     standardization_momentum: float = 0.1
     image_mean: list[float] | tuple[float, ...] = IMAGENET_MEAN

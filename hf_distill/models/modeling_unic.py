@@ -65,29 +65,47 @@ class LadderProjector(nn.Module):
         return output
 
 
-def _rung_weights(projectors: list[LadderProjector], rungs: slice, out_dim: int) -> tuple[torch.Tensor, ...]:
-    """Stack the parameters of rungs `rungs` of every teacher's projector (`R` rungs, `T` teachers, hidden `H`):
-    `w1 [R, d, T*H]`, `b1 [R, T*H]`, `w2 [R, T, H, out_dim]`, `b2 [T, out_dim]` (summed over the rungs). Output
-    widths are zero-padded to `out_dim`, which leaves each teacher's own columns exact."""
-    per_rung = [[projector.rungs[i] for projector in projectors] for i in range(len(projectors[0].rungs))[rungs]]
-    w1 = torch.stack([torch.cat([mlp[0].weight for mlp in rung], dim=0).t() for rung in per_rung])
-    b1 = torch.stack([torch.cat([mlp[0].bias for mlp in rung]) for rung in per_rung])
+def _second_layers(rungs: list[list[ProjectorMLP]], out_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Second-layer weights of `rungs[r][t]` stacked as `[R, T, H, out_dim]` and their biases summed over the rungs
+    `[T, out_dim]`. Output widths are zero-padded to `out_dim`, which leaves each teacher's own columns exact."""
 
     def pad(tensor: torch.Tensor) -> torch.Tensor:
         return F.pad(tensor, (0, out_dim - tensor.shape[-1]))
 
-    w2 = torch.stack([torch.stack([pad(mlp[2].weight.t()) for mlp in rung]) for rung in per_rung])
-    b2 = torch.stack([torch.stack([pad(mlp[2].bias) for mlp in rung]) for rung in per_rung]).sum(dim=0)
-    return w1, b1, w2, b2
+    weight = torch.stack([torch.stack([pad(mlp[2].weight.t()) for mlp in rung]) for rung in rungs])
+    bias = torch.stack([torch.stack([pad(mlp[2].bias) for mlp in rung]) for rung in rungs]).sum(dim=0)
+    return weight, bias
+
+
+def _grouped_rungs(rungs: list[list[ProjectorMLP]], features: list[torch.Tensor], out_dim: int) -> torch.Tensor:
+    """Sum over rungs of every teacher's MLP, for rungs of equal hidden width: per rung ONE matmul for the first
+    layers of all teachers (weights concatenated), then per teacher ONE matmul for its second layers summed over the
+    rungs. `features[r]` is `[M, d]`; returns `[M, T, out_dim]`."""
+    num_teachers, num_tokens = len(rungs[0]), features[0].shape[0]
+    # per rung [M, T * H] -> one tensor [T, M, R, H] (a single copy): each teacher's rungs side by side, so its
+    # second layers and their sum over the rungs are one matmul with the stacked weights [R * H, out_dim]
+    hidden = torch.stack(
+        [
+            F.linear(feature, torch.cat([mlp[0].weight for mlp in rung]), torch.cat([mlp[0].bias for mlp in rung]))
+            .view(num_tokens, num_teachers, -1)
+            .transpose(0, 1)
+            for rung, feature in zip(rungs, features)
+        ],
+        dim=2,
+    )
+    hidden = F.gelu(hidden.view(num_teachers, num_tokens, -1))
+    weight, bias = _second_layers(rungs, out_dim)  # [R, T, H, O], [T, O]
+    weight = weight.transpose(0, 1).reshape(num_teachers, -1, out_dim)
+    # unbind, not indexing: its backward stacks the gradients instead of filling a zero tensor per teacher
+    return torch.stack([torch.addmm(*group) for group in zip(bias.unbind(), hidden.unbind(), weight.unbind())], dim=1)
 
 
 def grouped_ladder_forward(projectors: list[LadderProjector], features: list[torch.Tensor]) -> list[torch.Tensor]:
     """All teachers' ladder projectors at once, with grouped matrix multiplies instead of `2 x blocks x teachers`
     small MLP calls. Same parameters and same numbers as calling each [`LadderProjector`].
 
-    The intermediate rungs (equal hidden width) are computed together: one batched matmul for the first layers of all
-    rungs and teachers, then one einsum that applies each teacher's second layers and sums over the rungs. The last
-    rung (wider hidden layer) is one matmul plus one einsum.
+    The intermediate rungs (equal hidden width) form one group and the last rung (wider hidden layer) another; each
+    group costs one matmul per rung plus one per teacher (instead of two per rung and teacher).
 
     Args:
         projectors: one [`LadderProjector`] per teacher, built with the same rungs.
@@ -98,19 +116,12 @@ def grouped_ladder_forward(projectors: list[LadderProjector], features: list[tor
     """
     out_dims = [projector.rungs[-1][2].out_features for projector in projectors]
     out_dim = max(out_dims)
-    num_teachers = len(projectors)
     lead = features[-1].shape[:-1]
-    # last rung: [M, d] @ [d, T*H] -> GELU -> [M, T, H] x [T, H, O] -> [M, T, O]
-    w1, b1, w2, b2 = _rung_weights(projectors, slice(-1, None), out_dim)
-    hidden = F.gelu(torch.addmm(b1[0], features[-1].reshape(-1, w1.shape[1]), w1[0]))
-    output = torch.einsum("mth,tho->mto", hidden.view(hidden.shape[0], num_teachers, -1), w2[0]) + b2
-    if len(features) > 1:
-        # intermediate rungs: [R, M, d] @ [R, d, T*H] -> GELU -> [R, M, T, H] x [R, T, H, O], summed over R
-        w1, b1, w2, b2 = _rung_weights(projectors, slice(None, -1), out_dim)
-        stacked = torch.stack([feature.reshape(-1, w1.shape[1]) for feature in features[:-1]])
-        hidden = F.gelu(torch.baddbmm(b1.unsqueeze(1), stacked, w1))
-        hidden = hidden.view(*hidden.shape[:2], num_teachers, -1)
-        output = output + torch.einsum("rmth,rtho->mto", hidden, w2) + b2
+    flat = [feature.reshape(-1, feature.shape[-1]) for feature in features]
+    rungs = [[projector.rungs[r] for projector in projectors] for r in range(len(features))]
+    output = _grouped_rungs(rungs[-1:], flat[-1:], out_dim)
+    if len(rungs) > 1:
+        output = output + _grouped_rungs(rungs[:-1], flat[:-1], out_dim)
     return [output[:, t, :dim].reshape(*lead, dim) for t, dim in enumerate(out_dims)]
 
 
@@ -170,10 +181,21 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
         return height // patch, width // patch
 
     def forward(self, pixel_values: torch.Tensor, return_predictions: bool = True) -> UnicStudentOutput:
-        height, width = self.grid_size(*pixel_values.shape[-2:])
-        outputs = self.backbone(pixel_values=pixel_values, output_hidden_states=return_predictions)
         if not return_predictions:
-            return UnicStudentOutput(last_hidden_state=outputs.last_hidden_state)
+            self.grid_size(*pixel_values.shape[-2:])
+            return UnicStudentOutput(last_hidden_state=self.backbone(pixel_values=pixel_values).last_hidden_state)
+        last_hidden_state, cls_features, patch_features = self.ladder_features(pixel_values)
+        return UnicStudentOutput(
+            last_hidden_state=last_hidden_state,
+            cls_predictions=self.project(self.cls_heads, cls_features),
+            patch_predictions=self.project(self.patch_heads, patch_features),
+        )
+
+    def ladder_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list, list]:
+        """Run the encoder; return its normed output and, per selected block, the CLS `[B, d]` and patch `[B, N, d]`
+        tokens that feed the heads (the last block is read after the final LayerNorm)."""
+        height, width = self.grid_size(*pixel_values.shape[-2:])
+        outputs = self.backbone(pixel_values=pixel_values, output_hidden_states=True)
         # hidden_states = (embeddings, block 1, ..., block L); block L is replaced by the normed final output.
         num_layers = len(outputs.hidden_states) - 1
         blocks = [
@@ -183,17 +205,16 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
         num_prefix = blocks[0].shape[1] - height * width
         cls_features = [block[:, 0] for block in blocks]
         patch_features = [block[:, num_prefix:] for block in blocks]
-        return UnicStudentOutput(
-            last_hidden_state=outputs.last_hidden_state,
-            cls_predictions=self.project(self.cls_heads, cls_features),
-            patch_predictions=self.project(self.patch_heads, patch_features),
-        )
+        return outputs.last_hidden_state, cls_features, patch_features
 
     def project(self, heads: nn.ModuleDict, features: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Every teacher's prediction from the ladder features: grouped matmuls (`config.grouped_heads`) or one
-        [`LadderProjector`] call per teacher (same numbers)."""
+        """Every teacher's prediction from the ladder features: grouped matmuls ([`grouped_ladder_forward`]) or one
+        [`LadderProjector`] call per teacher (same numbers); see `config.grouped_heads`."""
         projectors = [heads[name] for name in self.config.teacher_names]
-        if self.config.grouped_heads:
+        grouped = self.config.grouped_heads
+        if grouped is None:
+            grouped = features[0].is_cuda
+        if grouped:
             return tuple(grouped_ladder_forward(projectors, features))
         return tuple(projector(features) for projector in projectors)
 

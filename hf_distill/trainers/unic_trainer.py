@@ -21,7 +21,7 @@ from .. import hub
 from ..data.augmentations import UnicAugmentation, resize_center
 from ..data.image_datasets import ImageCollator
 from ..data.teacher_cache import INDEX_COLUMN, TeacherOutputCache, fixed_views
-from ..losses.unic import teacher_drop_coefficients, teacher_losses, unic_loss
+from ..losses.unic import distillation_loss
 from ..models.configuration_teacher import TeacherConfig
 from ..models.modeling_teacher import load_teacher, teacher_name, teacher_source
 from ..models.modeling_unic import UnicStudentModel
@@ -36,6 +36,25 @@ def teacher_spec(name: str, teacher) -> dict:
     if isinstance(teacher, TeacherConfig):
         return {"name": name, "summary_dim": teacher.hidden_size, "patch_dim": teacher.hidden_size}
     return {"name": name, "summary_dim": teacher.summary_dim, "patch_dim": teacher.patch_dim}
+
+
+def teacher_outputs(
+    teachers: list[nn.Module], pixel_values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, grid: tuple[int, int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every teacher's `(summary, patch tokens)` on the student's views, in inference mode (no autograd records)."""
+    with torch.inference_mode():
+        outputs = [teacher(pixel_values, mean, std, grid_size=grid) for teacher in teachers]
+    return [(output.summary, output.patch_tokens) for output in outputs]
+
+
+def standardize_targets(
+    student: UnicStudentModel, outputs: list[tuple[torch.Tensor, torch.Tensor]], ema_weight: float | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-teacher standardization of the targets (statistics updated in training, when `ema_weight` is given)."""
+    return [
+        (student.cls_standardizers[name](summary, ema_weight), student.patch_standardizers[name](patch, ema_weight))
+        for name, (summary, patch) in zip(student.config.teacher_names, outputs)
+    ]
 
 
 def unique_teacher_names(teachers: list) -> list[str]:
@@ -249,34 +268,23 @@ class UnicTrainer(Trainer):
                 student.config.standardization_momentum,
             )
 
-        targets = []
-        for index, name in enumerate(self.teacher_names):
-            if self.teacher_cache is not None:
-                summary, patch_tokens = self.teacher_cache.lookup(name, inputs["sample_index"], views, device)
-            else:
-                with torch.inference_mode():
-                    output = self.teachers[index](pixel_values, self._student_mean, self._student_std, grid_size=grid)
-                summary, patch_tokens = output.summary, output.patch_tokens
-            targets.append(
-                (
-                    student.cls_standardizers[name](summary, weight),
-                    student.patch_standardizers[name](patch_tokens, weight),
-                )
-            )
+        if self.teacher_cache is not None:
+            outputs = [
+                self.teacher_cache.lookup(name, inputs["sample_index"], views, device) for name in self.teacher_names
+            ]
+        else:
+            outputs = teacher_outputs(self.teachers, pixel_values, self._student_mean, self._student_std, grid)
+        targets = standardize_targets(student, outputs, weight)
 
         outputs = model(pixel_values=pixel_values)
-        per_teacher = [
-            teacher_losses(cls_pred, cls_target, patch_pred, patch_target)
-            for cls_pred, patch_pred, (cls_target, patch_target) in zip(
-                outputs.cls_predictions, outputs.patch_predictions, targets
-            )
-        ]
-        losses = torch.stack([terms["loss"] for terms in per_teacher], dim=1)  # [B, T]
-        if training:
-            coefficients = teacher_drop_coefficients(losses, self.args.teacher_drop_prob, generator)
-        else:
-            coefficients = torch.ones_like(losses)
-        loss = unic_loss(losses, coefficients, self.args.loss_normalization)
+        loss, per_teacher, coefficients = distillation_loss(
+            outputs.cls_predictions,
+            outputs.patch_predictions,
+            targets,
+            drop_prob=self.args.teacher_drop_prob if training else 0.0,
+            normalization=self.args.loss_normalization,
+            generator=generator,
+        )
 
         metrics = self._metrics["train" if training else "eval"]
         for index, (name, terms) in enumerate(zip(self.teacher_names, per_teacher)):

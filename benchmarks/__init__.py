@@ -1,0 +1,1 @@
+"""Benchmarks of hf_distill (`make bench`). Timings live here, never in the tests."""
