@@ -43,9 +43,7 @@ def grads(student, pixels, targets):
 @pytest.mark.parametrize("options", [{}, {"use_ladder": False}, {"ladder_layers": [1]}])
 def test_student_gradients_are_the_same_with_grouped_heads(options):
     torch.manual_seed(0)
-    config = UnicStudentConfig(
-        backbone_config=tiny_vit_config(), teachers=TEACHERS, grouped_heads=True, **options
-    )
+    config = UnicStudentConfig(backbone_config=tiny_vit_config(), teachers=TEACHERS, grouped_heads=True, **options)
     student = UnicStudentModel(config)
     pixels = torch.randn(3, 3, 32, 32)
     targets = [torch.randn(3, t["summary_dim"]) for t in TEACHERS] + [
