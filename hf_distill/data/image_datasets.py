@@ -59,21 +59,30 @@ def _to_square_uint8(image: Image.Image, size: int) -> np.ndarray:
 
 
 class ImageCollator:
-    """Decode a list of examples into `{"pixel_values": uint8 [B, 3, size, size]}` (plus `"sample_index"` [B] when
-    `index_column` is given).
+    """Decode a list of examples into `{"pixel_values": uint8 [B, 3, size, size]}`, plus `"sample_index"` [B] when
+    `index_column` is given and one integer tensor [B] per entry of `int_columns` (`{batch key: column}`, e.g.
+    `{"labels": "label"}`).
 
     Images are only resized and center-cropped here (on the data-loader workers); augmentation and normalization run
     batched on the training device in the trainer.
     """
 
-    def __init__(self, size: int, image_column: str = "image", index_column: str | None = None):
+    def __init__(
+        self,
+        size: int,
+        image_column: str = "image",
+        index_column: str | None = None,
+        int_columns: dict[str, str] | None = None,
+    ):
         self.size = size
         self.image_column = image_column
-        self.index_column = index_column
+        self.int_columns = dict(int_columns or {})
+        if index_column is not None:
+            self.int_columns["sample_index"] = index_column
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         arrays = [_to_square_uint8(example[self.image_column], self.size) for example in examples]
         batch = {"pixel_values": torch.from_numpy(np.stack(arrays))}
-        if self.index_column is not None:
-            batch["sample_index"] = torch.tensor([example[self.index_column] for example in examples])
+        for key, column in self.int_columns.items():
+            batch[key] = torch.tensor([example[column] for example in examples], dtype=torch.long)
         return batch
