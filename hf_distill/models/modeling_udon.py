@@ -8,6 +8,7 @@ Only the backbone and the student head are exported ([`UdonModel.save_embedding_
 import os
 import shutil
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,7 @@ class UdonModel(UdonPreTrainedModel):
             self.teacher_classifiers = nn.ParameterDict(
                 {d["name"]: nn.Parameter(torch.empty(d["num_classes"], config.teacher_dim)) for d in config.domains}
             )
+        self.backbone_frozen = False  # set by the trainer during the first epochs: no backbone gradients at all
         self.post_init()
 
     @property
@@ -119,7 +121,8 @@ class UdonModel(UdonPreTrainedModel):
         the UDON loss (or the USCRR loss) is computed."""
         name = self.domain_name(domain)
         config = self.config
-        features = backbone_features(self.backbone, pixel_values, self.uses_pooler)
+        with torch.no_grad() if self.backbone_frozen else nullcontext():
+            features = backbone_features(self.backbone, pixel_values, self.uses_pooler)
         student = F.normalize(self.student_head(features), dim=-1)
         student_cosines = class_cosines(student, self.student_classifiers[name])
         if not config.use_teacher_heads:

@@ -1,4 +1,6 @@
+from .udon_config import UdonConfig
+from .udon_trainer import UdonTrainer
 from .unic_config import UnicConfig
 from .unic_trainer import UnicTrainer, teacher_spec, unique_teacher_names
 
-__all__ = ["UnicConfig", "UnicTrainer", "teacher_spec", "unique_teacher_names"]
+__all__ = ["UdonConfig", "UdonTrainer", "UnicConfig", "UnicTrainer", "teacher_spec", "unique_teacher_names"]

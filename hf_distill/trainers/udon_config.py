@@ -1,0 +1,51 @@
+"""Training arguments of the UDON trainer."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..data.domain_sampler import STRATEGIES
+
+
+@dataclass
+class UdonConfig(TrainingArguments):
+    r"""
+    Configuration of [`UdonTrainer`]: all [`~transformers.TrainingArguments`] plus the UDON settings below. Defaults
+    follow the UDON code: heads and classifiers at `learning_rate` 1e-3, backbone at 1e-5 and frozen for the first 2
+    epochs, weight decay 1e-6, batch 128, 10 epochs, resize 256 + random crop 224 + flip.
+
+    Parameters:
+        sampling (`str`, defaults to `"dynamic"`): domain sampling strategy, one of `round_robin`, `proportional`,
+            `balanced`, `dynamic` (UDON).
+        sampler_update_every (`int`, defaults to 1000): optimizer steps between updates of the dynamic weights.
+        backbone_learning_rate (`float`, defaults to 1e-5): learning rate of the shared backbone.
+        freeze_backbone_epochs (`float`, defaults to 2): epochs during which the backbone gets no gradient.
+        image_size (`int`, defaults to 224): side of the training crops.
+        load_size (`int`, defaults to 256): side the images are resized (and center-cropped) to before cropping.
+        flip_prob (`float`, defaults to 0.5): horizontal flip probability.
+    """
+
+    sampling: str = field(default="dynamic", metadata={"help": f"Domain sampling strategy, one of {STRATEGIES}."})
+    sampler_update_every: int = field(default=1000, metadata={"help": "Steps between dynamic sampler updates."})
+    backbone_learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate of the backbone."})
+    freeze_backbone_epochs: float = field(default=2.0, metadata={"help": "Epochs with a frozen backbone."})
+    image_size: int = field(default=224, metadata={"help": "Side of the training crops."})
+    load_size: int = field(default=256, metadata={"help": "Side of the decoded images before random cropping."})
+    flip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the heads and classifiers."})
+    weight_decay: float = field(default=1e-6, metadata={"help": "Weight decay."})
+    num_train_epochs: float = field(default=10.0, metadata={"help": "Training epochs."})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Images per batch (one domain)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image/label/domain columns."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=True, metadata={"help": "Each batch uses one domain's heads, so DDP must expect unused parameters."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sampling not in STRATEGIES:
+            raise ValueError(f"--sampling must be one of {STRATEGIES}, got {self.sampling!r}.")
+        if self.load_size < self.image_size:
+            raise ValueError(f"--load_size {self.load_size} must be >= --image_size {self.image_size}.")
+        if self.sampler_update_every < 1:
+            raise ValueError("--sampler_update_every must be >= 1.")

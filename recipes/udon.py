@@ -1,0 +1,153 @@
+"""UDON: one compact universal embedding over several fine-grained domains, with online per-domain teacher heads on a
+shared backbone and a dynamic domain sampler. `--method uscrr` trains the USCRR baseline on the same data.
+
+    accelerate launch recipes/udon.py --config recipes/configs/udon_uned_vitb16_clip.yaml
+    accelerate launch recipes/udon.py --config recipes/configs/udon_tiny.yaml --domains a=DIR_A b=DIR_B
+
+Domains come from the YAML (`domains:` list of {name, path, train_split, eval_split, image_column, label_column, ...})
+or from `--domains NAME=PATH ...`. The final `--output_dir` holds the universal embedding model:
+`AutoModel.from_pretrained(output_dir, trust_remote_code=True)(pixel_values).image_embeds` is the 64-d embedding. After
+training, retrieval (one index merged over all domains: R@1, mMP@5 per domain and averaged) is computed on the
+domains' eval splits and written to `eval_results.json`. A killed run restarts from its last checkpoint with the same
+command.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, set_seed
+
+from hf_distill.cli import checkpoint_to_resume, exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
+from hf_distill.data.domains import load_domains
+from hf_distill.evaluation.embedding_retrieval import multi_domain_retrieval
+from hf_distill.io_utils import write_json_atomically
+from hf_distill.losses.udon import MARGIN_TYPES
+from hf_distill.models import UdonConfig as UdonModelConfig
+from hf_distill.models import UdonModel
+from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
+from hf_distill.trainers import UdonConfig, UdonTrainer
+
+logger = logging.getLogger("hf_distill.recipes.udon")
+METHODS = ("udon", "uscrr")
+
+
+@dataclass
+class ScriptArguments:
+    """Data and model options of the UDON recipe (training options are in `UdonConfig`)."""
+
+    backbone: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or folder of the pretrained backbone (ViT-family model or CLIP checkpoint)."},
+    )
+    random_init: bool = field(
+        default=False, metadata={"help": "Build the backbone from its config with random weights (tests, tiny runs)."}
+    )
+    domains: list[str] | None = field(
+        default=None, metadata={"help": "Domains as NAME=PATH (or a `domains:` list in the YAML).", "nargs": "+"}
+    )
+    method: str = field(default="udon", metadata={"help": f"One of {METHODS}: UDON, or the USCRR baseline."})
+    teacher_dim: int = field(default=256, metadata={"help": "Width of the per-domain teacher embeddings."})
+    embedding_dim: int = field(default=64, metadata={"help": "Width of the universal embedding."})
+    logit_scale: float = field(default=16.0, metadata={"help": "Scale of the normalized-softmax logits."})
+    margin: float = field(default=0.0, metadata={"help": "ArcFace / CosFace margin."})
+    margin_type: str = field(default="none", metadata={"help": f"One of {MARGIN_TYPES}."})
+    distill_temperature: float = field(default=0.1, metadata={"help": "Temperature of the logit distillation."})
+    distill_to_backbone: bool = field(
+        default=True,
+        metadata={"help": "Distillation gradients reach the backbone (code) or stop at the head (paper)."},
+    )
+    image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN), metadata={"nargs": 3})
+    image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD), metadata={"nargs": 3})
+    eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the retrieval evaluation."})
+    profile: bool = field(default=False, metadata={"help": "Profiler trace of steps 3-5 into OUTPUT_DIR/profile."})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, UdonConfig, list]:
+    (script_args, training_args), extra = parse_with_yaml((ScriptArguments, UdonConfig), argv, list_keys=("domains",))
+    domains = script_args.domains or extra.get("domains") or []
+    if not script_args.backbone:
+        raise ValueError("--backbone is required (a Hub id or folder; with --random_init a config is enough).")
+    if script_args.method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {script_args.method!r}.")
+    if not domains:
+        raise ValueError("No domains: pass --domains NAME=PATH ... or a `domains:` list in the --config YAML.")
+    return script_args, training_args, domains
+
+
+def build_model(script_args: ScriptArguments, domains: list[dict], image_size: int) -> UdonModel:
+    config = UdonModelConfig(
+        domains=[{"name": d["name"], "num_classes": d["num_classes"]} for d in domains],
+        teacher_dim=script_args.teacher_dim,
+        embedding_dim=script_args.embedding_dim,
+        logit_scale=script_args.logit_scale,
+        margin=script_args.margin,
+        margin_type=script_args.margin_type,
+        distill_temperature=script_args.distill_temperature,
+        distill_to_backbone=script_args.distill_to_backbone,
+        use_teacher_heads=script_args.method == "udon",
+        image_mean=script_args.image_mean,
+        image_std=script_args.image_std,
+    )
+    if not script_args.random_init:
+        return UdonModel.from_backbone(script_args.backbone, config)
+    backbone_config = AutoConfig.from_pretrained(script_args.backbone)
+    if backbone_config.model_type == "clip":
+        backbone_config = backbone_config.vision_config
+    backbone_config.image_size = image_size
+    config.backbone_config = backbone_config
+    return UdonModel(config)
+
+
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[UdonTrainer, dict]:
+    script_args, training_args, domain_specs = parse_args(argv)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    data = load_domains(domain_specs, seed=training_args.seed)  # every data problem is reported here, before weights
+    model = build_model(script_args, data.domains, training_args.image_size)
+    logger.info(
+        "%s on %s: %d domains, %d training images, %s parameters",
+        script_args.method.upper(),
+        model.config.backbone_config.model_type,
+        len(data.domains),
+        len(data.train),
+        f"{model.num_parameters():,}",
+    )
+    trainer = UdonTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        domain_sizes=[d["num_train"] for d in data.domains],
+        callbacks=(callbacks or []) + profiler_callbacks(script_args.profile, training_args),
+    )
+    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    trainer.save_model()
+
+    results = {}
+    if training_args.should_save:
+        embedding = model.embedding_model().to(training_args.device)
+        results = multi_domain_retrieval(
+            embedding,
+            data.eval,
+            training_args.image_size,
+            model.config.image_mean,
+            model.config.image_std,
+            batch_size=script_args.eval_batch_size,
+        )
+        results["method"] = script_args.method
+        write_json_atomically(os.path.join(training_args.output_dir, "eval_results.json"), results)
+        lines = [f"{name}: R@1 {v['R@1']:.2f}  mMP@5 {v['mMP@5']:.2f}" for name, v in results["per_domain"].items()]
+        logger.info("Retrieval (merged index)\n%s\nmean: R@1 %.2f  mMP@5 %.2f", "\n".join(lines),
+                    results["mean"]["R@1"], results["mean"]["mMP@5"])  # fmt: skip
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return trainer, results
+
+
+if __name__ == "__main__":
+    main()
+    exit_cleanly(0)
