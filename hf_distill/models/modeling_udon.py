@@ -161,6 +161,10 @@ class UdonModel(UdonPreTrainedModel):
             output.loss, output.loss_terms = terms.loss, terms.terms()
         return output
 
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """Keys keep their live names: `Trainer` resumes with a raw `load_state_dict` (see `UnicStudentModel`)."""
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
     def embedding_model(self) -> UdonEmbeddingModel:
         """The universal embedding model (backbone + student head), sharing nothing with this model."""
         config = UdonEmbeddingConfig(
