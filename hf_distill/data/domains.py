@@ -8,9 +8,8 @@ domain's own label space) and `domain` (int); domain `d` occupies the contiguous
 """
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-import numpy as np
 from datasets import ClassLabel, Dataset, Value, concatenate_datasets
 
 from .image_datasets import load_image_dataset
@@ -67,11 +66,6 @@ class MultiDomainData:
     train: Dataset
     eval: dict[str, Dataset]
     domains: list[dict] = field(default_factory=list)  # [{"name", "num_classes", "num_train", "num_eval"}]
-
-    @property
-    def offsets(self) -> list[int]:
-        sizes = [domain["num_train"] for domain in self.domains]
-        return [int(v) for v in np.concatenate([[0], np.cumsum(sizes)])]
 
 
 def _standardize(dataset: Dataset, spec: DomainSpec, index: int, label_map: dict) -> Dataset:
@@ -140,7 +134,3 @@ def load_domains(specs: list, seed: int = 0) -> MultiDomainData:
             index, spec.name, spec.path, len(labels), len(train), len(evaluation),
         )  # fmt: skip
     return MultiDomainData(train=concatenate_datasets(trains), eval=evals, domains=domains)
-
-
-def domain_specs_as_dicts(specs: list) -> list[dict]:
-    return [asdict(DomainSpec.parse(spec)) for spec in specs]
