@@ -1,3 +1,5 @@
+"""UDON losses against hand computations (explicit formulas and loops over Python floats), and gradient routing."""
+
 import math
 
 import pytest
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 from hf_distill.losses.udon import (
     class_cosines,
     classification_loss,
+    cosine_logits,
     logit_distillation_loss,
     margin_logits,
     relational_distillation_loss,
@@ -14,59 +17,137 @@ from hf_distill.losses.udon import (
 )
 
 
-def test_cosine_classifier_and_margins_by_hand():
+def cross_entropy_by_hand(logits: list[list[float]], labels: list[int]) -> float:
+    rows = [math.log(sum(math.exp(z) for z in row)) - row[label] for row, label in zip(logits, labels)]
+    return sum(rows) / len(rows)
+
+
+def test_cosine_logits_and_margins_by_hand():
     embeddings = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=-1)
     weights = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # normalized inside: e1, e2
     cos = class_cosines(embeddings, weights)
     torch.testing.assert_close(cos, torch.tensor([[1.0, 0.0], [0.6, 0.8]]))
     labels = torch.tensor([0, 1])
-    torch.testing.assert_close(margin_logits(cos, labels, scale=16.0), 16 * cos)
-    cosface = margin_logits(cos, labels, scale=16.0, margin=0.2, margin_type="cosface")
+    torch.testing.assert_close(cosine_logits(embeddings, weights, labels=labels), 16 * cos)
+    cosface = cosine_logits(embeddings, weights, margin=0.2, margin_type="cosface", labels=labels)
     torch.testing.assert_close(cosface, 16 * torch.tensor([[0.8, 0.0], [0.6, 0.6]]))
-    arcface = margin_logits(cos, labels, scale=16.0, margin=0.3, margin_type="arcface")
-    expected = 16 * torch.tensor([[math.cos(math.acos(1 - 1e-7) + 0.3), 0.0], [0.6, math.cos(math.acos(0.8) + 0.3)]])
-    torch.testing.assert_close(arcface, expected, rtol=1e-4, atol=1e-4)
-    # CE of the second row: -log(e^12.8 / (e^9.6 + e^12.8))
-    loss = classification_loss(cos[1:], labels[1:])
-    assert loss.item() == pytest.approx(math.log(1 + math.exp(-3.2)), rel=1e-4)
+    arcface = cosine_logits(embeddings, weights, scale=10.0, margin=0.3, margin_type="arcface", labels=labels)
+    expected = [[math.cos(math.acos(1 - 1e-7) + 0.3), 0.0], [0.6, math.cos(math.acos(0.8) + 0.3)]]
+    torch.testing.assert_close(arcface, 10 * torch.tensor(expected), rtol=1e-4, atol=1e-4)
+    # margins only with labels (evaluation logits have none)
+    torch.testing.assert_close(cosine_logits(embeddings, weights, margin=0.3, margin_type="arcface"), 16 * cos)
+    torch.testing.assert_close(margin_logits(cos, None, margin=0.2, margin_type="cosface"), 16 * cos)
     with pytest.raises(ValueError, match="margin_type"):
         margin_logits(cos, labels, margin=0.1, margin_type="sphereface")
 
 
+def test_classification_loss_by_hand():
+    logits = [[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]]
+    labels = [2, 0]
+    loss = classification_loss(torch.tensor(logits), torch.tensor(labels))
+    assert loss.item() == pytest.approx(cross_entropy_by_hand(logits, labels), rel=1e-6)
+
+
 def test_logit_and_relational_distillation_by_hand():
-    student = torch.tensor([[0.2, 0.1, -0.3]])
-    teacher = torch.tensor([[0.5, -0.1, 0.0]])
-    p = torch.softmax(teacher / 0.1, -1)
-    q = torch.softmax(student / 0.1, -1)
-    expected = sum(p[0, i] * (math.log(p[0, i]) - math.log(q[0, i])) for i in range(3))
-    assert logit_distillation_loss(student, teacher).item() == pytest.approx(float(expected), rel=1e-5)
+    student = [[0.2, 0.1, -0.3], [0.9, -0.5, 0.4]]
+    teacher = [[0.5, -0.1, 0.0], [-0.2, 0.3, 0.6]]
+    expected = 0.0
+    for s_row, t_row in zip(student, teacher):  # sum over classes, mean over rows, on cosines / 0.1
+        t_norm = sum(math.exp(t / 0.1) for t in t_row)
+        s_norm = sum(math.exp(s / 0.1) for s in s_row)
+        p = [math.exp(t / 0.1) / t_norm for t in t_row]
+        q = [math.exp(s / 0.1) / s_norm for s in s_row]
+        expected += sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q)) / len(student)
+    assert logit_distillation_loss(torch.tensor(student), torch.tensor(teacher)).item() == pytest.approx(
+        expected, rel=1e-5
+    )
 
-    es = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    et = F.normalize(torch.tensor([[1.0, 1.0], [1.0, 0.0]]), dim=-1)
-    ss, st = es @ es.T, et @ et.T
-    expected = sum(sum((ss[i, j] - st[i, j]) ** 2 for j in range(2)) for i in range(2)) / 2  # sum cols, mean rows
-    assert relational_distillation_loss(es, et).item() == pytest.approx(float(expected), rel=1e-6)
+    es = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+    et = [[0.8, 0.6], [1.0, 0.0], [0.0, 1.0]]
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    expected = sum(sum((dot(es[i], es[j]) - dot(et[i], et[j])) ** 2 for j in range(3)) for i in range(3)) / 3
+    assert relational_distillation_loss(torch.tensor(es), torch.tensor(et)).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_total_is_the_mean_of_four_terms_and_teacher_sides_get_no_gradient():
+def test_udon_loss_is_the_mean_of_four_hand_computed_terms():
+    student_emb = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    teacher_emb = torch.tensor([[0.0, 1.0, 0.0], [0.6, 0.0, 0.8]])
+    student_cos = [[0.9, -0.2, 0.1], [0.3, 0.5, -0.4]]
+    teacher_cos = [[0.7, 0.1, -0.3], [-0.1, 0.8, 0.2]]
+    labels = [0, 1]
+    out = udon_loss(
+        torch.tensor(labels),
+        torch.tensor(student_cos),
+        torch.tensor(teacher_cos),
+        student_emb,
+        teacher_emb,
+        margin=0.1,
+        margin_type="cosface",
+    )
+    with_margin = [[c - 0.1 * (j == y) for j, c in enumerate(row)] for row, y in zip(student_cos, labels)]
+    expected_student = cross_entropy_by_hand([[16 * c for c in row] for row in with_margin], labels)
+    with_margin = [[c - 0.1 * (j == y) for j, c in enumerate(row)] for row, y in zip(teacher_cos, labels)]
+    expected_teacher = cross_entropy_by_hand([[16 * c for c in row] for row in with_margin], labels)
+    assert out.student_classification.item() == pytest.approx(expected_student, rel=1e-5)
+    assert out.teacher_classification.item() == pytest.approx(expected_teacher, rel=1e-5)
+    kl = logit_distillation_loss(torch.tensor(student_cos), torch.tensor(teacher_cos))  # checked by hand above
+    relational = relational_distillation_loss(student_emb, teacher_emb)
+    torch.testing.assert_close(out.logit_distillation, kl)
+    torch.testing.assert_close(out.relational_distillation, relational)
+    expected_total = (expected_student + expected_teacher + kl.item() + relational.item()) / 4
+    assert out.loss.item() == pytest.approx(expected_total, rel=1e-5)
+    assert all(isinstance(value, torch.Tensor) for value in out.terms().values())
+
+    uscrr = udon_loss(torch.tensor(labels), torch.tensor(student_cos))
+    assert set(uscrr.terms()) == {"student_classification"}
+    assert uscrr.loss.item() == pytest.approx(
+        cross_entropy_by_hand([[16 * c for c in row] for row in student_cos], labels), rel=1e-5
+    )
+
+
+def test_teacher_sides_get_no_gradient():
     torch.manual_seed(0)
     student_emb = F.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
     teacher_emb = F.normalize(torch.randn(4, 16), dim=-1).requires_grad_()
     student_cos = torch.randn(4, 5).tanh().requires_grad_()
     teacher_cos = torch.randn(4, 5).tanh().requires_grad_()
-    labels = torch.tensor([0, 1, 2, 3])
-    out = udon_loss(labels, student_cos, teacher_cos, student_emb, teacher_emb)
-    terms = out.terms()
-    assert set(terms) == {
-        "student_classification",
-        "teacher_classification",
-        "logit_distillation",
-        "relational_distillation",
-    }
-    torch.testing.assert_close(out.loss, sum(terms.values()) / 4)
-    (terms["logit_distillation"] + terms["relational_distillation"]).backward()
-    assert teacher_cos.grad is None and teacher_emb.grad is None  # detached teacher side
+    (
+        logit_distillation_loss(student_cos, teacher_cos) + relational_distillation_loss(student_emb, teacher_emb)
+    ).backward()
+    assert teacher_cos.grad is None and teacher_emb.grad is None
     assert student_cos.grad.abs().sum() > 0 and student_emb.grad.abs().sum() > 0
-    uscrr = udon_loss(labels, student_cos)
-    assert set(uscrr.terms()) == {"student_classification"}
-    torch.testing.assert_close(uscrr.loss, classification_loss(student_cos, labels))
+
+
+@pytest.mark.parametrize("to_backbone", [True, False])
+def test_distillation_reaches_the_backbone_only_when_asked(to_backbone):
+    """A linear 'backbone' + heads: with the distillation terms fed from detached features, the backbone gradient is
+    the one of the two classification terms alone."""
+    torch.manual_seed(0)
+    backbone, student_head, teacher_head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 4), torch.nn.Linear(8, 5)
+    student_classes, teacher_classes = torch.randn(3, 4), torch.randn(3, 5)
+    pixels, labels = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+
+    def grads(terms_used):
+        for module in (backbone, student_head):
+            module.zero_grad()
+        features = F.normalize(backbone(pixels), dim=-1)
+        student = F.normalize(student_head(features), dim=-1)
+        teacher = F.normalize(teacher_head(features), dim=-1)
+        distill = None if to_backbone else F.normalize(student_head(features.detach()), dim=-1)
+        out = udon_loss(
+            labels,
+            class_cosines(student, student_classes),
+            class_cosines(teacher, teacher_classes),
+            student,
+            teacher,
+            None if distill is None else class_cosines(distill, student_classes),
+            distill,
+        )
+        sum(getattr(out, name) for name in terms_used).backward()
+        return backbone.weight.grad.clone(), student_head.weight.grad.clone()
+
+    classification = ("student_classification", "teacher_classification")
+    backbone_all, head_all = grads(classification + ("logit_distillation", "relational_distillation"))
+    backbone_ce, head_ce = grads(classification)
+    assert not torch.allclose(head_all, head_ce)  # the student head always learns from distillation
+    assert torch.allclose(backbone_all, backbone_ce, atol=1e-7) != to_backbone

@@ -2,6 +2,7 @@
 representations", REFERENCE.md 2).
 
 Shapes: `B` images of ONE domain, `C` classes of that domain, `E` embedding width. Embeddings are L2-normalized.
+Nothing here reads a value back to the host: every result is a tensor.
 """
 
 from dataclasses import dataclass
@@ -10,52 +11,87 @@ import torch
 import torch.nn.functional as F
 
 MARGIN_TYPES = ("none", "arcface", "cosface")
+_ACOS_EPS = 1e-7  # keeps acos (and its gradient) finite at cos = +-1
 
 
 def class_cosines(embeddings: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
-    """Cosine classifier: `[B, E]` normalized embeddings x `[C, E]` class weights (normalized here, no bias) ->
-    `[B, C]` cosines."""
+    """Cosine classifier without bias.
+
+    Args:
+        embeddings (`torch.Tensor` of shape `(B, E)`): L2-normalized embeddings.
+        class_weights (`torch.Tensor` of shape `(C, E)`): one row per class, L2-normalized here.
+
+    Returns:
+        `torch.Tensor` of shape `(B, C)`: the cosines between each embedding and each class weight.
+    """
     return embeddings @ F.normalize(class_weights, dim=-1).t()
 
 
 def margin_logits(
     cosines: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None = None,
     scale: float = 16.0,
     margin: float = 0.0,
     margin_type: str = "none",
 ) -> torch.Tensor:
-    """Normalized-softmax logits `scale * cos`, with the target class's cosine replaced by `cos(theta + m)` (ArcFace)
-    or `cos - m` (CosFace)."""
+    """Normalized-softmax logits `scale * cos`; with `labels`, the target cosine is replaced by `cos(theta + m)`
+    (ArcFace, as the authors' code: no fallback when `theta + m > pi`) or `cos - m` (CosFace).
+
+    Args:
+        cosines (`torch.Tensor` of shape `(B, C)`): class cosines.
+        labels (`torch.LongTensor` of shape `(B,)`, *optional*): targets; without them no margin is applied
+            (evaluation logits).
+        scale (`float`, defaults to 16.0): logit scale `s`.
+        margin (`float`, defaults to 0.0): margin `m` (radians for ArcFace).
+        margin_type (`str`, defaults to `"none"`): one of `"none"`, `"arcface"`, `"cosface"`.
+    """
     if margin_type not in MARGIN_TYPES:
         raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}.")
-    if margin_type == "none" or margin == 0.0:
+    if labels is None or margin_type == "none" or margin == 0.0:
         return scale * cosines
-    target = F.one_hot(labels, cosines.shape[-1]).bool()
+    index = labels.view(-1, 1)
+    target = cosines.gather(1, index)  # only the B target cosines get a margin: no acos over the [B, C] matrix
     if margin_type == "cosface":
-        adjusted = cosines - margin
+        adjusted = target - margin
     else:
-        theta = torch.acos(cosines.clamp(-1.0 + 1e-7, 1.0 - 1e-7))
-        adjusted = torch.cos(theta + margin)
-    return scale * torch.where(target, adjusted, cosines)
+        adjusted = torch.cos(torch.acos(target.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS)) + margin)
+    return scale * cosines.scatter(1, index, adjusted)
 
 
-def classification_loss(cosines, labels, scale=16.0, margin=0.0, margin_type="none") -> torch.Tensor:
-    """Cross-entropy of the (margin) normalized-softmax logits."""
-    return F.cross_entropy(margin_logits(cosines, labels, scale, margin, margin_type), labels)
+def cosine_logits(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    scale: float = 16.0,
+    margin: float = 0.0,
+    margin_type: str = "none",
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`margin_logits(class_cosines(embeddings, weight), labels, ...)`: the normalized-softmax logits of a cosine
+    classifier, margins applied to the target class only when `labels` are given."""
+    return margin_logits(class_cosines(embeddings, weight), labels, scale, margin, margin_type)
 
 
-def logit_distillation_loss(student_cosines, teacher_cosines, temperature: float = 0.1) -> torch.Tensor:
-    """`KL(softmax(teacher_cos / T) || softmax(student_cos / T))`, mean over the batch; the teacher side is detached.
-    Takes cosines (the paper divides cosines, not the scaled logits, by T = 0.1)."""
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of `(B, C)` logits (already scaled, margins included), mean over the batch."""
+    return F.cross_entropy(logits, labels)
+
+
+def logit_distillation_loss(
+    student_cosines: torch.Tensor, teacher_cosines: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """`KL(softmax(teacher_cos / T) || softmax(student_cos / T))`, summed over classes, mean over the batch.
+
+    Takes COSINES, not the scaled logits: the paper divides the cosines by T = 0.1 (an effective scale of 10, not
+    16 / 0.1). The teacher side is detached.
+    """
     teacher_log_probs = F.log_softmax(teacher_cosines.detach() / temperature, dim=-1)
     student_log_probs = F.log_softmax(student_cosines / temperature, dim=-1)
     return F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
 
 
-def relational_distillation_loss(student_embeddings, teacher_embeddings) -> torch.Tensor:
-    """MSE between the in-batch similarity matrices `E_s E_s^T` and `E_t E_t^T` (teacher detached), as in the
-    authors' code: squared error summed over columns, mean over rows."""
+def relational_distillation_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor) -> torch.Tensor:
+    """MSE between the in-batch similarity matrices `S_s = E_s E_s^T` and `S_t = E_t E_t^T` (teacher detached), as
+    in the authors' code: squared error summed over columns, mean over rows."""
     student_similarity = student_embeddings @ student_embeddings.t()
     teacher_embeddings = teacher_embeddings.detach()
     teacher_similarity = teacher_embeddings @ teacher_embeddings.t()
@@ -73,6 +109,7 @@ class UdonLoss:
     relational_distillation: torch.Tensor | None = None
 
     def terms(self) -> dict[str, torch.Tensor]:
+        """The terms that exist, by name."""
         names = ("student_classification", "teacher_classification", "logit_distillation", "relational_distillation")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
@@ -92,14 +129,23 @@ def udon_loss(
 ) -> UdonLoss:
     """The UDON objective of one single-domain batch: the mean of teacher CE, student CE, logit KL and relational MSE.
 
-    Without teacher cosines (USCRR baseline) the loss is the student CE alone. The distillation terms use
-    `distill_student_*` when given: the student head applied to DETACHED backbone features, so distillation gradients
-    stop at the student head (paper); otherwise they also reach the backbone (authors' code).
+    Args:
+        labels (`torch.LongTensor` of shape `(B,)`): targets in the domain's label space.
+        student_cosines, teacher_cosines (`torch.Tensor` of shape `(B, C)`): class cosines of the student and of the
+            domain's teacher. Without `teacher_cosines` (USCRR baseline) the loss is the student CE alone.
+        student_embeddings (`torch.Tensor` of shape `(B, E_s)`), teacher_embeddings (`(B, E_t)`): L2-normalized
+            embeddings, for the relational term.
+        distill_student_cosines, distill_student_embeddings (*optional*): the student's cosines / embedding computed
+            from DETACHED backbone features, used by the two distillation terms instead of `student_*`, so that
+            distillation gradients stop at the student head (paper). Left out, distillation also reaches the
+            backbone (authors' code). The teacher side of both terms is always detached.
+        scale, margin, margin_type: see [`margin_logits`] (both classification terms).
+        temperature (`float`, defaults to 0.1): temperature of the logit distillation, on cosines.
     """
-    student_ce = classification_loss(student_cosines, labels, scale, margin, margin_type)
+    student_ce = classification_loss(margin_logits(student_cosines, labels, scale, margin, margin_type), labels)
     if teacher_cosines is None:
         return UdonLoss(loss=student_ce, student_classification=student_ce)
-    teacher_ce = classification_loss(teacher_cosines, labels, scale, margin, margin_type)
+    teacher_ce = classification_loss(margin_logits(teacher_cosines, labels, scale, margin, margin_type), labels)
     distill_cosines = student_cosines if distill_student_cosines is None else distill_student_cosines
     distill_embeddings = student_embeddings if distill_student_embeddings is None else distill_student_embeddings
     kl = logit_distillation_loss(distill_cosines, teacher_cosines, temperature)

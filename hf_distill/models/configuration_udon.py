@@ -5,6 +5,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from ..losses.udon import MARGIN_TYPES
 from .configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
+from .configuration_udon_embedding import check_backbone_config
 
 
 class UdonConfig(PreTrainedConfig):
@@ -12,15 +13,19 @@ class UdonConfig(PreTrainedConfig):
     Configuration of [`UdonModel`] (UDON, REFERENCE.md 2).
 
     Args:
-        backbone_config (`dict` or `PreTrainedConfig`):
-            The shared vision backbone: a transformers ViT-family config or a CLIP vision tower config.
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+            The shared vision backbone: a transformers ViT-family config (`vit`, `deit`, `dinov2`, ...) or a CLIP
+            vision config (a full `CLIPConfig` is replaced by its `vision_config`). May be left out when the model is
+            built with [`UdonModel.from_backbone`], which sets it from the checkpoint.
         domains (`list[dict]`):
-            One entry per domain, `{"name": str, "num_classes": int}`, in the order of the training data.
+            One entry per domain, `{"name": str, "num_classes": int}`, in the order of the training data. Names are
+            unique, non-empty and contain no `.` (they key the per-domain modules).
         teacher_dim (`int`, defaults to 256): width of each per-domain teacher embedding.
         embedding_dim (`int`, defaults to 64): width of the universal student embedding (the exported product).
         logit_scale (`float`, defaults to 16.0): scale of the normalized-softmax logits.
-        margin (`float`, defaults to 0.0), margin_type (`str`, defaults to `"none"`): `"arcface"` or `"cosface"`
-            margin on the target class.
+        margin (`float`, defaults to 0.0): margin of the target class in both classification losses.
+        margin_type (`str`, defaults to `"none"`): `"none"`, `"arcface"` (`cos(theta + m)`) or `"cosface"`
+            (`cos - m`).
         distill_temperature (`float`, defaults to 0.1): temperature of the logit distillation (on cosines).
         distill_to_backbone (`bool`, defaults to `True`):
             `True`: distillation gradients reach the backbone (authors' code). `False`: they stop at the student
@@ -51,18 +56,29 @@ class UdonConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.backbone_config is not None and self.backbone_config.model_type == "clip":
+            self.backbone_config = self.backbone_config.vision_config
+        check_backbone_config(self.backbone_config)
         self.domains = [dict(domain) for domain in (self.domains or [])]
-        names = [domain.get("name") for domain in self.domains]
+        for domain in self.domains:
+            name = domain.get("name")
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"Domain {domain} needs a non-empty string name without '.'.")
+            classes = domain.get("num_classes")
+            if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+                raise ValueError(f"Domain {domain} needs an integer num_classes >= 1.")
+        names = self.domain_names
         if len(set(names)) != len(names):
             raise ValueError(f"Domain names must be unique, got {names}.")
-        for domain in self.domains:
-            if not isinstance(domain.get("num_classes"), int) or domain["num_classes"] < 1:
-                raise ValueError(f"Domain {domain} needs an integer num_classes >= 1.")
         if self.margin_type not in MARGIN_TYPES:
             raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {self.margin_type!r}.")
+        for field in ("teacher_dim", "embedding_dim", "logit_scale", "distill_temperature"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be > 0, got {getattr(self, field)}.")
         self.image_mean = [float(v) for v in self.image_mean]
         self.image_std = [float(v) for v in self.image_std]
 
     @property
     def domain_names(self) -> list[str]:
+        """The domain names, in order (domain index `i` is `domain_names[i]`)."""
         return [domain["name"] for domain in self.domains]

@@ -29,13 +29,21 @@ class UdonEmbeddingOutput(ModelOutput):
 
 
 def backbone_features(backbone: nn.Module, pixel_values: torch.Tensor, uses_pooler: bool) -> torch.Tensor:
-    """The backbone's normed CLS token, L2-normalized (UDON: the heads read the normalized CLS output)."""
+    """The backbone's CLS token after its final norm, L2-normalized (UDON: the heads read the normalized CLS output).
+
+    Args:
+        backbone (`nn.Module`): a transformers vision model.
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): normalized images.
+        uses_pooler (`bool`): read `pooler_output` (CLIP: post-layernorm CLS) instead of `last_hidden_state[:, 0]`.
+    """
     outputs = backbone(pixel_values=pixel_values)
     cls = outputs.pooler_output if uses_pooler else outputs.last_hidden_state[:, 0]
     return F.normalize(cls, dim=-1)
 
 
 class UdonEmbeddingModel(PreTrainedModel):
+    """Backbone + universal student head (linear) + L2 norm: the product of a UDON training run."""
+
     config_class = UdonEmbeddingConfig
     base_model_prefix = "udon"
     main_input_name = "pixel_values"
@@ -48,7 +56,15 @@ class UdonEmbeddingModel(PreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> UdonEmbeddingOutput:
+        """
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): images prepared by the
+                image processor saved with the model.
+        """
         features = backbone_features(self.backbone, pixel_values, self.config.uses_pooler)
         return UdonEmbeddingOutput(
             image_embeds=F.normalize(self.student_head(features), dim=-1), backbone_features=features
         )
+
+
+__all__ = ["UdonEmbeddingModel", "UdonEmbeddingOutput"]
