@@ -205,3 +205,39 @@ def test_bad_domains_fail_before_training(two_domains, tmp_path):
         recipe.main([*base[:3], "--domains", f"a={two_domains / 'digits'}", f"a={two_domains / 'tinted'}", *base[6:]])
     with pytest.raises(ValueError, match="No domains"):
         recipe.main(no_cli_domains)
+
+
+@pytest.mark.distributed
+def test_two_processes_share_each_steps_domain_and_read_disjoint_rows(two_domains, tmp_path):
+    """DDP: every optimizer step sees ONE domain on both processes (the per-domain heads get gradients of that domain
+    only), each process its own rows; the dynamic weights are reduced over processes, so both ranks keep the same
+    schedule and end with identical weights; the sampler state lands in the checkpoint."""
+    import os
+    import shutil
+
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    command = [
+        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
+        str(ROOT / "tests" / "scripts" / "udon_two_ranks.py"), str(record_dir),
+        *recipe_args(two_domains, tmp_path / "out", "--per_device_train_batch_size", "4", "--max_steps", "6",
+                     "--save_steps", "6"),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    records = [json.loads((record_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(record["world_size"] == 2 for record in records)
+    steps = [record["steps"] for record in records]
+    assert len(steps[0]) == len(steps[1]) == 6
+    assert [domain for domain, _ in steps[0]] == [domain for domain, _ in steps[1]]  # same domain per step
+    assert {domain for domain, _ in steps[0]} == {0, 1}
+    for (_, rows0), (_, rows1) in zip(*steps):
+        assert len(rows0) == len(rows1) == 4 and not set(rows0) & set(rows1)
+    weights = [load_file(record_dir / f"rank{rank}.st") for rank in (0, 1)]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    state = json.loads((tmp_path / "out" / "checkpoint-6" / "domain_sampler.json").read_text())
+    assert state["num_replicas"] == 2 and state["steps"] == 6 and len(state["history"]) > 1

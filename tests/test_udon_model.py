@@ -126,7 +126,7 @@ def test_export_clip_backbone_round_trip_and_processor(tmp_path):
             for line in (export / name).read_text().splitlines()
             if line.startswith(("import ", "from "))
         ]
-        assert set(imports) <= {"dataclasses", "torch", "torch.nn.functional", "transformers", "transformers.utils",
+        assert set(imports) <= {"dataclasses", "functools", "inspect", "torch", "torch.nn.functional", "transformers", "transformers.utils",
                                 "transformers.configuration_utils", ".configuration_udon_embedding"}, imports  # fmt: skip
     embedder = AutoModel.from_pretrained(export, trust_remote_code=True).eval()
     assert not any("teacher" in key or "classifier" in key for key in embedder.state_dict())
@@ -157,3 +157,19 @@ def test_export_replaces_the_model_and_keeps_other_files(tmp_path):
     assert (export / "checkpoint-4" / "trainer_state.json").read_text() == "{}"
     assert json.loads((export / "config.json").read_text())["model_type"] == "hf_distill_udon_embedding"
     assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no staging / previous folder left
+
+
+@pytest.mark.parametrize("backbone", ["vit", "clip"])
+def test_other_image_sizes_interpolate_the_position_embeddings(backbone, tmp_path):
+    """A backbone configured for 32 px (e.g. a 224-px checkpoint) trains and embeds at 48 px: the position
+    embeddings are interpolated instead of raising, in the training model and in the exported one."""
+    backbone_config = tiny_vit_config() if backbone == "vit" else tiny_clip_config().vision_config
+    torch.manual_seed(0)
+    model = UdonModel(UdonConfig(backbone_config=backbone_config, domains=[{"name": "a", "num_classes": 3}])).eval()
+    pixels = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = model(pixels, domain="a").student_embeds
+    model.save_embedding_model(tmp_path / "export", image_size=48)
+    embedder = AutoModel.from_pretrained(tmp_path / "export", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(embedder(pixels).image_embeds, expected)

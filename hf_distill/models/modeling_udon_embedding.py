@@ -4,6 +4,8 @@ returns the L2-normalized 64-d embedding in `image_embeds`.
 This file is copied next to the exported weights: it imports only torch and transformers, never hf_distill.
 """
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,17 @@ class UdonEmbeddingOutput(ModelOutput):
     backbone_features: torch.FloatTensor | None = None
 
 
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+@functools.cache
+def _interpolates(backbone_class: type) -> bool:
+    """Whether the backbone needs `interpolate_pos_encoding=True` for other image sizes (ViT, DeiT, BEiT, CLIP; DINOv2
+    always interpolates and has no such argument)."""
+    return "interpolate_pos_encoding" in inspect.signature(backbone_class.forward).parameters
+
+
 def backbone_features(backbone: nn.Module, pixel_values: torch.Tensor, uses_pooler: bool) -> torch.Tensor:
     """The backbone's CLS token after its final norm, L2-normalized (UDON: the heads read the normalized CLS output).
 
@@ -36,7 +49,11 @@ def backbone_features(backbone: nn.Module, pixel_values: torch.Tensor, uses_pool
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): normalized images.
         uses_pooler (`bool`): read `pooler_output` (CLIP: post-layernorm CLS) instead of `last_hidden_state[:, 0]`.
     """
-    outputs = backbone(pixel_values=pixel_values)
+    kwargs = {}
+    native = getattr(backbone.config, "image_size", None)
+    if native is not None and tuple(pixel_values.shape[-2:]) != _pair(native) and _interpolates(type(backbone)):
+        kwargs["interpolate_pos_encoding"] = True  # e.g. a 224-px ViT trained or used at another size
+    outputs = backbone(pixel_values=pixel_values, **kwargs)
     cls = outputs.pooler_output if uses_pooler else outputs.last_hidden_state[:, 0]
     return F.normalize(cls, dim=-1)
 

@@ -6,12 +6,14 @@ import os
 from collections import defaultdict
 
 import torch
+from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from ..data.augmentations import random_resized_crop, resize_center
 from ..data.domain_sampler import DomainBatchSampler
 from ..data.image_datasets import ImageCollator
+from ..io_utils import write_json_atomically
 from ..models.modeling_udon import UdonModel
 from .udon_config import UdonConfig
 
@@ -45,18 +47,15 @@ class _UdonSchedule(TrainerCallback):
         trainer.udon_model.backbone_frozen = (state.epoch or 0) < args.freeze_backbone_epochs - 1e-9
 
     def on_step_end(self, args, state, control, **kwargs):
-        sampler = self.trainer.domain_sampler
-        if sampler.strategy == "dynamic" and state.global_step % args.sampler_update_every == 0:
-            weights = sampler.update(reduce=lambda t: self.trainer.accelerator.reduce(t, reduction="sum"))
-            if weights is not None:
-                logger.info("Dynamic sampler weights at step %d: %s", state.global_step, self.trainer._format(weights))
+        weights = self.trainer.domain_sampler.step(reduce=self.trainer._reduce_sum)  # collective: every process
+        if weights is not None:
+            logger.info("Dynamic sampler weights at step %d: %s", state.global_step, self.trainer._format(weights))
 
     def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
-                with open(os.path.join(folder, SAMPLER_STATE), "w") as handle:
-                    json.dump(self.trainer.domain_sampler.state_dict(), handle)
+        sampler_state = self.trainer.domain_sampler.state_dict(reduce=self.trainer._reduce_sum)  # every process
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if args.should_save and os.path.isdir(folder):
+            write_json_atomically(os.path.join(folder, SAMPLER_STATE), sampler_state)
 
 
 class UdonTrainer(Trainer):
@@ -80,8 +79,16 @@ class UdonTrainer(Trainer):
             raise TypeError(f"UdonTrainer trains a UdonModel, got {type(model).__name__}.")
         if len(domain_sizes) != len(model.config.domains):
             raise ValueError(f"{len(domain_sizes)} domains of data for a model with {model.config.domain_names}.")
+        # Every process draws the same domain schedule and reads its own slice of each step's global batch: one
+        # optimizer step sees ONE domain on all processes (see DomainBatchSampler).
         self.domain_sampler = DomainBatchSampler(
-            domain_sizes, args.per_device_train_batch_size, args.sampling, args.sampler_update_every, args.seed
+            domain_sizes,
+            args.per_device_train_batch_size,
+            args.sampling,
+            args.sampler_update_every,
+            args.seed,
+            num_replicas=args.world_size,
+            rank=args.process_index,
         )
         super().__init__(
             model=model,
@@ -101,7 +108,12 @@ class UdonTrainer(Trainer):
     def _format(self, weights: list[float]) -> str:
         return ", ".join(f"{name} {w:.3f}" for name, w in zip(self.udon_model.config.domain_names, weights))
 
+    def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum")
+
     def get_train_dataloader(self) -> DataLoader:
+        """The domain sampler already gives each process its own rows, so the loader is NOT re-sharded by Accelerate
+        (`num_processes=1`): it only moves batches to the device."""
         loader = DataLoader(
             self.train_dataset,
             batch_sampler=self.domain_sampler,
@@ -109,7 +121,9 @@ class UdonTrainer(Trainer):
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
         )
-        return self.accelerator.prepare(loader)
+        return prepare_data_loader(
+            loader, self.accelerator.device, num_processes=1, process_index=0, put_on_device=True
+        )
 
     def create_optimizer(self, model=None):
         """Adam(W) with two groups: the backbone at `backbone_learning_rate`, heads and classifiers at
