@@ -1,8 +1,9 @@
 """UDON: one compact universal embedding over several fine-grained domains, with online per-domain teacher heads on a
 shared backbone and a dynamic domain sampler. `--method uscrr` trains the USCRR baseline on the same data.
 
-    accelerate launch recipes/udon.py --config recipes/configs/udon_uned_vitb16_clip.yaml
-    accelerate launch recipes/udon.py --config recipes/configs/udon_tiny.yaml --domains a=DIR_A b=DIR_B
+    accelerate launch recipes/udon.py --config recipes/configs/udon_uned_clip_vitb16.yaml   # UnED (prepare_uned.py)
+    accelerate launch recipes/udon.py --config recipes/configs/udon_mnist_fashion_small.yaml  # offline, CPU
+    accelerate launch recipes/udon.py --backbone google/vit-base-patch16-224 --domains a=DIR_A b=HUB_ID ...
 
 Domains come from the YAML (`domains:` list of {name, path, train_split, eval_split, image_column, label_column, ...})
 or from `--domains NAME=PATH ...`. The final `--output_dir` holds the universal embedding model:
