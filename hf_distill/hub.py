@@ -334,6 +334,9 @@ def create_or_update_model_card(
     tags: list[str] | None = None,
     repo_id: str | None = None,
     datasets: str | list[str] | None = None,
+    summary: str | None = None,
+    pipeline_tag: str = "image-feature-extraction",
+    method_tag: str = "unic",
 ) -> ModelCard:
     """Write (or update) `output_dir/README.md`, the model card of a UNIC student.
 
@@ -366,6 +369,10 @@ def create_or_update_model_card(
         tags: extra tags.
         repo_id: Hub repo id used in the usage snippet (defaults to the local folder path).
         datasets: Hub dataset id(s) of the training data (defaults to `training_data` when it is a Hub id).
+        summary: the card's opening paragraph (default: the UNIC description).
+        pipeline_tag: `image-feature-extraction` (UNIC encoders) or `image-classification` (task-specific students:
+            a classification usage snippet and citation).
+        method_tag: the method's tag, in place of `unic`.
 
     `teachers`, `training_data`, `settings`, `comparison` and `plots` are also recorded in the card's metadata (key
     `hf_distill`), so a later update (e.g. by `recipes/evaluate.py`, which only knows the evaluation) may leave them
@@ -403,8 +410,8 @@ def create_or_update_model_card(
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
-        pipeline_tag="image-feature-extraction",
-        tags=_unique([*DEFAULT_TAGS, *(tags or [])]),
+        pipeline_tag=pipeline_tag,
+        tags=_unique([*(method_tag if tag == "unic" else tag for tag in DEFAULT_TAGS), *(tags or [])]),
         datasets=dataset_ids or None,
         base_model=base_model,
         eval_results=merged_results or None,
@@ -413,7 +420,7 @@ def create_or_update_model_card(
 
     teacher_rows = _teacher_rows(teachers)
     names = [row["name"] for row in teacher_rows]
-    summary = (
+    summary = summary or (
         f"A student image encoder distilled with hf_distill's implementation of UNIC (multi-teacher distillation, "
         f"Sariyildiz et al., ECCV 2024) from {len(names)} teacher{'s' if len(names) != 1 else ''}: "
         f"{', '.join(names) or '-'}. It is trained to reproduce the summary token and the patch tokens of every "
@@ -432,6 +439,7 @@ def create_or_update_model_card(
         architecture=_architecture(output_dir),
         model_ref=repo_id or output_dir.as_posix(),
         framework_versions=_framework_versions(),
+        pipeline_tag=pipeline_tag,
     )
 
     if existing is None:
@@ -442,7 +450,7 @@ def create_or_update_model_card(
         data.model_name = model_name
         data.eval_results = merged_results or None
         data.library_name = "transformers"
-        data.pipeline_tag = "image-feature-extraction"
+        data.pipeline_tag = pipeline_tag
         data.tags = _unique([*_as_list(data.tags), *card_data.tags])
         if dataset_ids:
             data.datasets = _unique([*_as_list(data.datasets), *dataset_ids])
@@ -523,6 +531,28 @@ def plot_training_curves(log_history: list[dict], output_path: str | os.PathLike
         kept_ax.legend(fontsize="small")
     else:
         kept_ax.text(0.5, 0.5, "no kept coefficients logged", ha="center", va="center", transform=kept_ax.transAxes)
+    return _save_figure(figure, output_path)
+
+
+def plot_loss_terms(
+    log_history: list[dict], keys: list[str], output_path: str | os.PathLike, title: str = "Training loss"
+) -> str | None:
+    """One curve per logged loss term in `keys` (e.g. `loss`, `cross_entropy`, `kl`) against the step.
+
+    Returns:
+        The path of the PNG written, or `None` when none of the keys was logged.
+    """
+    series = {key: _series(log_history, key) for key in keys}
+    series = {key: value for key, value in series.items() if value[0]}
+    if not series:
+        return None
+    figure = _new_figure(6.5, 4.5)
+    ax = figure.subplots()
+    for key, (steps, values) in series.items():
+        ax.plot(steps, values, "-", label=key)
+    ax.set(title=title, xlabel="step", ylabel="value")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     return _save_figure(figure, output_path)
 
 

@@ -5,6 +5,7 @@ whole training split with the chosen value and evaluated once on the test split.
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,26 @@ import torch.nn.functional as F
 from .knn import _check_features, _check_labels
 
 DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+
+
+@dataclass
+class LinearProbeFit:
+    """A fitted linear probe: logits = `((features - mean) / std) @ weight + bias`.
+
+    Args:
+        weight (`torch.Tensor` of shape `(D, C)`), bias (`(C,)`), mean and std (`(D,)`): the head and the feature
+            standardization it was fitted with (zeros / ones without standardization).
+        test_top1, val_top1 (`float`): accuracies in percent on the test split and on the held-out validation part.
+        weight_decay (`float`): the chosen L2 strength.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    test_top1: float
+    weight_decay: float
+    val_top1: float
 
 
 def _standardizer(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +83,7 @@ def _top1(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bi
     return 100.0 * (predictions == labels).double().mean().item()
 
 
-def linear_probe(
+def fit_linear_probe(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
@@ -96,8 +117,7 @@ def linear_probe(
         standardize (`bool`): standardize the features before fitting.
 
     Returns:
-        `dict`: `{"linear_top1": test accuracy in percent, "weight_decay": the chosen value, "val_top1": validation
-        accuracy in percent of the chosen value}`.
+        [`LinearProbeFit`]: the fitted head (applied as `((features - mean) / std) @ weight + bias`) and its scores.
     """
     train = _check_features(train_features, "train_features")
     train_y = _check_labels(train_labels, train.shape[0], "train_labels", "train_features")
@@ -146,7 +166,22 @@ def linear_probe(
             val_top1 = _top1(val_x, val_y, *params)
             if val_top1 > best_val:
                 best_decay, best_val = decay, val_top1
+        if standardize:
+            mean, std = _standardizer(train)
+        else:
+            mean, std = torch.zeros(train.shape[1], dtype=dtype), torch.ones(train.shape[1], dtype=dtype)
         full_x, test_x = prepare(train, test)
         weight, bias = _fit(full_x, train_y.clone(), num_classes, best_decay, max_iter)
         test_top1 = _top1(test_x, test_y, weight, bias)
-    return {"linear_top1": test_top1, "weight_decay": best_decay, "val_top1": best_val}
+    return LinearProbeFit(weight, bias, mean, std, test_top1, best_decay, best_val)
+
+
+def linear_probe(*args, **kwargs) -> dict:
+    """[`fit_linear_probe`] (same arguments), scores only.
+
+    Returns:
+        `dict`: `{"linear_top1": test accuracy in percent, "weight_decay": the chosen value, "val_top1": validation
+        accuracy in percent of the chosen value}`.
+    """
+    fit = fit_linear_probe(*args, **kwargs)
+    return {"linear_top1": fit.test_top1, "weight_decay": fit.weight_decay, "val_top1": fit.val_top1}

@@ -1,0 +1,49 @@
+"""Training arguments of the task-specific distillation trainer."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class KDConfig(TrainingArguments):
+    r"""
+    Configuration of [`KDTrainer`]: all [`~transformers.TrainingArguments`] plus the distillation settings below.
+    The loss is `(1 - alpha) * CE + alpha * temperature^2 * KL` on real images and the KL term alone on synthetic ones
+    ([`kd_loss`]). The paper's exact alpha, temperature and synthetic-set size are not known here: they are settings.
+
+    Parameters:
+        alpha (`float`, defaults to 0.5): weight of the distillation term, in `[0, 1]` (0: plain supervised training).
+        temperature (`float`, defaults to 2.0): softmax temperature of the distillation term, `> 0`.
+        synthetic_ratio (`float`, defaults to 0.0): fraction of every batch taken from the synthetic images, in
+            `[0, 1)`; needs a synthetic dataset when `> 0`.
+        image_size (`int`, defaults to 224): side of the training crops (student input).
+        load_size (`int`, *optional*): side the images are resized (shorter side) and center-cropped to before the
+            random crop; defaults to `image_size * 8 / 7` (256 for 224).
+        crop_scale (`float`, defaults to 0.35): smallest area fraction of the random resized crops.
+        flip_prob (`float`, defaults to 0.5): horizontal flip probability.
+    """
+
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term, in [0, 1]."})
+    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term."})
+    synthetic_ratio: float = field(default=0.0, metadata={"help": "Fraction of each batch from synthetic images."})
+    image_size: int = field(default=224, metadata={"help": "Side of the training crops."})
+    load_size: int | None = field(default=None, metadata={"help": "Side of the decoded images (default 8/7 crop)."})
+    crop_scale: float = field(default=0.35, metadata={"help": "Smallest area fraction of the random crops."})
+    flip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image/label columns."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}.")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}.")
+        if not 0.0 <= self.synthetic_ratio < 1.0:
+            raise ValueError(f"--synthetic_ratio must be in [0, 1), got {self.synthetic_ratio}.")
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise ValueError(f"--crop_scale must be in (0, 1], got {self.crop_scale}.")
+        if self.load_size is None:
+            self.load_size = round(self.image_size * 8 / 7)
+        if self.load_size < self.image_size:
+            raise ValueError(f"--load_size {self.load_size} must be >= --image_size {self.image_size}.")
