@@ -11,11 +11,15 @@ from PIL import Image
 def load_image_dataset(source: str, image_column: str = "image", split: str = "train") -> Dataset:
     """Load the `split` of an image dataset and check that it has `image_column`.
 
-    `source` is a directory written by `datasets.save_to_disk` (a `Dataset` or a `DatasetDict`), a local image folder
-    (read with the `imagefolder` builder), or a Hub dataset id. Raises `ValueError` with the available columns or
+    `source` is a directory written by `datasets.save_to_disk` (a `Dataset` or a `DatasetDict`), a synthesis folder of
+    `recipes/synthesize.py`, a local image folder (read with the `imagefolder` builder), or a Hub dataset id. Raises `ValueError` with the available columns or
     splits when the column or split does not exist, before any training work starts.
     """
-    if os.path.isdir(source):
+    if os.path.isdir(source) and os.path.isfile(os.path.join(source, "synthesis_config.json")):
+        from .synthetic_dataset import load_synthetic_dataset  # a recipes/synthesize.py folder
+
+        dataset = load_synthetic_dataset(source)
+    elif os.path.isdir(source):
         is_saved = any(
             os.path.exists(os.path.join(source, marker))
             for marker in ("dataset_info.json", "state.json", "dataset_dict.json")
