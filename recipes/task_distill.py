@@ -55,6 +55,9 @@ class ScriptArguments:
         metadata={"help": "Teacher backbone: Hub id, folder, or `py:module:function` returning a ModuleTeacher."},
     )
     teacher_summary: str | None = field(default=None, metadata={"help": "Teacher feature: cls, pooler, mean_patch."})
+    teacher_image_size: int | None = field(
+        default=None, metadata={"help": "Side the teacher runs at (default: its own input size / the student crop)."}
+    )
     student: str | None = field(
         default=None, metadata={"help": "Student: Hub id or folder of a transformers image classification model."}
     )
@@ -219,7 +222,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
     synthetic = (
         load_synthetic(script_args) if script_args.synthetic_dataset and training_args.synthetic_ratio else None
     )
-    teacher_options = {"summary": script_args.teacher_summary} if script_args.teacher_summary else {}
+    teacher_options = {"summary": script_args.teacher_summary, "image_size": script_args.teacher_image_size}
+    teacher_options = {key: value for key, value in teacher_options.items() if value is not None}
     teacher = load_teacher(script_args.teacher, **teacher_options)
     size = training_args.image_size
     teacher_size = teacher.teacher_input_size(size, size, None)[0]  # what it sees of a student crop in training

@@ -132,9 +132,8 @@ def test_alpha_zero_is_plain_supervised_training_and_without_synthetic_data(task
     )
     assert results["num_synthetic"] == 0 and results["alpha"] == 0
     assert all(e["synthetic_fraction"] == 0 for e in trainer.state.log_history if "loss" in e)
-    assert all(
-        e["loss"] == pytest.approx(e["cross_entropy"], rel=1e-4) for e in trainer.state.log_history if "loss" in e
-    )
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert all(e["loss"] == pytest.approx(e["cross_entropy"], rel=1e-4) and e["kl"] == 0 for e in logs)
 
 
 @pytest.mark.parametrize(

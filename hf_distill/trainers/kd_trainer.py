@@ -106,11 +106,14 @@ class KDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         views = self.views(inputs["pixel_values"], model.training)
         labels = inputs["labels"]
-        with torch.inference_mode():
-            teacher_logits = self.teacher(views, self._mean.flatten(), self._std.flatten())
         outputs = model(pixel_values=views)
+        if self.args.alpha > 0:
+            with torch.inference_mode():
+                teacher_logits = self.teacher(views, self._mean.flatten(), self._std.flatten()).clone()
+        else:  # plain supervised training: the teacher is not run (the logged KL is 0)
+            teacher_logits = outputs.logits.detach()
         terms = kd_loss(
-            outputs.logits, teacher_logits.clone(), labels, alpha=self.args.alpha, temperature=self.args.temperature
+            outputs.logits, teacher_logits, labels, alpha=self.args.alpha, temperature=self.args.temperature
         )
         self._metrics["cross_entropy"].append(terms.cross_entropy)
         self._metrics["kl"].append(terms.kl)
