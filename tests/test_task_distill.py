@@ -156,3 +156,11 @@ def test_synthetic_ratio_without_synthetic_dataset_is_rejected(task, tmp_path):
     argv = [a for a in args(task, tmp_path / "bad") if a != str(task / "synthetic") and a != "--synthetic_dataset"]
     with pytest.raises(ValueError, match="needs --synthetic_dataset"):
         recipe.parse_args(argv)
+
+
+def test_the_fashion_mnist_config_parses():
+    script_args, training_args = recipe.parse_args(
+        ["--config", str(ROOT / "recipes" / "configs" / "task_distill_fashion_mnist.yaml")]
+    )
+    assert script_args.teacher_image_size == 98 and script_args.student_random_init
+    assert (training_args.alpha, training_args.temperature, training_args.image_size) == (0.5, 2.0, 28)
