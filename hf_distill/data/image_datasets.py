@@ -7,18 +7,21 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from PIL import Image
 
+from .synthetic_dataset import has_parquet_data, is_synthesis_folder, load_synthetic_dataset
+
 
 def load_image_dataset(source: str, image_column: str = "image", split: str = "train") -> Dataset:
     """Load the `split` of an image dataset and check that it has `image_column`.
 
     `source` is a directory written by `datasets.save_to_disk` (a `Dataset` or a `DatasetDict`), a synthesis folder of
-    `recipes/synthesize.py`, a local image folder (read with the `imagefolder` builder), or a Hub dataset id. Raises `ValueError` with the available columns or
+    `recipes/synthesize.py`, a folder of `data/*.parquet` files (splits from the file names), a local image folder
+    (read with the `imagefolder` builder), or a Hub dataset id. Raises `ValueError` with the available columns or
     splits when the column or split does not exist, before any training work starts.
     """
-    if os.path.isdir(source) and os.path.isfile(os.path.join(source, "synthesis_config.json")):
-        from .synthetic_dataset import load_synthetic_dataset  # a recipes/synthesize.py folder
-
-        dataset = load_synthetic_dataset(source)
+    if os.path.isdir(source) and is_synthesis_folder(source):
+        dataset = load_synthetic_dataset(source)  # recipes/synthesize.py output: raises while it is incomplete
+    elif os.path.isdir(source) and has_parquet_data(source):
+        dataset = load_dataset(source)  # e.g. a downloaded copy of a pushed set: splits from the file names
     elif os.path.isdir(source):
         is_saved = any(
             os.path.exists(os.path.join(source, marker))

@@ -41,30 +41,50 @@ def missing_shards(path: str) -> list[tuple[int, int]]:
     ]
 
 
+def has_parquet_data(path: str) -> bool:
+    """Whether `path` is a folder with parquet files under `data/` (a synthesis folder or a local copy of a Hub set)."""
+    data_dir = os.path.join(path, DATA_DIR)
+    return os.path.isdir(data_dir) and any(name.endswith(".parquet") for name in os.listdir(data_dir))
+
+
 def load_synthetic_dataset(source: str, allow_incomplete: bool = False) -> Dataset:
     """The synthetic images of a synthesis folder (or of a Hub dataset pushed from one) as one `Dataset`.
 
     Columns: `image`, `index`, `source_indices`, `source_labels`, `weights`, `seed`, `num_inference_steps`,
-    `guidance_scale`, `pipeline`, `source_dataset`. A folder whose set is not complete (an interrupted run) raises,
-    saying how to complete it, unless `allow_incomplete`.
+    `guidance_scale`, `pipeline`, `source_dataset`.
+
+    Args:
+        source: a folder written by `recipes/synthesize.py` (its `synthesis_config.json` says which shards make the
+            complete set), a local folder of `data/*.parquet` files (e.g. a downloaded copy of a pushed set), or a Hub
+            dataset id (its `train` split).
+        allow_incomplete: read the shards written so far of an interrupted synthesis instead of raising.
     """
     if not os.path.isdir(source):
-        return load_dataset(source, split="train")
+        try:
+            return load_dataset(source, split="train")
+        except Exception as error:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+            raise ValueError(
+                f"Could not load the synthetic set {source!r}: it is not a local folder and not a dataset available "
+                f"from the Hugging Face Hub or its cache (offline mode needs a cached copy). Original error: {error}"
+            ) from error
     if not is_synthesis_folder(source):
+        if has_parquet_data(source):
+            return load_dataset(source, split="train")
         raise ValueError(
-            f"{source} is not a synthesis folder (no {CONFIG_FILE}): write one with recipes/synthesize.py."
+            f"{source} is not a synthesis folder (no {CONFIG_FILE} and no data/*.parquet): write one with "
+            "recipes/synthesize.py."
         )
-    missing = missing_shards(source)
+    config = read_synthesis_config(source)
+    shards = expected_shards(config["num_images"], config["shard_size"])
+    files = [os.path.join(source, DATA_DIR, shard_name(start, stop)) for start, stop in shards]
+    missing = [shard for shard, path in zip(shards, files) if not os.path.isfile(path)]
     if missing and not allow_incomplete:
         raise ValueError(
-            f"{source} is incomplete: {len(missing)} shard(s) missing, e.g. indices {missing[0][0]}-{missing[0][1] - 1}. "
-            "Run the same recipes/synthesize.py command again to complete it."
+            f"{source} is incomplete: {len(missing)} of {len(shards)} shard(s) missing, e.g. indices "
+            f"{missing[0][0]}-{missing[0][1] - 1}. Run the same recipes/synthesize.py command again to complete it "
+            "(or pass allow_incomplete=True to read what is there)."
         )
-    files = sorted(
-        os.path.join(source, DATA_DIR, name)
-        for name in os.listdir(os.path.join(source, DATA_DIR))
-        if name.startswith("shard-") and name.endswith(".parquet")
-    )
+    files = [path for path in files if os.path.isfile(path)]
     if not files:
         raise ValueError(f"{source} holds no synthetic image yet.")
     return load_dataset("parquet", data_files=files, split="train")

@@ -1,6 +1,8 @@
-"""Synthetic images for distillation: the ImageMixer pipeline (diffusers) and its checkpoint converter.
+"""Synthetic images for distillation: the ImageMixer pipeline (diffusers), its checkpoint converter and the
+synthesis stage (class-agnostic pairs mixed into a resumable parquet set).
 
-Needs the `diffusers` extra: `pip install "hf_distill[diffusers]"`.
+Needs the `diffusers` extra: `pip install "hf_distill[diffusers]"`. Reading a synthetic set does not:
+`hf_distill.data.synthetic_dataset.load_synthetic_dataset` (re-exported here).
 """
 
 try:
@@ -11,5 +13,31 @@ except ImportError as error:
     ) from error
 
 from .pipeline_image_mixer import ImageMixerPipeline, ImageMixerPipelineOutput, build_mix_context
+from .synthesis import (
+    FEATURES,
+    TORCH_DTYPES,
+    SynthesisSettings,
+    check_output_dir,
+    check_sources,
+    load_synthetic_dataset,
+    missing_shards,
+    mix_plan,
+    noise_generators,
+    synthesize,
+)
 
-__all__ = ["ImageMixerPipeline", "ImageMixerPipelineOutput", "build_mix_context"]
+__all__ = [
+    "FEATURES",
+    "TORCH_DTYPES",
+    "ImageMixerPipeline",
+    "ImageMixerPipelineOutput",
+    "SynthesisSettings",
+    "build_mix_context",
+    "check_output_dir",
+    "check_sources",
+    "load_synthetic_dataset",
+    "missing_shards",
+    "mix_plan",
+    "noise_generators",
+    "synthesize",
+]

@@ -2,9 +2,21 @@
 by an [`ImageMixerPipeline`], written as a resumable, sharded `datasets` parquet set with provenance columns.
 
 Synthetic image `i` is a pure function of `(seed, i)` and the settings: its two source images (distinct, drawn
-uniformly whatever their classes), its mixing weights and its initial noise all come from generators seeded with
-`(seed, i)`. So any subset of indices can be (re)generated alone: a killed run is completed by running the same
-command again, which writes only the missing shards.
+uniformly whatever their classes), its mixing weights and its diffusion noise (the initial latents and the noise of
+stochastic scheduler steps) all come from generators seeded with `(seed, i)`. So any subset of indices can be
+(re)generated alone: a killed run is completed by running the same command again, which writes only the missing
+shards.
+
+```python
+from hf_distill.data.image_datasets import load_image_dataset
+from hf_distill.synthetic import ImageMixerPipeline, SynthesisSettings, load_synthetic_dataset, synthesize
+
+settings = SynthesisSettings(source_dataset="outputs/data/fashion-mnist", pipeline="outputs/image-mixer", num_images=64)
+sources = load_image_dataset(settings.source_dataset, settings.image_column, settings.split)
+pipeline = ImageMixerPipeline.from_pretrained(settings.pipeline).to("cuda")
+synthesize(settings, "outputs/synthetic/mixes", pipeline, sources)
+dataset = load_synthetic_dataset("outputs/synthetic/mixes")  # image, index, source_indices, weights, ...
+```
 """
 
 import logging
@@ -16,6 +28,7 @@ import numpy as np
 import torch
 from datasets import Dataset, Features, Sequence, Value
 from datasets import Image as ImageFeature
+from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
 from ..data.synthetic_dataset import (
@@ -23,13 +36,30 @@ from ..data.synthetic_dataset import (
     DATA_DIR,
     expected_shards,
     is_synthesis_folder,
+    load_synthetic_dataset,
+    missing_shards,
     read_synthesis_config,
     shard_name,
 )
 from ..io_utils import atomic_path, write_json_atomically
 from .pipeline_image_mixer import ImageMixerPipeline
 
+__all__ = [
+    "FEATURES",
+    "TORCH_DTYPES",
+    "SynthesisSettings",
+    "check_output_dir",
+    "check_sources",
+    "load_synthetic_dataset",
+    "missing_shards",
+    "mix_plan",
+    "noise_generators",
+    "synthesize",
+]
+
 logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 FEATURES = Features(
     {
@@ -45,6 +75,7 @@ FEATURES = Features(
         "source_dataset": Value("string"),
     }
 )
+"""The columns of a synthetic set: the PNG image, its index, its provenance and the generation settings."""
 
 
 @dataclass
@@ -52,17 +83,19 @@ class SynthesisSettings:
     """Everything that determines the synthetic set (saved as `synthesis_config.json`; a rerun must match it).
 
     Args:
-        source_dataset, split, image_column, label_column: the labelled source images (`label_column` may be `None`;
-            labels are only recorded as provenance, pairs ignore them).
+        source_dataset, split, image_column, label_column: the labelled source images (`label_column` `None` or
+            `""`: no labels, `source_labels` is -1; labels are only recorded as provenance, pairs ignore them).
         pipeline: path or Hub id of the ImageMixer pipeline.
         num_images: size of the synthetic set.
-        seed: seed of the pairs, weights and noise.
+        seed: seed of the pairs, weights and noise (>= 0).
         num_inference_steps, guidance_scale, height, width: generation settings (`height` / `width` `None`: the
             pipeline's default).
-        mix_weights: fixed weight of each of the two sources, or, with `random_weights`, the `[low, high]` range the
-            weight of the first source is drawn from (the second gets `1 - w`).
+        weights: the fixed weights of the two sources (ImageMixer's demo: equal weights), or, with `random_weights`,
+            the `[low, high]` range the weight `w` of the first source is drawn from, uniformly; the second gets
+            `1 - w`.
         random_weights: draw the weights per image.
         shard_size: images per output file.
+        torch_dtype: dtype of the pipeline (one of `TORCH_DTYPES`): it changes the pixels, so a set is made in one.
     """
 
     source_dataset: str
@@ -76,62 +109,68 @@ class SynthesisSettings:
     guidance_scale: float = 3.0
     height: int | None = None
     width: int | None = None
-    mix_weights: tuple[float, float] = (1.0, 1.0)
+    weights: tuple[float, float] = (1.0, 1.0)
     random_weights: bool = False
     shard_size: int = 256
+    torch_dtype: str = "float32"
 
     def __post_init__(self):
-        self.mix_weights = tuple(float(w) for w in self.mix_weights)
+        self.weights = tuple(float(w) for w in self.weights)
+        self.label_column = self.label_column or None
         problems = []
-        if self.num_images < 1:
-            problems.append(f"num_images must be >= 1, got {self.num_images}")
-        if self.shard_size < 1:
-            problems.append(f"shard_size must be >= 1, got {self.shard_size}")
-        if self.num_inference_steps < 1:
-            problems.append(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if len(self.mix_weights) != 2 or not all(np.isfinite(self.mix_weights)):
-            problems.append(f"mix_weights must be two finite numbers, got {list(self.mix_weights)}")
-        elif self.random_weights and not 0.0 <= self.mix_weights[0] <= self.mix_weights[1] <= 1.0:
-            problems.append(
-                f"with random_weights, mix_weights is a range 0 <= low <= high <= 1, got {self.mix_weights}"
-            )
+        for name in ("num_images", "shard_size", "num_inference_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            problems.append(f"seed must be >= 0, got {self.seed}")
+        for name in ("height", "width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(
+                    f"{name} must be >= 1 (or unset for the pipeline's default), got {getattr(self, name)}"
+                )
+        if len(self.weights) != 2 or not all(np.isfinite(self.weights)):
+            problems.append(f"weights must be two finite numbers, got {list(self.weights)}")
+        elif self.random_weights and not 0.0 <= self.weights[0] <= self.weights[1] <= 1.0:
+            problems.append(f"with random_weights, weights is a range 0 <= low <= high <= 1, got {list(self.weights)}")
+        if self.torch_dtype not in TORCH_DTYPES:
+            problems.append(f"torch_dtype must be one of {list(TORCH_DTYPES)}, got {self.torch_dtype!r}")
         if problems:
             raise ValueError("Invalid synthesis settings: " + "; ".join(problems) + ".")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "mix_weights": list(self.mix_weights)}
+        return {**asdict(self), "weights": list(self.weights)}
 
 
 def mix_plan(settings: SynthesisSettings, indices: np.ndarray, num_sources: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source pairs `[n, 2]` (distinct rows of the source dataset) and weights `[n, 2]` of synthetic `indices`,
-    each a function of `(seed, index)` only."""
+    """The source pairs `[n, 2]` (two distinct rows of the source dataset, classes ignored) and weights `[n, 2]` of
+    the synthetic images `indices`, each a function of `(seed, index)` only (not of N nor of the batching)."""
+    if num_sources < 2:
+        raise ValueError(f"Mixing needs at least 2 source images, got {num_sources}.")
     pairs = np.empty((len(indices), 2), dtype=np.int64)
     weights = np.empty((len(indices), 2), dtype=np.float32)
-    for row, index in enumerate(indices):  # one tiny generator per image: independent of N and of the batching
+    for row, index in enumerate(indices):  # one tiny generator per image
         rng = np.random.default_rng((settings.seed, 0, int(index)))
         first = rng.integers(num_sources)
         second = (first + 1 + rng.integers(num_sources - 1)) % num_sources  # uniform over the other rows
         pairs[row] = first, second
         if settings.random_weights:
-            w = rng.uniform(*settings.mix_weights)
+            w = rng.uniform(*settings.weights)
             weights[row] = w, 1.0 - w
         else:
-            weights[row] = settings.mix_weights
+            weights[row] = settings.weights
     return pairs, weights
 
 
-def initial_latents(settings: SynthesisSettings, indices: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-    """The initial noise of every image in `indices`, `[n, *shape]`, each from its own generator seeded by
-    `(seed, index)` (CPU, float32: the same on every device)."""
-    latents = []
-    for index in indices:
-        seed = int(np.random.default_rng((settings.seed, 1, int(index))).integers(2**62))
-        latents.append(torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
-    return torch.stack(latents)
+def noise_generators(settings: SynthesisSettings, indices: np.ndarray) -> list[torch.Generator]:
+    """One CPU generator per image of `indices`, seeded by `(seed, index)`: it draws the image's initial latents,
+    then the noise of stochastic scheduler steps (DDPM, Euler ancestral, DDIM with eta > 0)."""
+    seeds = [int(np.random.default_rng((settings.seed, 1, int(index))).integers(2**62)) for index in indices]
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
 
 
-def check_output_dir(output_dir: str, settings: SynthesisSettings) -> None:
-    """Raise if `output_dir` holds a synthesis with other settings (before any model is loaded)."""
+def check_output_dir(output_dir: str, settings: SynthesisSettings, num_source_images: int | None = None) -> None:
+    """Raise if `output_dir` holds a synthesis made with other settings (cheap: call it before loading any model),
+    or, given `num_source_images`, from a source dataset of another size (the pairs would differ)."""
     if not is_synthesis_folder(output_dir):
         if os.path.isdir(output_dir) and os.listdir(output_dir):
             raise ValueError(
@@ -139,20 +178,41 @@ def check_output_dir(output_dir: str, settings: SynthesisSettings) -> None:
             )
         return
     saved = read_synthesis_config(output_dir)
-    current = settings.to_dict()
-    changed = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+    changed = {key: (saved.get(key), value) for key, value in settings.to_dict().items() if saved.get(key) != value}
     if changed:
         raise ValueError(
             f"{output_dir} holds a synthetic set made with other settings (saved vs now): "
             + ", ".join(f"{key} {old!r} vs {new!r}" for key, (old, new) in changed.items())
             + ". Rerun with the same options to complete it, or use another --output_dir."
         )
+    saved_sources = saved.get("num_source_images")
+    if num_source_images is not None and saved_sources is not None and saved_sources != num_source_images:
+        raise ValueError(
+            f"{output_dir} was made from {saved_sources} source images but {settings.source_dataset} split "
+            f"{settings.split!r} now has {num_source_images}: the pairs would differ. Use another --output_dir."
+        )
+
+
+def check_sources(sources: Dataset, settings: SynthesisSettings) -> None:
+    """Raise before any generation if the source split cannot be mixed: fewer than 2 images or a missing column."""
+    if len(sources) < 2:
+        raise ValueError(
+            f"Mixing needs at least 2 source images; {settings.source_dataset} split {settings.split!r} has "
+            f"{len(sources)}."
+        )
+    for option, column in (("--image_column", settings.image_column), ("--label_column", settings.label_column)):
+        if column is not None and column not in sources.column_names:
+            hint = " (or --label_column '' to record no labels)" if option == "--label_column" else ""
+            raise ValueError(
+                f"{settings.source_dataset} has no column {column!r}; its columns are {sources.column_names}. "
+                f"Pass the right name with {option}{hint}."
+            )
 
 
 def _label_ids(sources: Dataset, label_column: str | None) -> np.ndarray:
     """Integer labels of the source rows (provenance only): int labels as they are, others numbered in sorted order,
     -1 without a label column."""
-    if not label_column or label_column not in sources.column_names:
+    if label_column is None:
         return np.full(len(sources), -1, dtype=np.int64)
     values = np.asarray(sources[label_column])
     if values.dtype.kind in "iu":
@@ -161,8 +221,23 @@ def _label_ids(sources: Dataset, label_column: str | None) -> np.ndarray:
 
 
 def _write_shard(path: str, rows: dict) -> None:
-    with atomic_path(path) as temporary:
-        Dataset.from_dict(rows, features=FEATURES).to_parquet(temporary)
+    """Write one shard atomically: a hidden temporary file in the same folder, renamed when complete."""
+    quiet = are_progress_bars_disabled()
+    disable_progress_bars()  # one "Creating parquet" bar per shard would break the images bar
+    try:
+        with atomic_path(path) as temporary:
+            Dataset.from_dict(rows, features=FEATURES).to_parquet(temporary)
+    finally:
+        if not quiet:
+            enable_progress_bars()
+
+
+def _remove_stray_temporary_files(data_dir: str) -> None:
+    """Remove the hidden temporary files that a killed run left (`atomic_path` names them `.NAME.XXXX.tmp`)."""
+    for name in os.listdir(data_dir):
+        if name.startswith(".shard-") and name.endswith(".tmp"):
+            logger.info("Removing %s, left by an interrupted run", name)
+            os.remove(os.path.join(data_dir, name))
 
 
 def synthesize(
@@ -175,18 +250,27 @@ def synthesize(
 ) -> list[str]:
     """Write the missing shards of the synthetic set to `output_dir/data`; returns the paths of all its shards.
 
-    `sources` is the source split (already loaded and checked); `pipeline` is on its device.
+    Args:
+        settings: what to generate; checked against `output_dir/synthesis_config.json` when it exists.
+        output_dir: the synthesis folder (created; an existing non-synthesis folder must be empty).
+        pipeline: the ImageMixer pipeline, already on its device and in `settings.torch_dtype`.
+        sources: the source split (`load_image_dataset(settings.source_dataset, ...)`).
+        batch_size: mixes per pipeline call; the CLIP embedding of a source image used twice in a batch is computed
+            once. It does not change which images are made (only float rounding).
+        show_progress: show a progress bar over the images with the generation speed.
     """
-    if len(sources) < 2:
-        raise ValueError(f"Mixing needs at least 2 source images; {settings.source_dataset} has {len(sources)}.")
-    check_output_dir(output_dir, settings)
-    os.makedirs(os.path.join(output_dir, DATA_DIR), exist_ok=True)
-    write_json_atomically(os.path.join(output_dir, CONFIG_FILE), settings.to_dict())
-    for name in os.listdir(os.path.join(output_dir, DATA_DIR)):  # leftovers of a killed write
-        if not name.endswith(".parquet"):
-            os.remove(os.path.join(output_dir, DATA_DIR, name))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    check_sources(sources, settings)
+    check_output_dir(output_dir, settings, len(sources))
+    data_dir = os.path.join(output_dir, DATA_DIR)
+    os.makedirs(data_dir, exist_ok=True)
+    write_json_atomically(
+        os.path.join(output_dir, CONFIG_FILE), {**settings.to_dict(), "num_source_images": len(sources)}
+    )
+    _remove_stray_temporary_files(data_dir)
     shards = expected_shards(settings.num_images, settings.shard_size)
-    paths = [os.path.join(output_dir, DATA_DIR, shard_name(start, stop)) for start, stop in shards]
+    paths = [os.path.join(data_dir, shard_name(start, stop)) for start, stop in shards]
     todo = [(shard, path) for shard, path in zip(shards, paths) if not os.path.exists(path)]
     done_images = settings.num_images - sum(stop - start for (start, stop), _ in todo)
     logger.info(
@@ -210,36 +294,39 @@ def synthesize(
         for first in range(0, len(indices), batch_size):
             batch = slice(first, first + batch_size)
             rows = sorted(set(pairs[batch].ravel().tolist()))
-            loaded = dict(zip(rows, sources.select(rows)[settings.image_column]))  # each source decoded once
+            loaded = dict(zip(rows, sources.select(rows)[settings.image_column]))  # one object per source: one CLIP
             mixes = [
                 [(loaded[a], float(wa)), (loaded[b], float(wb))]
                 for (a, b), (wa, wb) in zip(pairs[batch], weights[batch])
             ]
+            generators = noise_generators(settings, indices[batch])
+            latents = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])  # CPU float32
             images += pipeline(
                 mixes,
                 num_inference_steps=settings.num_inference_steps,
                 guidance_scale=settings.guidance_scale,
                 height=height,
                 width=width,
-                latents=initial_latents(settings, indices[batch], latent_shape),
+                latents=latents,
+                generator=generators,  # the same per-image streams go on with the scheduler's step noise
             ).images
             progress.update(len(mixes))
             generated += len(mixes)
             progress.set_postfix(img_per_s=f"{generated / (time.perf_counter() - started):.2f}")
-        source_labels = label_ids[pairs].tolist()
+        count = len(indices)
         _write_shard(
             path,
             {
                 "image": images,
                 "index": indices.tolist(),
                 "source_indices": pairs.tolist(),
-                "source_labels": source_labels,
+                "source_labels": label_ids[pairs].tolist(),
                 "weights": weights.tolist(),
-                "seed": [settings.seed] * len(indices),
-                "num_inference_steps": [settings.num_inference_steps] * len(indices),
-                "guidance_scale": [settings.guidance_scale] * len(indices),
-                "pipeline": [settings.pipeline] * len(indices),
-                "source_dataset": [settings.source_dataset] * len(indices),
+                "seed": [settings.seed] * count,
+                "num_inference_steps": [settings.num_inference_steps] * count,
+                "guidance_scale": [settings.guidance_scale] * count,
+                "pipeline": [settings.pipeline] * count,
+                "source_dataset": [settings.source_dataset] * count,
             },
         )
         logger.debug("Wrote %s", path)
