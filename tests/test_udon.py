@@ -221,7 +221,7 @@ def test_two_processes_share_each_steps_domain_and_read_disjoint_rows(two_domain
     command = [
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
-        str(ROOT / "tests" / "scripts" / "udon_two_ranks.py"), str(record_dir),
+        str(ROOT / "tests" / "scripts" / "record_ranks.py"), "udon", str(record_dir),
         *recipe_args(two_domains, tmp_path / "out", "--per_device_train_batch_size", "4", "--max_steps", "6",
                      "--save_steps", "6"),
     ]  # fmt: skip
@@ -231,7 +231,7 @@ def test_two_processes_share_each_steps_domain_and_read_disjoint_rows(two_domain
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     records = [json.loads((record_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert all(record["world_size"] == 2 for record in records)
-    steps = [record["steps"] for record in records]
+    steps = [[(batch["domain"], batch["fingerprints"]) for batch in record["batches"]] for record in records]
     assert len(steps[0]) == len(steps[1]) == 6
     assert [domain for domain, _ in steps[0]] == [domain for domain, _ in steps[1]]  # same domain per step
     assert {domain for domain, _ in steps[0]} == {0, 1}
