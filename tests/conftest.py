@@ -12,7 +12,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, ViTConfig, ViTImageProcessor, ViTModel  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPConfig,
+    CLIPModel,
+    Dinov2Config,
+    Dinov2Model,
+    TrainerCallback,
+    ViTConfig,
+    ViTImageProcessor,
+    ViTModel,
+)
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
@@ -115,3 +124,14 @@ def exported_student_dir(tmp_path_factory, student_config_dir):
     )
     UnicStudentModel(config).save_encoder(path, image_size=32)
     return str(path)
+
+
+class KillAt(TrainerCallback):
+    """Simulates a killed run: raises KeyboardInterrupt at the end of optimizer step `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")

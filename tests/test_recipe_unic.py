@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModel, TrainerCallback, ViTModel
+from transformers import AutoModel, ViTModel
+
+from .conftest import KillAt
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("unic_recipe", ROOT / "recipes" / "unic.py")
@@ -42,15 +44,6 @@ def test_recipe_trains_and_exports_a_stock_model(tiny_teachers, image_dataset_di
     assert (tmp_path / "checkpoint-6" / "model.safetensors").exists()
     history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
     assert any("dinov2-p7/patch_loss" in entry for entry in history)
-
-
-class KillAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill")
 
 
 def test_killed_run_restarts_with_the_same_command_and_matches(

@@ -10,11 +10,11 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from safetensors.torch import load_file
-from transformers import AutoImageProcessor, AutoModelForImageClassification, TrainerCallback, ViTModel
+from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTModel
 
 from hf_distill.trainers import KDTrainer
 
-from .conftest import mnist_images, save_with_processor, tiny_vit_config
+from .conftest import KillAt, mnist_images, save_with_processor, tiny_vit_config
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("task_distill_recipe", ROOT / "recipes" / "task_distill.py")
@@ -60,15 +60,6 @@ def args(root, output_dir, *extra):
         "--disable_tqdm", "true", "--seed", "0",
         *extra,
     ]  # fmt: skip
-
-
-class KillAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill")
 
 
 def test_probe_distil_export_and_card(task, tmp_path, monkeypatch):

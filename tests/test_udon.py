@@ -16,7 +16,7 @@ from transformers import CLIPConfig, CLIPModel, TrainerCallback, ViTModel
 
 from hf_distill.models import UdonConfig, UdonModel
 
-from .conftest import TINY, mnist_images, tiny_vit_config
+from .conftest import TINY, KillAt, mnist_images, tiny_vit_config
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("udon_recipe", ROOT / "recipes" / "udon.py")
@@ -138,15 +138,6 @@ def recipe_args(root, output_dir, *extra):
         "--logging_steps", "1", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true",
         *extra,
     ]  # fmt: skip
-
-
-class KillAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill")
 
 
 def test_recipe_trains_logs_evaluates_and_resumes_exactly(two_domains, tmp_path):
