@@ -155,3 +155,38 @@ def test_the_fashion_mnist_config_parses():
     )
     assert script_args.teacher_image_size == 98 and script_args.student_random_init
     assert (training_args.alpha, training_args.temperature, training_args.image_size) == (0.5, 2.0, 28)
+
+
+@pytest.mark.distributed
+def test_two_processes_read_disjoint_mixed_batches_and_end_identical(task, tmp_path):
+    """DDP on 2 CPU processes: every batch of every process keeps the real / synthetic ratio, the processes read
+    different real images, and both end with the same student."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    command = [
+        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29535",
+        str(ROOT / "tests" / "scripts" / "record_ranks.py"), "task_distill", str(record_dir),
+        *args(task, tmp_path / "out", "--max_steps", "4"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    records = [json.loads((record_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(record["world_size"] == 2 and len(record["batches"]) == 4 for record in records)
+    for record in records:
+        assert all(sum(label == -100 for label in batch["labels"]) == 2 for batch in record["batches"])
+    real = [
+        {f for batch in record["batches"] for f, label in zip(batch["fingerprints"], batch["labels"]) if label != -100}
+        for record in records
+    ]
+    assert len(real[0]) == 24 and not real[0] & real[1]  # 4 steps x 6 real images each, different images
+    weights = [load_file(record_dir / f"rank{rank}.st") for rank in (0, 1)]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "out").config.num_labels == 10

@@ -1,7 +1,7 @@
 """Run a recipe under `accelerate launch` and record, per rank, every training batch (its domain, if any, and one
 fingerprint per raw image) and the final weights.
 
-Usage: accelerate launch ... tests/scripts/record_ranks.py {unic,udon} RECORD_DIR [recipe arguments ...]
+Usage: accelerate launch ... tests/scripts/record_ranks.py {unic,udon,task_distill} RECORD_DIR [recipe arguments ...]
 """
 
 import importlib.util
@@ -12,7 +12,7 @@ import sys
 from safetensors.torch import save_file
 
 from hf_distill.cli import exit_cleanly
-from hf_distill.trainers import UdonTrainer, UnicTrainer
+from hf_distill.trainers import KDTrainer, UdonTrainer, UnicTrainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 name, record_dir, recipe_args = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -21,7 +21,7 @@ spec = importlib.util.spec_from_file_location(
 )
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)
-trainer_class = {"unic": UnicTrainer, "udon": UdonTrainer}[name]
+trainer_class = {"unic": UnicTrainer, "udon": UdonTrainer, "task_distill": KDTrainer}[name]
 batches = []
 compute_loss = trainer_class.compute_loss
 
@@ -29,13 +29,14 @@ compute_loss = trainer_class.compute_loss
 def recording_compute_loss(self, model, inputs, *args, **kwargs):
     if model.training:  # one fingerprint per raw (pre-augmentation) image: the sum of its uint8 pixels
         fingerprints = inputs["pixel_values"].long().sum(dim=(1, 2, 3)).tolist()
-        batches.append({"domain": inputs.get("domain"), "fingerprints": fingerprints})
+        labels = inputs["labels"].tolist() if "labels" in inputs else None
+        batches.append({"domain": inputs.get("domain"), "fingerprints": fingerprints, "labels": labels})
     return compute_loss(self, model, inputs, *args, **kwargs)
 
 
 trainer_class.compute_loss = recording_compute_loss
 trainer = recipe.main(recipe_args)
-trainer = trainer[0] if isinstance(trainer, tuple) else trainer  # udon's main also returns its results
+trainer = trainer[0] if isinstance(trainer, tuple) else trainer  # udon / task_distill also return results
 rank = trainer.args.process_index
 model = trainer.accelerator.unwrap_model(trainer.model)
 save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, f"{record_dir}/rank{rank}.st")
