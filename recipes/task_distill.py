@@ -2,8 +2,9 @@
 then distil it into a small image classifier on real images plus, optionally, synthetic ones (recipes/synthesize.py).
 
     accelerate launch recipes/task_distill.py --config recipes/configs/task_distill_fashion_mnist.yaml
+    accelerate launch recipes/task_distill.py --config recipes/configs/task_distill_dinov2_base_deit_tiny_cifar10.yaml
     accelerate launch recipes/task_distill.py --teacher facebook/dinov2-base --student facebook/deit-tiny-patch16-224 \
-        --dataset uoft-cs/cifar10 --label_column label --eval_split test \
+        --dataset uoft-cs/cifar10 --image_column img --label_column label --eval_split test \
         --synthetic_dataset outputs/cifar10-mixes --synthetic_ratio 0.5 --output_dir outputs/deit-tiny-cifar10
 
 1. Probe: the teacher's summary features of the train and eval splits are computed once (cached in
@@ -21,6 +22,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import torch
 from datasets import ClassLabel, Value, concatenate_datasets
 from huggingface_hub import EvalResult
 from transformers import (
@@ -173,7 +175,11 @@ def probe_teacher(
         logger.info("The probe in %s is for other data or another teacher: fitting a new one", probe_dir)
     cache = os.path.join(probe_dir, "features")
     options = dict(
-        label_column="label", image_size=image_size, batch_size=script_args.probe_batch_size, cache_dir=cache
+        label_column="label",
+        image_size=image_size,
+        batch_size=script_args.probe_batch_size,
+        cache_dir=cache,
+        device=training_args.device,
     )
     train_set = extract_features(teacher, train, description="Teacher features (train)", **options)
     eval_set = extract_features(teacher, evaluation, description="Teacher features (eval)", **options)
@@ -191,6 +197,8 @@ def probe_teacher(
 
 
 def build_student(script_args: ScriptArguments, names: list[str], image_size: int):
+    """The student classifier with the task's labels; one forward pass on an `image_size` input checks that it runs
+    there (e.g. a pretrained ViT at another resolution does not), before any expensive work."""
     labels = {
         "num_labels": len(names),
         "id2label": dict(enumerate(names)),
@@ -200,8 +208,26 @@ def build_student(script_args: ScriptArguments, names: list[str], image_size: in
         config = AutoConfig.from_pretrained(script_args.student, **labels)
         if hasattr(config, "image_size"):
             config.image_size = image_size
-        return AutoModelForImageClassification.from_config(config)
-    return AutoModelForImageClassification.from_pretrained(script_args.student, ignore_mismatched_sizes=True, **labels)
+        student = AutoModelForImageClassification.from_config(config)
+    else:
+        student = AutoModelForImageClassification.from_pretrained(
+            script_args.student, ignore_mismatched_sizes=True, **labels
+        )
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            shape = tuple(student(pixel_values=torch.zeros(1, 3, image_size, image_size)).logits.shape)
+    except Exception as error:  # each architecture raises its own error type for a wrong input size
+        native = getattr(student.config, "image_size", None)
+        hint = f" (its input size is {native}: pass --image_size {native})" if native else ""
+        raise ValueError(
+            f"The student {script_args.student!r} cannot classify {image_size} px images{hint}: {error}"
+        ) from error
+    student.train(was_training)
+    if shape != (1, len(names)):
+        raise ValueError(f"The student outputs logits of shape {shape}, expected (1, {len(names)}).")
+    return student
 
 
 def student_normalization(script_args: ScriptArguments) -> tuple[list[float], list[float]]:
@@ -224,17 +250,18 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
     )
     teacher_options = {"summary": script_args.teacher_summary, "image_size": script_args.teacher_image_size}
     teacher_options = {key: value for key, value in teacher_options.items() if value is not None}
-    teacher = load_teacher(script_args.teacher, **teacher_options)
     size = training_args.image_size
+    student = build_student(script_args, names, size)  # student problems surface before the probe
+    teacher = load_teacher(script_args.teacher, **teacher_options)
     teacher_size = teacher.teacher_input_size(size, size, None)[0]  # what it sees of a student crop in training
     logger.info(
         "Task: %d classes, %d train / %d eval images%s; teacher %s at %d px",
         len(names), len(train), len(evaluation),
         f", {len(synthetic)} synthetic" if synthetic is not None else "", teacher_name(teacher), teacher_size,
     )  # fmt: skip
-    probed, probe_results = probe_teacher(teacher, train, evaluation, script_args, training_args, teacher_size)
+    with training_args.main_process_first(desc="teacher probe"):  # the other processes then reuse its head
+        probed, probe_results = probe_teacher(teacher, train, evaluation, script_args, training_args, teacher_size)
 
-    student = build_student(script_args, names, size)
     mean, std = student_normalization(script_args)
     logger.info("Student %s: %s parameters", student.config.model_type, f"{student.num_parameters():,}")
     train_data = concatenate_datasets([train, synthetic]) if synthetic is not None else train
@@ -262,15 +289,16 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
         "num_synthetic": len(synthetic) if synthetic is not None else 0,
     }
     logger.info("Student accuracy %.2f%% (probed teacher %.2f%%)", accuracy, probe_results["accuracy"])
+    trainer.save_model(training_args.output_dir)  # on every process: DeepSpeed ZeRO-3 / FSDP gather the weights
     if training_args.should_save:
-        export(trainer, script_args, training_args, results, mean, std, names)
+        export(trainer, script_args, training_args, results, mean, std, names, teacher_name(teacher))
     return trainer, results
 
 
-def export(trainer, script_args, training_args, results, mean, std, names) -> None:
-    """Student + image processor + eval_results.json + plots + model card in `output_dir`; push when asked."""
+def export(trainer, script_args, training_args, results, mean, std, names, teacher: str) -> None:
+    """Image processor + eval_results.json + plots + model card beside the saved student in `output_dir`; push when
+    asked. `teacher` is the name of the probed teacher in the card."""
     output_dir = training_args.output_dir
-    trainer.save_model(output_dir)
     size = training_args.image_size
     CLIPImageProcessorPil(  # the evaluation transform: shorter side to `size`, center crop, normalize
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=mean, image_std=std
@@ -287,7 +315,7 @@ def export(trainer, script_args, training_args, results, mean, std, names) -> No
     dataset_name = script_args.dataset
     create_or_update_model_card(
         output_dir,
-        teachers=[{"name": teacher_name(trainer.teacher.teacher), "source": script_args.teacher}],
+        teachers=[{"name": teacher, "source": script_args.teacher}],
         training_data=dataset_name,
         settings={
             "student": script_args.student,
@@ -314,15 +342,13 @@ def export(trainer, script_args, training_args, results, mean, std, names) -> No
                 "task": "image-classification",
                 "dataset": dataset_name,
                 "metric": "accuracy",
-                "teachers": {
-                    f"{teacher_name(trainer.teacher.teacher)} (probed)": round(results["teacher_probe_accuracy"], 2)
-                },
+                "teachers": {f"{teacher} (probed)": round(results["teacher_probe_accuracy"], 2)},
             }
         ],
         plots=plots,
         summary=(
             f"An image classifier ({len(names)} classes) distilled with hf_distill's task-specific distillation "
-            f"(Marrie et al., TMLR 2024) from a linear probe on the frozen teacher {teacher_name(trainer.teacher.teacher)}"
+            f"(Marrie et al., TMLR 2024) from a linear probe on the frozen teacher {teacher}"
             f": (1 - alpha) CE + alpha T^2 KL on real images"
             + (", KL alone on synthetic ImageMixer images" if results["num_synthetic"] else "")
             + ". It ships as a stock transformers image classification model."

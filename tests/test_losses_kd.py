@@ -33,6 +33,19 @@ def test_kd_loss_by_hand():
     assert out.loss.item() == pytest.approx((1 - alpha) * ce + alpha * temperature**2 * kl, rel=1e-6)
 
 
+def test_kd_loss_closed_form_numbers():
+    """Uniform student, teacher logits (ln 3, 0): at T = 2 the teacher's probabilities are (sqrt 3, 1) / (sqrt 3 + 1),
+    so KL = p0 ln(2 p0) + p1 ln(2 p1) = 0.0363408 per row; CE of the labelled row = ln 2."""
+    student = torch.zeros(2, 2)
+    teacher = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]])
+    out = kd_loss(student, teacher, torch.tensor([0, -100]), alpha=0.75, temperature=2.0)
+    assert out.cross_entropy.item() == pytest.approx(0.6931472, abs=1e-6)
+    assert out.kl.item() == pytest.approx(0.0363408, abs=1e-6)
+    assert out.loss.item() == pytest.approx(0.25 * 0.6931472 + 0.75 * 4 * 0.0363408, abs=1e-6)  # 0.2823091
+    at_t1 = kd_loss(student, teacher, torch.tensor([0, 1]), alpha=0.5, temperature=1.0)
+    assert at_t1.kl.item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-6)  # 0.1308120
+
+
 def test_synthetic_rows_never_reach_the_cross_entropy():
     torch.manual_seed(0)
     student = torch.randn(6, 4, requires_grad=True)

@@ -3,6 +3,7 @@ images, export as a stock transformers image classifier with its processor and c
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from safetensors.torch import load_file
-from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTModel
+from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification, ViTModel
 
 from hf_distill.trainers import KDTrainer
 
@@ -117,6 +118,15 @@ def test_probe_is_reused_and_killed_run_resumes_to_the_same_weights(task, tmp_pa
         torch.testing.assert_close(again[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_cached_teacher_features_are_read_back_when_the_head_is_refitted(task, tmp_path, caplog):
+    _, first = recipe.main(args(task, tmp_path / "a", "--max_steps", "1"))
+    shutil.copytree(tmp_path / "a" / "probe" / "features", tmp_path / "b" / "probe" / "features")
+    with caplog.at_level("INFO"):
+        _, second = recipe.main(args(task, tmp_path / "b", "--max_steps", "1"))
+    assert caplog.text.count("Reading cached features") == 2 and "Reusing the probe" not in caplog.text
+    assert second["teacher_probe_accuracy"] == first["teacher_probe_accuracy"]
+
+
 def test_alpha_zero_is_plain_supervised_training_and_without_synthetic_data(task, tmp_path):
     trainer, results = recipe.main(
         args(task, tmp_path / "ce", "--alpha", "0", "--synthetic_ratio", "0", "--max_steps", "2")
@@ -127,12 +137,32 @@ def test_alpha_zero_is_plain_supervised_training_and_without_synthetic_data(task
     assert all(e["loss"] == pytest.approx(e["cross_entropy"], rel=1e-4) and e["kl"] == 0 for e in logs)
 
 
+def test_gradient_accumulation_divides_the_loss_and_draws_new_augmentations_per_micro_batch(task, tmp_path):
+    trainer, _ = recipe.main(
+        args(
+            task, tmp_path / "ga", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+            "--max_steps", "2", "--color_jitter_prob", "0.5", "--grayscale_prob", "0.5", "--alpha", "0.3",
+        )
+    )  # fmt: skip
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 2
+    for entry in logs:  # the logged loss is the mean over the micro-batches, not their sum
+        expected = 0.7 * entry["cross_entropy"] + 0.3 * 2.0**2 * entry["kl"]
+        assert entry["loss"] == pytest.approx(expected, rel=1e-4)
+    pixels = torch.randint(0, 256, (4, 3, 36, 36), dtype=torch.uint8)
+    first, second = trainer.views(pixels, training=True), trainer.views(pixels, training=True)
+    assert not torch.equal(first, second)  # two micro-batches of one step
+    trainer._rng_position = (-1, 0)  # as after a restart at this step
+    torch.testing.assert_close(trainer.views(pixels, training=True), first)
+
+
 @pytest.mark.parametrize(
     ("extra", "error", "message"),
     [
         (["--alpha", "1.5"], ValueError, "alpha must be in"),
         (["--temperature", "0"], ValueError, "temperature must be > 0"),
         (["--synthetic_ratio", "1.0"], ValueError, r"synthetic_ratio must be in \[0, 1\)"),
+        (["--grayscale_prob", "2"], ValueError, r"grayscale_prob must be in \[0, 1\]"),
         (["--label_column", "category"], ValueError, "no label column 'category'"),
         (["--eval_split", "validation"], ValueError, "no split 'validation'"),
     ],
@@ -140,6 +170,16 @@ def test_alpha_zero_is_plain_supervised_training_and_without_synthetic_data(task
 def test_bad_input_fails_before_any_work(task, tmp_path, extra, error, message):
     with pytest.raises(error, match=message):
         recipe.main(args(task, tmp_path / "bad", *extra))
+    assert not (tmp_path / "bad" / "probe").exists()
+
+
+def test_a_pretrained_student_at_the_wrong_image_size_fails_before_the_probe(task, tmp_path):
+    ViTForImageClassification(tiny_vit_config(num_labels=10)).save_pretrained(tmp_path / "pretrained")
+    argv = args(task, tmp_path / "bad", "--image_size", "16", "--load_size", "18")
+    argv[argv.index("--student") + 1] = str(tmp_path / "pretrained")
+    argv.remove("--student_random_init")
+    with pytest.raises(ValueError, match="cannot classify 16 px images .*pass --image_size 32"):
+        recipe.main(argv)
     assert not (tmp_path / "bad" / "probe").exists()
 
 
@@ -157,12 +197,24 @@ def test_the_fashion_mnist_config_parses():
     assert (training_args.alpha, training_args.temperature, training_args.image_size) == (0.5, 2.0, 28)
 
 
+def test_the_hub_config_parses():
+    script_args, training_args = recipe.parse_args(
+        [
+            "--config",
+            str(ROOT / "recipes" / "configs" / "task_distill_dinov2_base_deit_tiny_cifar10.yaml"),
+            "--bf16",
+            "false",
+        ]
+    )  # bf16 is for GPUs: TrainingArguments rejects it on this CPU
+    assert (script_args.teacher, script_args.image_column) == ("facebook/dinov2-base", "img")
+    assert not script_args.student_random_init and training_args.image_size == 224
+
+
 @pytest.mark.distributed
 def test_two_processes_read_disjoint_mixed_batches_and_end_identical(task, tmp_path):
     """DDP on 2 CPU processes: every batch of every process keeps the real / synthetic ratio, the processes read
     different real images, and both end with the same student."""
     import os
-    import shutil
     import subprocess
     import sys
 

@@ -93,7 +93,7 @@ def fit_linear_probe(
     max_iter: int = 200,
     seed: int = 0,
     standardize: bool = True,
-) -> dict:
+) -> LinearProbeFit:
     """Multinomial logistic regression on frozen features, regularization chosen on a held-out validation split.
 
     The objective is `mean cross-entropy + weight_decay * ||W||^2` (the bias is not regularized), minimized full-batch

@@ -22,6 +22,9 @@ class KDConfig(TrainingArguments):
             random crop; defaults to `image_size * 8 / 7` (256 for 224).
         crop_scale (`float`, defaults to 0.35): smallest area fraction of the random resized crops.
         flip_prob (`float`, defaults to 0.5): horizontal flip probability.
+        color_jitter_prob, grayscale_prob, blur_prob, solarize_prob (`float`, default to 0): probabilities of the
+            other DINO / UNIC augmentations ([`UnicAugmentation`]), applied after the crop; 0 skips the op exactly.
+            Real and synthetic images get the same augmentations; the teacher sees the student's view.
     """
 
     alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term, in [0, 1]."})
@@ -31,6 +34,10 @@ class KDConfig(TrainingArguments):
     load_size: int | None = field(default=None, metadata={"help": "Side of the decoded images (default 8/7 crop)."})
     crop_scale: float = field(default=0.35, metadata={"help": "Smallest area fraction of the random crops."})
     flip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
+    color_jitter_prob: float = field(default=0.0, metadata={"help": "ColorJitter(0.4, 0.4, 0.2, 0.1) probability."})
+    grayscale_prob: float = field(default=0.0, metadata={"help": "Grayscale probability."})
+    blur_prob: float = field(default=0.0, metadata={"help": "Gaussian blur probability."})
+    solarize_prob: float = field(default=0.0, metadata={"help": "Solarization probability."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image/label columns."})
 
     def __post_init__(self):
@@ -43,6 +50,9 @@ class KDConfig(TrainingArguments):
             raise ValueError(f"--synthetic_ratio must be in [0, 1), got {self.synthetic_ratio}.")
         if not 0.0 < self.crop_scale <= 1.0:
             raise ValueError(f"--crop_scale must be in (0, 1], got {self.crop_scale}.")
+        for name in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}.")
         if self.load_size is None:
             self.load_size = round(self.image_size * 8 / 7)
         if self.load_size < self.image_size:

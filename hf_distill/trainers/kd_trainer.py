@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
-from ..data.augmentations import random_resized_crop, resize_center
+from ..data.augmentations import UnicAugmentation, resize_center
 from ..data.image_datasets import ImageCollator
 from ..data.mixed_batch_sampler import MixedBatchSampler
 from ..losses.kd import kd_loss
@@ -39,6 +39,9 @@ class KDTrainer(Trainer):
     """
 
     _tag_names = ["hf_distill", "distillation", "image-classification"]
+    # `compute_loss` returns a per-batch mean: the Trainer must divide it by the gradient accumulation steps (stock
+    # classifiers accept loss kwargs, which would otherwise make it count the loss as already scaled)
+    loss_is_scaled_for_ga = False
 
     def __init__(
         self,
@@ -73,11 +76,29 @@ class KDTrainer(Trainer):
             **kwargs,
         )
         self.add_callback(_SamplerEpoch(self.batch_sampler))
-        self.teacher = teacher.to(args.device)
+        self.teacher = self._prepare_teacher(teacher)
+        self.augmentation = UnicAugmentation(
+            scale=(args.crop_scale, 1.0),
+            flip_prob=args.flip_prob,
+            color_jitter_p=args.color_jitter_prob,
+            grayscale_p=args.grayscale_prob,
+            blur_p=args.blur_prob,
+            solarize_p=args.solarize_prob,
+        )
         self._mean = torch.tensor(image_mean, device=args.device).view(1, -1, 1, 1)
         self._std = torch.tensor(image_std, device=args.device).view(1, -1, 1, 1)
         self._generator = torch.Generator(device=args.device)
+        self._rng_position = (-1, 0)  # (global step, call within the step) of the last augmentation draw
         self._metrics = defaultdict(list)
+
+    def _prepare_teacher(self, teacher: ProbedTeacher) -> torch.nn.Module:
+        """The frozen probed teacher on this process's device, never wrapped by DDP. Without DeepSpeed / FSDP,
+        `prepare_model(evaluation_mode=True)` also runs it under the run's mixed precision; with them, every process
+        keeps a full frozen copy (one backbone and a linear head)."""
+        teacher = teacher.eval().to(self.args.device)
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return teacher.eval()
 
     def get_train_dataloader(self) -> DataLoader:
         loader = DataLoader(
@@ -89,16 +110,22 @@ class KDTrainer(Trainer):
         )
         return self.accelerator.prepare(loader)
 
+    def _generator_for_step(self) -> torch.Generator:
+        """A generator seeded from (seed, global step, call within the step, process): stateless, so a resumed run
+        draws exactly the augmentations of an uninterrupted one, and the micro-batches of one optimizer step
+        (gradient accumulation) get different ones."""
+        step = self.state.global_step
+        call = self._rng_position[1] + 1 if self._rng_position[0] == step else 0
+        self._rng_position = (step, call)
+        seed = hash((self.args.seed, step, call, self.args.process_index)) & 0x7FFF_FFFF_FFFF_FFFF
+        return self._generator.manual_seed(seed)
+
     def views(self, pixel_values: torch.Tensor, training: bool) -> torch.Tensor:
-        """uint8 images -> normalized student inputs: random resized crop + flip (seeded by step and process, so a
-        resumed run draws the same crops) in training, resize + center crop otherwise."""
+        """uint8 images -> normalized student inputs: the training augmentations (random resized crop + flip, and the
+        optional color ops of [`KDConfig`]) in training, resize + center crop otherwise."""
         size = self.args.image_size
         if training:
-            seed = hash((self.args.seed, self.state.global_step, self.args.process_index)) & 0x7FFF_FFFF_FFFF_FFFF
-            self._generator.manual_seed(seed)
-            views = random_resized_crop(
-                pixel_values, size, self._generator, scale=(self.args.crop_scale, 1.0), flip_prob=self.args.flip_prob
-            )
+            views = self.augmentation(pixel_values, size, self._generator_for_step())
         else:
             views = resize_center(pixel_values, size)
         return (views - self._mean) / self._std
