@@ -1,15 +1,18 @@
 """The ldm -> diffusers ImageMixer converter, on tiny checkpoints made in the test.
 
 A tiny diffusers UNet and VAE are renamed to ldm (CompVis) key names by a small inverse mapping written here, saved as
-`.ckpt` and `.safetensors` with a matching yaml, converted back by `convert_image_mixer.main`, and the converted models
-must compute the same outputs as the originals.
+`.safetensors` and as a `.ckpt` in the container of the published file (a PyTorch Lightning 1.4 checkpoint, pickled
+with a throwaway `pytorch_lightning` module that is gone when it is converted) with a matching yaml, converted back by
+`convert_image_mixer.main`, and the converted models must compute the same outputs as the originals.
 """
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import pathlib  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -21,7 +24,9 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: E402
 
 from hf_distill.synthetic import ImageMixerPipeline  # noqa: E402
-from hf_distill.synthetic.convert_image_mixer import main  # noqa: E402
+from hf_distill.synthetic.convert_image_mixer import load_checkpoint, main  # noqa: E402
+
+from .test_safe_checkpoint import code_running_objects, lightning_checkpoint, throwaway_pytorch_lightning  # noqa: E402
 
 LAYERS = 1  # num_res_blocks of the tiny models
 
@@ -212,12 +217,16 @@ def originals():
     return tiny_unet(seed=1), tiny_vae(seed=2)
 
 
-def write_checkpoint(tmp_path, state_dict, suffix: str, config: dict | None = None) -> tuple[str, str]:
+def write_checkpoint(
+    tmp_path, state_dict, suffix: str, config: dict | None = None, extra: dict | None = None
+) -> tuple[str, str]:
+    """Write `state_dict` as safetensors, or as a `.ckpt` in a Lightning 1.4 container with `extra` entries."""
     checkpoint = tmp_path / f"mixer{suffix}"
     if suffix == ".safetensors":
         save_file({key: value.contiguous() for key, value in state_dict.items()}, checkpoint)
     else:
-        torch.save({"state_dict": state_dict, "global_step": 7}, checkpoint)
+        with throwaway_pytorch_lightning() as model_checkpoint:
+            torch.save({**lightning_checkpoint(state_dict, model_checkpoint), **(extra or {})}, checkpoint)
     config_file = tmp_path / "mixer.yaml"
     config_file.write_text(yaml.safe_dump(config or original_config()))
     return str(checkpoint), str(config_file)
@@ -264,10 +273,13 @@ def assert_same_vae(original: AutoencoderKL, converted: AutoencoderKL) -> None:
 def test_converted_models_match_the_originals(tmp_path, originals, image_encoder_dir, suffix):
     unet, vae = originals
     checkpoint, config_file = write_checkpoint(tmp_path, to_ldm_state_dict(unet, vae), suffix)
-    extra = ["--trust_pickled_checkpoint"] if suffix == ".ckpt" else []
-    output_dir = main(argv(checkpoint, config_file, image_encoder_dir, tmp_path / "pipe", *extra))
+    output_dir = main(argv(checkpoint, config_file, image_encoder_dir, tmp_path / "pipe"))  # no trust flag
+    assert "pytorch_lightning" not in sys.modules
 
     assert sorted(os.listdir(tmp_path)) == sorted(["mixer.yaml", f"mixer{suffix}", "pipe"])  # no staging leftovers
+    umask = os.umask(0)
+    os.umask(umask)
+    assert output_dir.stat().st_mode & 0o777 == 0o777 & ~umask  # as any new folder, not mkdtemp's 0o700
     assert (output_dir / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (output_dir / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     pipe = ImageMixerPipeline.from_pretrained(output_dir)
@@ -341,17 +353,48 @@ def test_float16_and_overwrite(tmp_path, originals, image_encoder_dir):
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.image_encoder.dtype == torch.float16
 
 
-def test_pickled_checkpoint_needs_the_trust_flag_before_any_work(tmp_path, originals, image_encoder_dir, monkeypatch):
-    checkpoint, config_file = write_checkpoint(tmp_path, to_ldm_state_dict(*originals), ".ckpt")
+def test_a_pickle_that_runs_code_is_refused_before_any_work(tmp_path, originals, image_encoder_dir, monkeypatch):
+    marker = tmp_path / "marker"
+    evil = {"hyper_parameters": code_running_objects(marker)["exec"]}
+    checkpoint, config_file = write_checkpoint(tmp_path, to_ldm_state_dict(*originals), ".ckpt", extra=evil)
 
     def refuse(*args, **kwargs):
-        raise AssertionError("torch.load must not be called")
+        raise AssertionError("the image encoder must not be loaded")
 
-    monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr(CLIPVisionModelWithProjection, "from_pretrained", refuse)
-    with pytest.raises(ValueError, match="pickled checkpoint.*--trust_pickled_checkpoint"):
+    with pytest.raises(
+        ValueError, match=r"cannot be read by the safe loader.*calls `builtins.exec`.*pass --trust_pickled_checkpoint"
+    ):
         main(argv(checkpoint, config_file, image_encoder_dir, tmp_path / "pipe"))
-    assert not (tmp_path / "pipe").exists()
+    assert not marker.exists() and not (tmp_path / "pipe").exists()
+
+
+def test_trust_flag_unpickles_what_the_safe_loader_refuses(tmp_path, originals, image_encoder_dir):
+    unet, vae = originals
+    extra = {"hyper_parameters": {"ckpt_path": pathlib.PurePosixPath("/logs/last.ckpt")}}  # pickled as a call
+    checkpoint, config_file = write_checkpoint(tmp_path, to_ldm_state_dict(unet, vae), ".ckpt", extra=extra)
+    with pytest.raises(ValueError, match=r"calls `pathlib.PurePosixPath`.*--trust_pickled_checkpoint"):
+        main(argv(checkpoint, config_file, image_encoder_dir, tmp_path / "pipe"))
+
+    output_dir = main(
+        argv(checkpoint, config_file, image_encoder_dir, tmp_path / "pipe", "--trust_pickled_checkpoint")
+    )
+    assert_same_unet(unet, UNet2DConditionModel.from_pretrained(output_dir / "unet"))
+
+
+def test_load_checkpoint_keeps_only_the_selected_tensors(tmp_path, originals):
+    state_dict = to_ldm_state_dict(*originals)
+    prefixes = ("model.diffusion_model.", "first_stage_model.")
+    expected = {key for key in state_dict if key.startswith(prefixes)}
+    assert len(expected) == len(state_dict) - 2  # the cond stage and `betas` are left out
+    for suffix in (".ckpt", ".safetensors"):
+        checkpoint, _ = write_checkpoint(tmp_path, state_dict, suffix)
+        loaded = load_checkpoint(checkpoint, prefixes=prefixes)
+        assert loaded.keys() == expected
+        torch.testing.assert_close(
+            loaded["first_stage_model.quant_conv.weight"], state_dict["first_stage_model.quant_conv.weight"]
+        )
+    assert len(load_checkpoint(checkpoint)) == len(state_dict)
 
 
 def test_input_errors(tmp_path, originals, image_encoder_dir):

@@ -8,12 +8,17 @@ yaml's noise schedule, adds the CLIP image encoder and its processor, and writes
 ```bash
 python -m hf_distill.synthetic.convert_image_mixer \
     --checkpoint_path image-mixer-pruned.ckpt --original_config_file image-mixer-config.yaml \
-    --image_encoder openai/clip-vit-large-patch14 --output_dir outputs/image-mixer --trust_pickled_checkpoint
+    --image_encoder openai/clip-vit-large-patch14 --output_dir outputs/image-mixer
 ```
 
-A `.ckpt` is a pickle, and unpickling runs code from the file: it is only loaded with `--trust_pickled_checkpoint`.
-`.safetensors` checkpoints need no flag. The folder is written next to `--output_dir` and renamed into place, so an
-interrupted run leaves no half-written pipeline.
+A `.ckpt` is a pickle, and a plain unpickling runs code named by the file. It is read with a safe loader instead
+(`hf_distill.synthetic.safe_checkpoint`): torch's `weights_only` unpickler, with inert placeholders for the classes it
+does not know, such as the PyTorch Lightning callback in the published checkpoint, so neither `pytorch_lightning` nor
+any code from the file is needed. The loader refuses a file that calls a function outside its allowlist; only such a
+file needs `--trust_pickled_checkpoint`, which unpickles it in full. Tensors are memory-mapped and only the UNet and
+VAE weights are read, so a "full" checkpoint (with EMA weights and optimizer states) need not fit in memory. The
+checkpoint is read and checked before the image encoder is loaded. The folder is written next to `--output_dir` and
+renamed into place, so an interrupted run leaves no half-written pipeline.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,10 +44,11 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.schedulers import SchedulerMixin
-from safetensors.torch import load_file
+from safetensors import safe_open
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from .pipeline_image_mixer import ImageMixerPipeline
+from .safe_checkpoint import UnsafeCheckpointError, safe_load, trusted_load
 
 __all__ = [
     "convert_unet_state_dict",
@@ -354,37 +360,64 @@ def convert_vae_state_dict(state_dict: dict[str, torch.Tensor], config: dict) ->
     return converted
 
 
-def load_checkpoint(path: str | os.PathLike, trust_pickled_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+def load_checkpoint(
+    path: str | os.PathLike, trust_pickled_checkpoint: bool = False, prefixes: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
     """
-    Load the tensors of an ldm checkpoint (`.safetensors`, or a pickled `.ckpt` with its optional `state_dict` key).
+    Load the tensors of an ldm checkpoint: a `.safetensors` file, or a pickled `.ckpt` (a PyTorch Lightning
+    checkpoint with a `state_dict` entry, or a bare state dict).
+
+    A pickled checkpoint is read with [`~hf_distill.synthetic.safe_checkpoint.safe_load`], which runs no code from
+    the file: the Lightning objects in it (callbacks, for instance) become inert placeholders, so `pytorch_lightning`
+    is not needed. Its tensors are memory-mapped, and only the selected ones are ever read from disk, so the size of
+    the file (e.g. a "full" checkpoint with EMA weights and optimizer states) does not need to fit in memory.
 
     Args:
         path (`str` or `os.PathLike`):
             The checkpoint file.
         trust_pickled_checkpoint (`bool`, *optional*, defaults to `False`):
-            Allow unpickling a non-safetensors file. Unpickling can run arbitrary code from the file.
+            When the safe loader refuses the file (it would run code from the file, or uses objects the safe loader
+            does not read), unpickle it with full pickle instead, which can run arbitrary code from the file.
+        prefixes (`Sequence[str]`, *optional*):
+            Keep only the tensors whose name starts with one of these; every tensor when `None`.
 
     Returns:
-        `dict[str, torch.Tensor]`: Every tensor of the checkpoint by name, on the CPU.
+        `dict[str, torch.Tensor]`: The selected tensors by name, on the CPU.
     """
     path = Path(path)
+    prefixes = tuple(prefixes) if prefixes is not None else ("",)
     if path.suffix == ".safetensors":
-        return load_file(path)
-    if not trust_pickled_checkpoint:
-        raise ValueError(_pickle_refusal(path))
-    logger.warning("Unpickling %s (trusted with --trust_pickled_checkpoint).", path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        with safe_open(path, framework="pt") as weights:
+            names = list(weights.keys())
+            tensors = {name: weights.get_tensor(name) for name in names if name.startswith(prefixes)}
+        logger.info("Read %d of the %d tensors of %s.", len(tensors), len(names), path)
+        return tensors
+    try:
+        checkpoint = safe_load(path)
+    except UnsafeCheckpointError as error:
+        if not trust_pickled_checkpoint:
+            raise ValueError(_pickle_refusal(path, error)) from error
+        logger.warning(
+            "The safe loader cannot read %s (%s): unpickling it in full, trusted with --trust_pickled_checkpoint.",
+            path,
+            error,
+        )
+        checkpoint = trusted_load(path)
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict.")
-    return {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+    names = [name for name, value in checkpoint.items() if isinstance(name, str) and isinstance(value, torch.Tensor)]
+    tensors = {name: checkpoint[name] for name in names if name.startswith(prefixes)}
+    logger.info("Using %d of the %d tensors of %s.", len(tensors), len(names), path)
+    return tensors
 
 
-def _pickle_refusal(path: Path) -> str:
+def _pickle_refusal(path: Path, error: Exception) -> str:
     return (
-        f"{path} is a pickled checkpoint: loading it can execute arbitrary code from the file. Pass "
-        "--trust_pickled_checkpoint if you trust its source, or convert it to .safetensors first."
+        f"{path} cannot be read by the safe loader, which runs no code from the file: {error}. If you trust its "
+        "source, pass --trust_pickled_checkpoint to unpickle it in full (which can execute arbitrary code from the "
+        "file), or convert it to .safetensors first."
     )
 
 
@@ -437,7 +470,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--trust_pickled_checkpoint",
         action="store_true",
-        help="Allow unpickling a non-safetensors checkpoint (unpickling can execute code from the file).",
+        help=(
+            "Unpickle the .ckpt in full when the safe loader refuses it (it calls code outside the loader's allowlist)."
+            " Full unpickling can execute arbitrary code from the file; the published ImageMixer checkpoint does not "
+            "need this flag."
+        ),
     )
     parser.add_argument("--context_tokens", type=int, default=5, help="Context length: 5 for ImageMixer, 1 for SD-IV.")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
@@ -461,8 +498,6 @@ def check_args(args: argparse.Namespace) -> dict:
     for name in ("checkpoint_path", "original_config_file"):
         if not Path(getattr(args, name)).is_file():
             raise FileNotFoundError(f"--{name}: no such file: {getattr(args, name)}")
-    if Path(args.checkpoint_path).suffix != ".safetensors" and not args.trust_pickled_checkpoint:
-        raise ValueError(_pickle_refusal(Path(args.checkpoint_path)))
     if args.context_tokens < 1:
         raise ValueError(f"--context_tokens must be positive, got {args.context_tokens}.")
     output_dir = Path(args.output_dir)
@@ -486,7 +521,7 @@ def check_args(args: argparse.Namespace) -> dict:
 def save_pipeline_atomically(pipeline: ImageMixerPipeline, output_dir: str | os.PathLike) -> None:
     """
     Save `pipeline` in safetensors to a temporary folder next to `output_dir`, then rename it to `output_dir`,
-    replacing what was there.
+    replacing what was there. The folder gets the permissions of any new folder (`0o777` less the umask).
 
     Args:
         pipeline ([`ImageMixerPipeline`]):
@@ -496,7 +531,8 @@ def save_pipeline_atomically(pipeline: ImageMixerPipeline, output_dir: str | os.
     """
     output_dir = Path(output_dir).absolute()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.", suffix=".tmp"))
+    staging = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex[:12]}.tmp"
+    staging.mkdir()  # a plain mkdir gives the usual permissions (0o777 less the umask); mkdtemp's would be 0o700
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
         if output_dir.exists():
@@ -528,6 +564,23 @@ def convert(args: argparse.Namespace, model_params: dict) -> ImageMixerPipeline:
     vae_config = vae_config_from_ldm(model_params)
     scheduler = scheduler_from_ldm(model_params, args.scheduler)
 
+    # The checkpoint is read (and checked) before the 1.7 GB image encoder is loaded.
+    prefixes = (UNET_PREFIX, VAE_PREFIX, EMA_PREFIX) if args.extract_ema else (UNET_PREFIX, VAE_PREFIX)
+    state_dict = load_checkpoint(args.checkpoint_path, args.trust_pickled_checkpoint, prefixes=prefixes)
+    unet_weights = _extract(state_dict, UNET_PREFIX, "UNet")
+    vae_weights = _extract(state_dict, VAE_PREFIX, "VAE")
+    if args.extract_ema:
+        unet_weights = _ema_unet_weights(state_dict, unet_weights)
+    logger.info(
+        "Converting %d %sUNet and %d VAE tensors.",
+        len(unet_weights),
+        "EMA " if args.extract_ema else "",
+        len(vae_weights),
+    )
+    unet_weights = convert_unet_state_dict(unet_weights, unet_config)
+    vae_weights = convert_vae_state_dict(vae_weights, vae_config)
+    del state_dict
+
     logger.info("Loading the image encoder and its processor from %s.", args.image_encoder)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(args.image_encoder)
     feature_extractor = CLIPImageProcessor.from_pretrained(args.image_encoder)
@@ -536,23 +589,8 @@ def convert(args: argparse.Namespace, model_params: dict) -> ImageMixerPipeline:
             f"The image encoder projects to {image_encoder.config.projection_dim}-d embeddings but the UNet's "
             f"`context_dim` is {unet_config['cross_attention_dim']}."
         )
-
-    logger.info("Loading %s.", args.checkpoint_path)
-    state_dict = load_checkpoint(args.checkpoint_path, args.trust_pickled_checkpoint)
-    unet_weights = _extract(state_dict, UNET_PREFIX, "UNet")
-    vae_weights = _extract(state_dict, VAE_PREFIX, "VAE")
-    if args.extract_ema:
-        unet_weights = _ema_unet_weights(state_dict, unet_weights)
-    ignored = len(state_dict) - len(unet_weights) * (2 if args.extract_ema else 1) - len(vae_weights)
-    logger.info(
-        "Converting %d %sUNet and %d VAE tensors; %d other tensors (e.g. a CLIP cond stage) are not used.",
-        len(unet_weights),
-        "EMA " if args.extract_ema else "",
-        len(vae_weights),
-        ignored,
-    )
-    unet = _load_model(UNet2DConditionModel, unet_config, convert_unet_state_dict(unet_weights, unet_config), "UNet")
-    vae = _load_model(AutoencoderKL, vae_config, convert_vae_state_dict(vae_weights, vae_config), "VAE")
+    unet = _load_model(UNet2DConditionModel, unet_config, unet_weights, "UNet")
+    vae = _load_model(AutoencoderKL, vae_config, vae_weights, "VAE")
 
     pipeline = ImageMixerPipeline(
         vae=vae,

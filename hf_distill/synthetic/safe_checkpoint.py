@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import types
 from typing import Any
 
 import torch
 
-__all__ = ["PickledObject", "UnsafeCheckpointError", "safe_load"]
+__all__ = ["PickledObject", "UnsafeCheckpointError", "safe_load", "trusted_load"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,3 +141,42 @@ def safe_load(path: str | os.PathLike) -> Any:
         raise
     except Exception as error:  # a damaged or foreign file: the unpickler fails in many ways, none of which ran code
         raise UnsafeCheckpointError(_reason(error)) from error
+
+
+class _TrustedUnpickler(pickle.Unpickler):
+    """Full pickle, except that a class of a module that is not installed becomes a placeholder."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return _placeholder(f"{module}.{name}")
+
+
+_trusted_pickle = types.ModuleType("hf_distill_trusted_pickle")
+_trusted_pickle.Unpickler = _TrustedUnpickler
+_trusted_pickle.load = lambda file, **kwargs: _TrustedUnpickler(file, **kwargs).load()
+
+
+def trusted_load(path: str | os.PathLike) -> Any:
+    """
+    Unpickle a `torch.save` checkpoint in full, on the CPU: this imports and calls what the file names, so it can run
+    arbitrary code from the file. Only for files from a trusted source that [`safe_load`] refuses.
+
+    The classes of modules that are not installed (e.g. PyTorch Lightning callbacks) become [`PickledObject`]
+    placeholders instead of failing the load; tensors of zip checkpoints are memory-mapped.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            The checkpoint file.
+
+    Returns:
+        The unpickled object.
+    """
+    path = os.fspath(path)
+    try:
+        return torch.load(
+            path, map_location="cpu", weights_only=False, mmap=_is_zip(path), pickle_module=_trusted_pickle
+        )
+    except UnsafeCheckpointError as error:
+        raise UnsafeCheckpointError(f"{error}, and it is not installed") from error
