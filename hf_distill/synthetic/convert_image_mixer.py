@@ -402,7 +402,10 @@ def load_checkpoint(
             path,
             error,
         )
-        checkpoint = trusted_load(path)
+        try:
+            checkpoint = trusted_load(path)
+        except UnsafeCheckpointError as trusted_error:
+            raise ValueError(f"{path} cannot be unpickled: {trusted_error}.") from trusted_error
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
@@ -472,8 +475,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=(
             "Unpickle the .ckpt in full when the safe loader refuses it (it calls code outside the loader's allowlist)."
-            " Full unpickling can execute arbitrary code from the file; the published ImageMixer checkpoint does not "
-            "need this flag."
+            " Full unpickling can execute arbitrary code from the file. Lightning checkpoints such as the published "
+            "ImageMixer file are read without it."
         ),
     )
     parser.add_argument("--context_tokens", type=int, default=5, help="Context length: 5 for ImageMixer, 1 for SD-IV.")

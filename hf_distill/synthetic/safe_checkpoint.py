@@ -11,6 +11,9 @@ class used as a dict key, or an object rebuilt from its class and state (pickle'
 placeholder that records its arguments and state. Calling a placeholder (pickle's `REDUCE`, the way a pickle runs a
 function such as `exec` or `subprocess.call`) raises [`UnsafeCheckpointError`] before anything runs. Tensors of a zip
 checkpoint (`torch.save` since PyTorch 1.6) are memory-mapped: only the ones that are used are read from disk.
+
+[`trusted_load`] is full unpickling, for trusted files that the safe loader refuses; it too makes placeholders of
+the classes that cannot be imported, so a Lightning checkpoint does not need `pytorch_lightning`.
 """
 
 from __future__ import annotations
@@ -38,8 +41,7 @@ class _PlaceholderType(type):
 
     def __call__(cls, *args, **kwargs):
         raise UnsafeCheckpointError(
-            f"the pickle calls `{cls.__module__}.{cls.__qualname__}` while it is loaded, and a safe load calls no "
-            "function outside its allowlist"
+            f"the pickle calls `{cls.__module__}.{cls.__qualname__}` while it is loaded, {cls._refusal}"
         )
 
 
@@ -50,6 +52,8 @@ class PickledObject(metaclass=_PlaceholderType):
     An instance is made without calling anything from the original class: `args` holds the arguments pickle passed to
     `__new__`, `state` what it passed to `__setstate__` (`None` when absent).
     """
+
+    _refusal = "and a safe load calls no function outside its allowlist"
 
     def __new__(cls, *args):
         instance = object.__new__(cls)
@@ -67,9 +71,13 @@ class PickledObject(metaclass=_PlaceholderType):
         return f"<placeholder of {type(self).__module__}.{type(self).__qualname__}>"
 
 
-def _placeholder(path: str) -> type[PickledObject]:
+def _placeholder(path: str, refusal: str | None = None) -> type[PickledObject]:
+    """A new placeholder class named `path`; `refusal` ends the message of the error that calling it raises."""
     module, _, name = path.rpartition(".")
-    return _PlaceholderType(name, (PickledObject,), {"__module__": module, "__qualname__": name})
+    namespace = {"__module__": module, "__qualname__": name}
+    if refusal is not None:
+        namespace["_refusal"] = refusal
+    return _PlaceholderType(name, (PickledObject,), namespace)
 
 
 def _numpy_globals() -> list[tuple[Any, str]]:
@@ -150,12 +158,17 @@ class _TrustedUnpickler(pickle.Unpickler):
         try:
             return super().find_class(module, name)
         except (ImportError, AttributeError):
-            return _placeholder(f"{module}.{name}")
+            return _placeholder(f"{module}.{name}", "and it cannot be imported")
 
 
+def _trusted_pickle_load(file, **kwargs) -> Any:
+    return _TrustedUnpickler(file, **kwargs).load()
+
+
+# The `pickle_module` of `torch.load`: what it uses of the `pickle` module.
 _trusted_pickle = types.ModuleType("hf_distill_trusted_pickle")
 _trusted_pickle.Unpickler = _TrustedUnpickler
-_trusted_pickle.load = lambda file, **kwargs: _TrustedUnpickler(file, **kwargs).load()
+_trusted_pickle.load = _trusted_pickle_load
 
 
 def trusted_load(path: str | os.PathLike) -> Any:
@@ -172,11 +185,9 @@ def trusted_load(path: str | os.PathLike) -> Any:
 
     Returns:
         The unpickled object.
+
+    Raises:
+        [`UnsafeCheckpointError`]: The pickle calls a function or class that cannot be imported.
     """
     path = os.fspath(path)
-    try:
-        return torch.load(
-            path, map_location="cpu", weights_only=False, mmap=_is_zip(path), pickle_module=_trusted_pickle
-        )
-    except UnsafeCheckpointError as error:
-        raise UnsafeCheckpointError(f"{error}, and it is not installed") from error
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=_is_zip(path), pickle_module=_trusted_pickle)
