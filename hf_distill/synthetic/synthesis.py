@@ -1,4 +1,4 @@
-"""Class-agnostic synthetic images for distillation (REFERENCE.md section 3): random pairs of training images mixed
+"""Class-agnostic synthetic images for distillation (docs/methods.md section 3): random pairs of training images mixed
 by an [`ImageMixerPipeline`], written as a resumable, sharded `datasets` parquet set with provenance columns.
 
 Synthetic image `i` is a pure function of `(seed, i)` and the settings: its two source images (distinct, drawn
