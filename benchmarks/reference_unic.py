@@ -1,4 +1,4 @@
-"""A reference-style UNIC step, written the way the authors' code computes the same math (REFERENCE.md 1, issue 7):
+"""A reference-style UNIC step, written the way the authors' code computes the same math (docs/methods.md 1, issue 7):
 
 - teachers run under `torch.no_grad()` in fp32 (not inference mode, no bf16);
 - one small MLP call per selected block per teacher (no grouped matmuls);

@@ -1,5 +1,5 @@
 """Synthetic images for task-specific distillation: class-agnostic random pairs of training images mixed by ImageMixer
-(REFERENCE.md section 3).
+(docs/methods.md section 3).
 
     # once: the published ImageMixer checkpoint (ldm format, pickled: trusted source only) -> a diffusers folder
     python -m hf_distill.synthetic.convert_image_mixer --checkpoint_path image-mixer-pruned.ckpt \

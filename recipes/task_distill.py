@@ -1,4 +1,4 @@
-"""Task-specific distillation (REFERENCE.md section 3): probe a frozen pretrained teacher on a labelled image task,
+"""Task-specific distillation (docs/methods.md section 3): probe a frozen pretrained teacher on a labelled image task,
 then distil it into a small image classifier on real images plus, optionally, synthetic ones (recipes/synthesize.py).
 
     accelerate launch recipes/task_distill.py --config recipes/configs/task_distill_fashion_mnist.yaml

@@ -55,6 +55,12 @@ class ScriptArguments:
     margin: float = field(default=0.0, metadata={"help": "ArcFace / CosFace margin."})
     margin_type: str = field(default="none", metadata={"help": f"One of {MARGIN_TYPES}."})
     distill_temperature: float = field(default=0.1, metadata={"help": "Temperature of the logit distillation."})
+    relational_scale: float = field(
+        default=32.0,
+        metadata={
+            "help": "Relational term = scale x mean of (S_s - S_t)^2; 32 = the UDON code at 128 images on 4 GPUs."
+        },
+    )
     distill_to_backbone: bool = field(
         default=True,
         metadata={"help": "Distillation gradients reach the backbone (code) or stop at the head (paper)."},
@@ -86,6 +92,7 @@ def build_model(script_args: ScriptArguments, domains: list[dict], image_size: i
         margin=script_args.margin,
         margin_type=script_args.margin_type,
         distill_temperature=script_args.distill_temperature,
+        relational_scale=script_args.relational_scale,
         distill_to_backbone=script_args.distill_to_backbone,
         use_teacher_heads=script_args.method == "udon",
         image_mean=script_args.image_mean,

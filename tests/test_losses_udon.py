@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,54 @@ def test_logit_and_relational_distillation_by_hand():
     es = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
     et = [[0.8, 0.6], [1.0, 0.0], [0.0, 1.0]]
     dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
-    expected = sum(sum((dot(es[i], es[j]) - dot(et[i], et[j])) ** 2 for j in range(3)) for i in range(3)) / 3
+    squares = sum(sum((dot(es[i], es[j]) - dot(et[i], et[j])) ** 2 for j in range(3)) for i in range(3))
+    expected = 32 * squares / 9  # default scale 32 x the mean over the 3 x 3 entries
     assert relational_distillation_loss(torch.tensor(es), torch.tensor(et)).item() == pytest.approx(expected, rel=1e-6)
+    # scale = local batch: squared error summed over columns, mean over rows
+    assert relational_distillation_loss(torch.tensor(es), torch.tensor(et), scale=3.0).item() == pytest.approx(
+        squares / 3, rel=1e-6
+    )
+
+
+def _authors_relational(student: np.ndarray, teacher: np.ndarray, devices: int) -> float:
+    """The UDON code's relational term in float64: on each device, the squared error between the local similarity
+    matrices summed over columns and averaged over rows, times devices / 4; the reported value is the mean over
+    devices (the global batch is split evenly)."""
+    values = []
+    for s, t in zip(np.split(student, devices), np.split(teacher, devices)):
+        values.append(((s @ s.T - t @ t.T) ** 2).sum(axis=1).mean() * devices / 4)
+    return float(np.mean(values))
+
+
+def _embeddings(batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    student = rng.standard_normal((batch, 16))
+    teacher = np.concatenate([student, np.zeros((batch, 8))], axis=1) + 0.7 * rng.standard_normal((batch, 24))
+    return (
+        student / np.linalg.norm(student, axis=1, keepdims=True),
+        teacher / np.linalg.norm(teacher, axis=1, keepdims=True),
+    )
+
+
+def test_relational_term_matches_the_authors_code_at_its_reference_global_batch_of_128():
+    student, teacher = _embeddings(128, seed=0)
+    # per-process batch 128 (the authors' code on 1 device: x 1/4)
+    ours = relational_distillation_loss(torch.tensor(student), torch.tensor(teacher)).item()
+    assert ours == pytest.approx(_authors_relational(student, teacher, devices=1), rel=1e-9)
+    # per-process batch 32, as the authors' 4 devices: each process's term equals that device's term
+    for index in range(4):
+        part = slice(32 * index, 32 * (index + 1))
+        ours = relational_distillation_loss(torch.tensor(student[part]), torch.tensor(teacher[part])).item()
+        s, t = student[part], teacher[part]
+        device_term = ((s @ s.T - t @ t.T) ** 2).sum(axis=1).mean() * 4 / 4
+        assert ours == pytest.approx(device_term, rel=1e-9)
+    ours = np.mean(
+        [
+            relational_distillation_loss(torch.tensor(s), torch.tensor(t)).item()
+            for s, t in zip(np.split(student, 4), np.split(teacher, 4))
+        ]
+    )
+    assert ours == pytest.approx(_authors_relational(student, teacher, devices=4), rel=1e-9)
 
 
 def test_udon_loss_is_the_mean_of_four_hand_computed_terms():

@@ -38,6 +38,7 @@ def tiny_clip_config() -> CLIPConfig:
         (DOMAINS, {"margin_type": "sphereface"}, "margin_type"),
         (DOMAINS, {"embedding_dim": 0}, "embedding_dim"),
         (DOMAINS, {"distill_temperature": 0.0}, "distill_temperature"),
+        (DOMAINS, {"relational_scale": -1.0}, "relational_scale"),
         (DOMAINS, {"backbone_config": SiglipVisionConfig(**TINY)}, "Unsupported backbone"),
     ],
 )

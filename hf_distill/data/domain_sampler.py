@@ -1,4 +1,4 @@
-"""A batch sampler over several domains: every batch holds images of ONE domain (UDON, REFERENCE.md 2).
+"""A batch sampler over several domains: every batch holds images of ONE domain (UDON; docs/methods.md section 2).
 
 The training data is one concatenated dataset in which domain `d` occupies the global rows `offsets[d]:offsets[d+1]`;
 the sampler yields lists of those global row indices, so it is a `DataLoader(dataset, batch_sampler=...)`. Batch `g`

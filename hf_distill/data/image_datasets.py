@@ -60,9 +60,26 @@ def resize_center_crop(image: Image.Image, size: int, resample: int = Image.BICU
     return image.crop((left, top, left + size, top + size))
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of `image`, for every place that decodes images (training, teacher caches, evaluation,
+    synthesis).
+
+    16-bit grayscale images (`I;16` modes: medical and scientific data, 16-bit PNG / TIFF) are scaled linearly to 8
+    bits (`round(v * 255 / 65535)`); `image.convert("RGB")` would clip them (every value above 255 becomes 255). Other
+    modes go through `convert("RGB")` (32-bit `I` and `F` images have no defined range and are clipped by PIL).
+    """
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))  # mode "L"
+    return image.convert("RGB")
+
+
 def _to_square_uint8(image: Image.Image, size: int) -> np.ndarray:
     """RGB, shorter side resized to `size` (bicubic), center-cropped: `[3, size, size]` uint8."""
-    return np.asarray(resize_center_crop(image.convert("RGB"), size), dtype=np.uint8).transpose(2, 0, 1)
+    return np.asarray(resize_center_crop(to_rgb(image), size), dtype=np.uint8).transpose(2, 0, 1)
 
 
 class ImageCollator:

@@ -1,4 +1,4 @@
-"""Batches that mix real and synthetic images in a fixed ratio (task-specific distillation, REFERENCE.md section 3).
+"""Batches that mix real and synthetic images in a fixed ratio (task-specific distillation, docs/methods.md section 3).
 
 The training data is one concatenated dataset: real rows `[0, num_real)`, synthetic rows `[num_real, num_real +
 num_synthetic)`. Every batch holds `round(synthetic_ratio * batch_size)` synthetic rows and real rows for the rest.

@@ -1,4 +1,4 @@
-"""Task-specific distillation loss (Hinton et al. 2015 as used in REFERENCE.md section 3), a pure function.
+"""Task-specific distillation loss (Hinton et al. 2015, as used by Marrie et al., TMLR 2024; docs/methods.md 3).
 
     L = (1 - alpha) * CE(student, labels)  +  alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 

@@ -1,5 +1,5 @@
 """UDON losses as pure functions (Ypsilantis et al., "UDON: Universal Dynamic Online distillatioN for generic image
-representations", REFERENCE.md 2).
+representations", NeurIPS 2024; docs/methods.md).
 
 Shapes: `B` images of ONE domain, `C` classes of that domain, `E` embedding width. Embeddings are L2-normalized.
 Nothing here reads a value back to the host: every result is a tensor.
@@ -89,13 +89,30 @@ def logit_distillation_loss(
     return F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
 
 
-def relational_distillation_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor) -> torch.Tensor:
-    """MSE between the in-batch similarity matrices `S_s = E_s E_s^T` and `S_t = E_t E_t^T` (teacher detached), as
-    in the authors' code: squared error summed over columns, mean over rows."""
+RELATIONAL_SCALE = 32.0
+
+
+def relational_distillation_loss(
+    student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor, scale: float = RELATIONAL_SCALE
+) -> torch.Tensor:
+    """Squared error between the in-batch similarity matrices `S_s = E_s E_s^T` and `S_t = E_t E_t^T` (teacher
+    detached): `scale * mean over the B x B entries of (S_s - S_t)^2`.
+
+    The authors' code sums the squared error over columns and averages over rows on each device (`b` times the mean
+    over the `b x b` entries of its local batch of `b` images), then multiplies by `devices / 4`. At its reference
+    setting, a global batch of 128 on 4 devices (`b = 32`), that is 32 x the mean: the default `scale` of 32 gives
+    that value whatever the batch size and however the global batch is split over processes. Other settings of the
+    authors' code: `scale = b * devices / 4`; `scale = B` (the local batch) gives a plain sum over columns.
+
+    Args:
+        student_embeddings (`torch.Tensor` of shape `(B, E_s)`): L2-normalized student embeddings.
+        teacher_embeddings (`torch.Tensor` of shape `(B, E_t)`): L2-normalized teacher embeddings.
+        scale (`float`, defaults to 32.0): multiplier of the mean squared error.
+    """
     student_similarity = student_embeddings @ student_embeddings.t()
     teacher_embeddings = teacher_embeddings.detach()
     teacher_similarity = teacher_embeddings @ teacher_embeddings.t()
-    return (student_similarity - teacher_similarity).square().sum(dim=-1).mean()
+    return scale * (student_similarity - teacher_similarity).square().mean()
 
 
 @dataclass
@@ -126,6 +143,7 @@ def udon_loss(
     margin: float = 0.0,
     margin_type: str = "none",
     temperature: float = 0.1,
+    relational_scale: float = RELATIONAL_SCALE,
 ) -> UdonLoss:
     """The UDON objective of one single-domain batch: the mean of teacher CE, student CE, logit KL and relational MSE.
 
@@ -141,6 +159,9 @@ def udon_loss(
             backbone (authors' code). The teacher side of both terms is always detached.
         scale, margin, margin_type: see [`margin_logits`] (both classification terms).
         temperature (`float`, defaults to 0.1): temperature of the logit distillation, on cosines.
+        relational_scale (`float`, defaults to 32.0): multiplier of the relational term's mean squared error (see
+            [`relational_distillation_loss`]; 32 matches the authors' code at its reference global batch of 128 on 4
+            devices).
     """
     student_ce = classification_loss(margin_logits(student_cosines, labels, scale, margin, margin_type), labels)
     if teacher_cosines is None:
@@ -149,7 +170,7 @@ def udon_loss(
     distill_cosines = student_cosines if distill_student_cosines is None else distill_student_cosines
     distill_embeddings = student_embeddings if distill_student_embeddings is None else distill_student_embeddings
     kl = logit_distillation_loss(distill_cosines, teacher_cosines, temperature)
-    relational = relational_distillation_loss(distill_embeddings, teacher_embeddings)
+    relational = relational_distillation_loss(distill_embeddings, teacher_embeddings, relational_scale)
     return UdonLoss(
         loss=(teacher_ce + student_ce + kl + relational) / 4,
         student_classification=student_ce,

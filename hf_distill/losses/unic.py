@@ -1,4 +1,4 @@
-"""UNIC distillation losses as pure functions (UNIC, Sariyildiz et al., ECCV 2024; REFERENCE.md 1).
+"""UNIC distillation losses as pure functions (UNIC, Sariyildiz et al., ECCV 2024; docs/methods.md section 1).
 
 Shapes: `B` images, `T` teachers, `N` patch tokens, `D` a teacher's feature width.
 """

@@ -3,14 +3,14 @@
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ..losses.udon import MARGIN_TYPES
+from ..losses.udon import MARGIN_TYPES, RELATIONAL_SCALE
 from .configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from .configuration_udon_embedding import check_backbone_config
 
 
 class UdonConfig(PreTrainedConfig):
     r"""
-    Configuration of [`UdonModel`] (UDON, REFERENCE.md 2).
+    Configuration of [`UdonModel`] (UDON, Ypsilantis et al., NeurIPS 2024; docs/methods.md).
 
     Args:
         backbone_config (`dict` or `PreTrainedConfig`, *optional*):
@@ -27,6 +27,11 @@ class UdonConfig(PreTrainedConfig):
         margin_type (`str`, defaults to `"none"`): `"none"`, `"arcface"` (`cos(theta + m)`) or `"cosface"`
             (`cos - m`).
         distill_temperature (`float`, defaults to 0.1): temperature of the logit distillation (on cosines).
+        relational_scale (`float`, defaults to 32.0):
+            The relational distillation term is `relational_scale` x the mean over the B x B entries of
+            `(S_s - S_t)^2`. 32 equals the authors' code at its reference setting (global batch 128 on 4 devices),
+            whatever the batch size and number of processes; their code at per-device batch `b` on `n` devices is
+            `b * n / 4`. 0 turns the relational term off.
         distill_to_backbone (`bool`, defaults to `True`):
             `True`: distillation gradients reach the backbone (authors' code). `False`: they stop at the student
             head (paper).
@@ -48,6 +53,7 @@ class UdonConfig(PreTrainedConfig):
     margin: float = 0.0
     margin_type: str = "none"
     distill_temperature: float = 0.1
+    relational_scale: float = RELATIONAL_SCALE
     distill_to_backbone: bool = True
     use_teacher_heads: bool = True
     image_mean: list[float] | tuple[float, ...] = IMAGENET_MEAN
@@ -75,6 +81,10 @@ class UdonConfig(PreTrainedConfig):
         for field in ("teacher_dim", "embedding_dim", "logit_scale", "distill_temperature"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"{field} must be > 0, got {getattr(self, field)}.")
+        if self.relational_scale < 0:
+            raise ValueError(
+                f"relational_scale must be >= 0 (0 turns the relational term off), got {self.relational_scale}."
+            )
         self.image_mean = [float(v) for v in self.image_mean]
         self.image_std = [float(v) for v in self.image_std]
 

@@ -199,6 +199,7 @@ class UdonModel(UdonPreTrainedModel):
                 distill_student_cosines=distill_cosines,
                 distill_student_embeddings=distill_embeds,
                 temperature=config.distill_temperature,
+                relational_scale=config.relational_scale,
                 **loss_settings,
             )
             output.loss, output.loss_terms = terms.loss, terms.terms()

@@ -1,4 +1,4 @@
-"""Class-agnostic synthetic images for distillation (REFERENCE.md section 3): random pairs of training images mixed
+"""Class-agnostic synthetic images for distillation (docs/methods.md section 3): random pairs of training images mixed
 by an [`ImageMixerPipeline`], written as a resumable, sharded `datasets` parquet set with provenance columns.
 
 Synthetic image `i` is a pure function of `(seed, i)` and the settings: its two source images (distinct, drawn
@@ -31,6 +31,7 @@ from datasets import Image as ImageFeature
 from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
+from ..data.image_datasets import to_rgb
 from ..data.synthetic_dataset import (
     CONFIG_FILE,
     DATA_DIR,
@@ -294,7 +295,8 @@ def synthesize(
         for first in range(0, len(indices), batch_size):
             batch = slice(first, first + batch_size)
             rows = sorted(set(pairs[batch].ravel().tolist()))
-            loaded = dict(zip(rows, sources.select(rows)[settings.image_column]))  # one object per source: one CLIP
+            # one object per source: one CLIP embedding; 8-bit RGB as in training (16-bit images scaled, not clipped)
+            loaded = {row: to_rgb(image) for row, image in zip(rows, sources.select(rows)[settings.image_column])}
             mixes = [
                 [(loaded[a], float(wa)), (loaded[b], float(wb))]
                 for (a, b), (wa, wb) in zip(pairs[batch], weights[batch])
