@@ -136,7 +136,7 @@ def step(impl: Implementation, pixels, mean, std, generator, step_index, total_s
     backward is timed separately (same numbers, one extra graph boundary)."""
     student, split = impl.student, clock.enabled
     grid = student.grid_size(*pixels.shape[-2:])
-    weight = ema_weight("unic", step_index, total_steps)
+    weight = ema_weight(step_index, total_steps)
     autocast = torch.autocast(pixels.device.type, impl.autocast_dtype) if impl.autocast_dtype else nullcontext()
     with autocast:
         if targets is None and impl.is_reference:  # fp32 teachers, outside autocast

@@ -33,10 +33,8 @@ class UnicStudentConfig(PreTrainedConfig):
             per-rung matmuls are already large and the grouped path's bigger intermediates were measured slower
             (`make bench`).
         standardization (`str`, defaults to `"unic"`):
-            Teacher feature standardization: `"unic"` (previous EMA statistics, cosine EMA schedule), `"dune"`
-            (current batch statistics in training, EMA at eval) or `"none"`.
-        standardization_momentum (`float`, defaults to 0.1):
-            EMA momentum of the `"dune"` mode.
+            Teacher feature standardization: `"unic"` (previous EMA statistics) or `"dune"` (current global batch
+            statistics in training, EMA at eval), both with the cosine EMA schedule 1.0 -> 0.001, or `"none"`.
         image_mean, image_std (`list[float]`):
             Pixel normalization of the student (saved with the exported image processor).
         initializer_range (`float`, defaults to 0.02):
@@ -54,7 +52,6 @@ class UnicStudentConfig(PreTrainedConfig):
     ladder_hidden_ratio: float = 1.0
     grouped_heads: bool | None = None
     standardization: str = "unic"
-    standardization_momentum: float = 0.1
     image_mean: list[float] | tuple[float, ...] = IMAGENET_MEAN
     image_std: list[float] | tuple[float, ...] = IMAGENET_STD
     initializer_range: float = 0.02

@@ -261,12 +261,7 @@ class UnicTrainer(Trainer):
         grid = student.grid_size(*pixel_values.shape[-2:])
         weight = None
         if training:
-            weight = ema_weight(
-                student.config.standardization,
-                self.state.global_step,
-                self.state.max_steps,
-                student.config.standardization_momentum,
-            )
+            weight = ema_weight(self.state.global_step, self.state.max_steps)
 
         if self.teacher_cache is not None:
             outputs = [
