@@ -83,4 +83,6 @@ def warn_if_emulated_autocast(args) -> None:
     if getattr(args, "bf16", False):
         native, reason = native_bf16(args.device)
         if not native:
-            logger.warning("--bf16 autocast on %s, but %s: expect it to be much slower than float32.", args.device, reason)
+            logger.warning(
+                "--bf16 autocast on %s, but %s: expect it to be much slower than float32.", args.device, reason
+            )

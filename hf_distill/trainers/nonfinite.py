@@ -49,7 +49,9 @@ class NonFiniteArguments:
 
     max_nonfinite_fraction: float = field(
         default=0.25,
-        metadata={"help": "Stop when more than this fraction of a teacher's samples in a logging window is non-finite."},
+        metadata={
+            "help": "Stop when more than this fraction of a teacher's samples in a logging window is non-finite."
+        },
     )
     max_skipped_steps: int = field(
         default=10,
