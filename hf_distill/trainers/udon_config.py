@@ -24,6 +24,9 @@ class UdonConfig(TrainingArguments, NonFiniteArguments):
         image_size (`int`, defaults to 224): side of the training crops.
         load_size (`int`, defaults to 256): side the images are resized (and center-cropped) to before cropping.
         flip_prob (`float`, defaults to 0.5): horizontal flip probability.
+        max_nonfinite_fraction (`float`, defaults to 0.25), max_skipped_steps (`int`, defaults to 10):
+            Limits of the non-finite guard ([`~hf_distill.trainers.nonfinite.NonFiniteArguments`]): training stops
+            when more of a teacher's samples in a logging window, or more consecutive steps, are non-finite.
     """
 
     sampling: str = field(default="dynamic", metadata={"help": f"Domain sampling strategy, one of {STRATEGIES}."})

@@ -56,6 +56,9 @@ class UnicConfig(TrainingArguments, NonFiniteArguments):
             once and read during training instead of running the teachers.
         teacher_cache_views (`int`, defaults to 2):
             Number of fixed views per image in the cache (1: center, 2: center and flip).
+        max_nonfinite_fraction (`float`, defaults to 0.25), max_skipped_steps (`int`, defaults to 10):
+            Limits of the non-finite guard ([`~hf_distill.trainers.nonfinite.NonFiniteArguments`]): training stops
+            when more of a teacher's samples in a logging window, or more consecutive steps, are non-finite.
 
     Speed: `--bf16` runs the student under bfloat16 autocast (a warning is logged where bfloat16 is emulated, e.g. an
     AVX2-only CPU); `teacher_dtype="auto"` keeps the teachers in bfloat16 where the hardware runs it natively;
