@@ -1,6 +1,7 @@
 """Non-finite teacher outputs, losses and gradients never reach the statistics or the weights (UNIC, UDON, KD)."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -222,3 +223,38 @@ def test_task_distill_run_with_an_always_nan_teacher_stops_naming_it(task, tmp_p
     with pytest.raises(NonFiniteError, match="Teacher 'probed teacher' returned NaN or inf for 8 of its 8"):
         kd_recipe.main(kd_args(task, tmp_path, "--save_strategy", "no", "--max_steps", "4"))
     assert not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.distributed
+def test_two_processes_skip_the_same_step_when_one_has_a_non_finite_loss(
+    tiny_teachers, image_dataset_dir, student_config_dir, tmp_path
+):
+    """An inf loss on rank 0 only, with finite gradients: the poisoned loss makes the all-reduced gradients NaN on
+    both ranks, so both skip that step and the replicas stay identical."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    command = [
+        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29537",
+        str(ROOT / "tests" / "scripts" / "inf_loss_on_rank0.py"), str(record_dir),
+        *unic_args(tiny_teachers, image_dataset_dir, student_config_dir, tmp_path / "out"),
+        "--teachers", tiny_teachers["vit"], tiny_teachers["dinov2"], "--use_cpu", "true",
+        "--per_device_train_batch_size", "4",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    weights = [load_file(record_dir / f"rank{rank}.st") for rank in (0, 1)]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    assert all(torch.isfinite(value).all() for value in weights[0].values())
+    for rank in (0, 1):
+        history = json.loads((record_dir / f"rank{rank}.json").read_text())
+        logs = [entry for entry in history if "loss" in entry]
+        assert [entry["nonfinite/skipped_steps"] for entry in logs] == [1.0, 1.0]
+    assert_all_finite(tmp_path / "out" / "model.safetensors")
