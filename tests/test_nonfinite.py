@@ -258,3 +258,38 @@ def test_two_processes_skip_the_same_step_when_one_has_a_non_finite_loss(
         logs = [entry for entry in history if "loss" in entry]
         assert [entry["nonfinite/skipped_steps"] for entry in logs] == [1.0, 1.0]
     assert_all_finite(tmp_path / "out" / "model.safetensors")
+
+
+def test_unic_loss_leaves_invalid_teacher_pairs_out():
+    """2 images x 2 teachers; teacher 1 is invalid on image 0 (target zeroed as the standardizer does), and in a second
+    batch image 1 has no valid teacher at all. Expected values from the UNIC eq. 1 formula in float64 numpy."""
+    import numpy as np
+
+    from hf_distill.losses.unic import distillation_loss
+
+    def token_loss(p, y):  # 0.5 * (1 - cos) + 0.5 * smooth L1 (beta 1, mean over dims), float64
+        cos = (p * y).sum(-1) / np.maximum(np.linalg.norm(p, axis=-1) * np.linalg.norm(y, axis=-1), 1e-8)
+        d = np.abs(p - y)
+        return 0.5 * (1 - cos) + 0.5 * np.where(d < 1, 0.5 * d**2, d - 0.5).mean(-1)
+
+    rng = np.random.default_rng(0)
+    cls_p, cls_y = rng.normal(size=(2, 2, 3)), rng.normal(size=(2, 2, 3))  # [teacher, image, dim]
+    patch_p, patch_y = rng.normal(size=(2, 2, 4, 3)), rng.normal(size=(2, 2, 4, 3))
+    cls_y[1, 0], patch_y[1, 0] = 0.0, 0.0
+    per_pair = 0.5 * (token_loss(cls_p, cls_y) + token_loss(patch_p, patch_y).mean(-1))  # [teacher, image]
+    valid = torch.tensor([[True, False], [True, True]])  # [image, teacher]
+    predictions = [torch.tensor(cls_p[t], requires_grad=True) for t in range(2)]
+
+    def loss(valid, normalization):
+        targets = [(torch.tensor(cls_y[t]), torch.tensor(patch_y[t])) for t in range(2)]
+        patches = [torch.tensor(patch_p[t]) for t in range(2)]
+        return distillation_loss(predictions, patches, targets, normalization=normalization, valid=valid)[0]
+
+    image = (per_pair[0, 0] + (per_pair[0, 1] + per_pair[1, 1]) / 2) / 2
+    assert loss(valid, "image").item() == pytest.approx(image, rel=1e-6)
+    assert loss(valid, "batch").item() == pytest.approx((per_pair[0, 0] + per_pair[:, 1].sum()) / 3, rel=1e-6)
+    no_teacher_for_image_1 = torch.tensor([[True, False], [False, False]])
+    total = loss(no_teacher_for_image_1, "image")
+    assert total.item() == pytest.approx(per_pair[0, 0], rel=1e-6)  # image 1 left out, not averaged in as 0
+    total.backward()
+    assert torch.isfinite(predictions[1].grad).all() and not predictions[1].grad.any()  # teacher 1 never counts

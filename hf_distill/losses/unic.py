@@ -110,7 +110,9 @@ def distillation_loss(
         normalization, generator: see [`unic_loss`] and [`teacher_drop_coefficients`].
         valid: `[B, T]` bool, the (image, teacher) pairs whose target is usable (finite teacher outputs). The others
             get coefficient 0 and never count as an image's largest loss; the image's other teachers still count,
-            and an image without any valid teacher is left out of the loss. `None`: all valid.
+            and an image without any valid teacher is left out of the loss. `None`: all valid. The targets of invalid
+            pairs must still be finite (e.g. the zeros [`FeatureStandardizer`] gives them): NaN times a zero
+            coefficient is NaN in the backward pass.
 
     Returns:
         `(loss, per-teacher terms of [`teacher_losses`], coefficients [B, T])`, all tensors (no host sync).
