@@ -1,12 +1,13 @@
 """UNIC training-step benchmark: throughput, peak memory and where the time goes, hf_distill vs a reference-style step.
 
-    python -m benchmarks.bench_unic_step                      # CPU here; GPU (bf16) when one is present
+    python -m benchmarks.bench_unic_step                      # CPU here; GPU when one is present
     python -m benchmarks.bench_unic_step --sizes vit-small vit-base --image_size 224 --batch_size 128
 
 For every model size and K teachers (same size as the student, random weights: speed does not depend on them) it
 times, in the same process and on the same batches:
 
-- `hf_distill`: the library's step (teachers in inference mode, bf16 weights + autocast on GPU, grouped-matmul ladder
+- `hf_distill`: the library's step (teachers in inference mode, bf16 weights + autocast where the device runs bf16
+  natively (`--dtype auto`, `hf_distill.precision`: CUDA with bf16, CPUs with AVX512-BF16 / AMX), grouped-matmul ladder
   heads, vectorized teacher dropping, no host sync);
 - `reference`: the same math written like the authors' code (`benchmarks/reference_unic.py`: teachers under no_grad in
   fp32, one MLP call per block per teacher, Python-loop teacher dropping with a host sync per decision).
@@ -43,6 +44,7 @@ from hf_distill.io_utils import write_json_atomically, write_text_atomically
 from hf_distill.losses import distillation_loss
 from hf_distill.models import TeacherConfig, TeacherModel, UnicStudentConfig, UnicStudentModel, freeze_teacher
 from hf_distill.models.standardization import ema_weight
+from hf_distill.precision import resolve_dtype
 from hf_distill.trainers.unic_trainer import standardize_targets, teacher_outputs
 
 from .reference_unic import reference_distillation_loss, reference_heads, reference_teacher_outputs
@@ -185,7 +187,7 @@ def build(size: str, num_teachers: int, image_size: int, device: torch.device, b
     implementations = []
     for name in ("hf_distill", "reference"):
         own_student = copy.deepcopy(student)  # hf_distill: library default heads (grouped on GPU); reference: plain
-        # on GPU both students train under bf16 autocast; only hf_distill keeps its teachers in bf16
+        # with bf16 both students train under bf16 autocast; only hf_distill keeps its teachers in bf16
         own_teachers = (
             [copy.deepcopy(t).to(torch.bfloat16) for t in teachers] if bf16 and name == "hf_distill" else teachers
         )
@@ -362,6 +364,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10 if cuda else 3, help="Timed steps per measurement.")
     parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
     parser.add_argument("--no_cache", action="store_true", help="Skip the teacher-output cache comparison.")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="bfloat16: hf_distill's teachers in bf16 and both students under bf16 autocast; auto: bfloat16 where the "
+        "device runs it natively, else float32.",
+    )
     parser.add_argument("--output_dir", default="benchmarks/results")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
@@ -371,7 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
         if cuda
         else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
     )
-    print(f"UNIC step benchmark on {device_name}, torch {torch.__version__}, bf16 {cuda}", flush=True)
+    bf16 = resolve_dtype(args.dtype, device, "benchmark (teachers and autocast)") == torch.bfloat16
+    print(f"UNIC step benchmark on {device_name}, torch {torch.__version__}, bf16 {bf16}", flush=True)
 
     mean = torch.tensor([0.485, 0.456, 0.406], device=device)
     std = torch.tensor([0.229, 0.224, 0.225], device=device)
@@ -383,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
     results, caches, heads = [], [], []
     for size in args.sizes:
         for num_teachers in args.teachers:
-            implementations = build(size, num_teachers, args.image_size, device, bf16=cuda)
+            implementations = build(size, num_teachers, args.image_size, device, bf16=bf16)
             row = {"size": size, "num_teachers": num_teachers}
             for impl in implementations:
                 row[impl.name] = measure(impl, batches, mean, std, device, args.warmup)
@@ -409,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "device": device_name,
         "torch": torch.__version__,
-        "bf16": cuda,
+        "bf16": bf16,
         "settings": {key: getattr(args, key) for key in ("image_size", "batch_size", "steps", "warmup")}
         | {"drop_prob": DROP_PROB},
         "results": results,

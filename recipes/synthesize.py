@@ -34,6 +34,7 @@ from datasets import Dataset
 from hf_distill.cli import parse_with_yaml
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.data.synthetic_dataset import is_synthesis_folder
+from hf_distill.precision import resolve_dtype
 from hf_distill.synthetic import (
     TORCH_DTYPES,
     ImageMixerPipeline,
@@ -80,7 +81,13 @@ class SynthesizeArguments:
     )  # fmt: skip
     random_weights: bool = field(default=False, metadata={"help": "Draw the weights per image: w ~ U(low, high)."})
     shard_size: int = field(default=256, metadata={"help": "Images per output shard (the unit of resuming)."})
-    torch_dtype: str = field(default="float32", metadata={"help": f"Pipeline dtype, one of {list(TORCH_DTYPES)}."})
+    torch_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": f"Pipeline dtype, one of {list(TORCH_DTYPES)}, or auto: bfloat16 where the device runs it natively "
+            "(CUDA with bf16, CPUs with AVX512-BF16 / AMX), else float32; resolved before it is recorded in the set."
+        },
+    )
     batch_size: int = field(default=8, metadata={"help": "Mixes per pipeline call."})
     device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the completed set to the Hub."})
@@ -97,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[SynthesizeArguments, Synt
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}.")
     if args.push_to_hub and not args.hub_dataset_id:
         raise ValueError("--push_to_hub needs --hub_dataset_id (e.g. my-org/cub-image-mixes).")
+    if args.torch_dtype == "auto":  # the set records a concrete dtype: it changes the pixels
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        args.torch_dtype = str(resolve_dtype("auto", device, "synthesis pipeline")).removeprefix("torch.")
     settings = SynthesisSettings(
         source_dataset=args.dataset,
         pipeline=args.pipeline,

@@ -167,15 +167,16 @@ class DomainBatchSampler:
 
     def record_loss(self, domain: int, loss: torch.Tensor | float) -> None:
         """Add one batch's loss (UDON: the teacher classification loss; a scalar tensor on any device, or a float) to
-        its domain's window. No host sync: the window lives on the loss's device."""
+        its domain's window (a non-finite loss is left out). No host sync: the window lives on the loss's device."""
         loss = torch.as_tensor(loss).detach()
         if self.loss_sums is None:
             self.loss_sums = torch.zeros(len(self.sizes), dtype=torch.float64, device=loss.device)
             self.loss_counts = torch.zeros(len(self.sizes), dtype=torch.float64, device=loss.device)
         elif self.loss_sums.device != loss.device:  # e.g. a window restored on the CPU, losses on the GPU
             self.loss_sums, self.loss_counts = self.loss_sums.to(loss.device), self.loss_counts.to(loss.device)
-        self.loss_sums[domain] += loss.to(torch.float64)
-        self.loss_counts[domain] += 1
+        finite = torch.isfinite(loss)  # a NaN / inf loss (a skipped step) would poison the weights: not counted
+        self.loss_sums[domain] += torch.where(finite, loss.to(torch.float64), 0.0)
+        self.loss_counts[domain] += finite.to(torch.float64)
 
     def step(self, reduce=None) -> list[float] | None:
         """Count one optimizer step; every `update_every` steps, [`update`] the dynamic weights. Call it on every

@@ -72,7 +72,8 @@ def unic_loss(
 
     Args:
         losses: `[B, T]`.
-        coefficients: `[B, T]` in {0, 1} (all ones without teacher dropping).
+        coefficients: `[B, T]` in {0, 1} (all ones without teacher dropping). An image whose coefficients are all 0
+            (no valid teacher, see [`distillation_loss`]) is left out of the mean; if no image is left, the loss is 0.
         normalization: `"image"` (paper intent: each image is the mean over its kept teachers, then images are
             averaged, so every image weighs the same) or `"batch"` (UNIC code: sum of kept losses divided by the number
             of kept (image, teacher) pairs in the batch).
@@ -81,10 +82,13 @@ def unic_loss(
         coefficients = torch.ones_like(losses)
     coefficients = coefficients.detach()
     weighted = losses * coefficients
+    kept = coefficients.sum(dim=-1)
     if normalization == "image":
-        return (weighted.sum(dim=-1) / coefficients.sum(dim=-1)).mean()
+        # an image without any kept teacher (all its targets non-finite) is left out; without masks there is none
+        has_teacher = (kept > 0).to(losses.dtype)
+        return (weighted.sum(dim=-1) / kept.clamp_min(1.0) * has_teacher).sum() / has_teacher.sum().clamp_min(1.0)
     if normalization == "batch":
-        return weighted.sum() / coefficients.sum()
+        return weighted.sum() / kept.sum().clamp_min(1.0)
     raise ValueError(f"normalization must be one of {COEFFICIENT_NORMALIZATIONS}, got {normalization!r}.")
 
 
@@ -95,6 +99,7 @@ def distillation_loss(
     drop_prob: float = 0.0,
     normalization: str = "image",
     generator: torch.Generator | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]], torch.Tensor]:
     """The UNIC objective of one batch: per-teacher losses, teacher dropping, total loss.
 
@@ -103,6 +108,11 @@ def distillation_loss(
         targets: per teacher, the (standardized) `(summary [B, D], patch tokens [B, N, D])`.
         drop_prob: teacher dropping probability (0: keep all teachers, e.g. at evaluation).
         normalization, generator: see [`unic_loss`] and [`teacher_drop_coefficients`].
+        valid: `[B, T]` bool, the (image, teacher) pairs whose target is usable (finite teacher outputs). The others
+            get coefficient 0 and never count as an image's largest loss; the image's other teachers still count,
+            and an image without any valid teacher is left out of the loss. `None`: all valid. The targets of invalid
+            pairs must still be finite (e.g. the zeros [`FeatureStandardizer`] gives them): NaN times a zero
+            coefficient is NaN in the backward pass.
 
     Returns:
         `(loss, per-teacher terms of [`teacher_losses`], coefficients [B, T])`, all tensors (no host sync).
@@ -112,5 +122,10 @@ def distillation_loss(
         for cls_pred, patch_pred, (cls_target, patch_target) in zip(cls_predictions, patch_predictions, targets)
     ]
     losses = torch.stack([terms["loss"] for terms in per_teacher], dim=1)
-    coefficients = teacher_drop_coefficients(losses, drop_prob, generator)
+    if valid is None:
+        coefficients = teacher_drop_coefficients(losses, drop_prob, generator)
+    else:
+        ranked = losses.detach().masked_fill(~valid, float("-inf"))
+        coefficients = teacher_drop_coefficients(ranked, drop_prob, generator) * valid.to(losses.dtype)
+        losses = torch.where(valid, losses, 0.0)
     return unic_loss(losses, coefficients, normalization), per_teacher, coefficients

@@ -43,6 +43,7 @@ from ..data.synthetic_dataset import (
     shard_name,
 )
 from ..io_utils import atomic_path, write_json_atomically
+from ..precision import DTYPES
 from .pipeline_image_mixer import ImageMixerPipeline
 
 __all__ = [
@@ -60,7 +61,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = DTYPES  # the explicit dtypes; `auto` is resolved by the recipe ([`resolve_dtype`])
 
 FEATURES = Features(
     {

@@ -4,9 +4,11 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .nonfinite import NonFiniteArguments
+
 
 @dataclass
-class KDConfig(TrainingArguments):
+class KDConfig(TrainingArguments, NonFiniteArguments):
     r"""
     Configuration of [`KDTrainer`]: all [`~transformers.TrainingArguments`] plus the distillation settings below.
     The loss is `(1 - alpha) * CE + alpha * temperature^2 * KL` on real images and the KL term alone on synthetic ones
@@ -25,6 +27,9 @@ class KDConfig(TrainingArguments):
         color_jitter_prob, grayscale_prob, blur_prob, solarize_prob (`float`, default to 0): probabilities of the
             other DINO / UNIC augmentations ([`UnicAugmentation`]), applied after the crop; 0 skips the op exactly.
             Real and synthetic images get the same augmentations; the teacher sees the student's view.
+        max_nonfinite_fraction (`float`, defaults to 0.25), max_skipped_steps (`int`, defaults to 10):
+            Limits of the non-finite guard ([`~hf_distill.trainers.nonfinite.NonFiniteArguments`]): training stops
+            when more of a teacher's samples in a logging window, or more consecutive steps, are non-finite.
     """
 
     alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term, in [0, 1]."})

@@ -11,8 +11,11 @@ from ..data.augmentations import UnicAugmentation, resize_center
 from ..data.image_datasets import ImageCollator
 from ..data.mixed_batch_sampler import MixedBatchSampler
 from ..losses.kd import kd_loss
+from ..models.modeling_teacher import teacher_name
 from ..models.probed_teacher import ProbedTeacher
+from ..precision import warn_if_emulated_autocast
 from .kd_config import KDConfig
+from .nonfinite import NonFiniteGuard, assert_finite_weights, finite_rows
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,11 @@ class KDTrainer(Trainer):
         num_synthetic (`int`): number of synthetic rows at the end of `train_dataset`.
         image_mean, image_std (`list[float]`): the student's input normalization.
         Other arguments are those of [`~transformers.Trainer`].
+
+    Non-finite values ([`NonFiniteGuard`]): a row whose teacher logits hold NaN / inf gets no distillation term (its
+    teacher side is replaced by the student's own detached logits: zero KL, zero gradient; the KL mean still divides
+    by the batch size) and its cross-entropy still counts; the rows are counted in `nonfinite/<teacher>_skipped_samples`.
+    A step whose loss or gradients are not finite is skipped.
     """
 
     _tag_names = ["hf_distill", "distillation", "image-classification"]
@@ -76,6 +84,10 @@ class KDTrainer(Trainer):
             **kwargs,
         )
         self.add_callback(_SamplerEpoch(self.batch_sampler))
+        warn_if_emulated_autocast(args)
+        self.teacher_name = f"probed {teacher_name(teacher.teacher)}"
+        self.nonfinite = NonFiniteGuard([self.teacher_name], args, args.device)
+        self.add_callback(self.nonfinite)
         self.teacher = self._prepare_teacher(teacher)
         self.augmentation = UnicAugmentation(
             scale=(args.crop_scale, 1.0),
@@ -131,25 +143,38 @@ class KDTrainer(Trainer):
         return (views - self._mean) / self._std
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        views = self.views(inputs["pixel_values"], model.training)
+        training = model.training
+        views = self.views(inputs["pixel_values"], training)
         labels = inputs["labels"]
         outputs = model(pixel_values=views)
         if self.args.alpha > 0:
             with torch.inference_mode():
                 teacher_logits = self.teacher(views, self._mean.flatten(), self._std.flatten()).clone()
+            valid = finite_rows(teacher_logits)
+            # a row without finite teacher logits: the student's own detached prediction (zero KL, zero gradient)
+            teacher_logits = torch.where(valid[:, None], teacher_logits, outputs.logits.detach())
+            if training:
+                self.nonfinite.count_samples(0, valid)
         else:  # plain supervised training: the teacher is not run (the logged KL is 0)
             teacher_logits = outputs.logits.detach()
         terms = kd_loss(
             outputs.logits, teacher_logits, labels, alpha=self.args.alpha, temperature=self.args.temperature
         )
+        loss = terms.loss
+        if training:
+            self.nonfinite.count_terms({"cross_entropy": terms.cross_entropy, "kl": terms.kl})
+            loss = self.nonfinite.poison(loss)
         self._metrics["cross_entropy"].append(terms.cross_entropy)
         self._metrics["kl"].append(terms.kl)
         self._metrics["synthetic_fraction"].append((labels == -100).float().mean())
-        return (terms.loss, outputs) if return_outputs else terms.loss
+        return (loss, outputs) if return_outputs else loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints keep the model's live parameter names (`save_original_format=False`): transformers 5's Trainer
-        resume loads them without the legacy-name conversion. The final save is a standard `save_pretrained`."""
+        resume loads them without the legacy-name conversion. The final save is a standard `save_pretrained`, refused
+        when a weight is not finite."""
+        if not _internal_call:
+            assert_finite_weights(self.accelerator.get_state_dict(self.model), "the student")
         if not _internal_call or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super().save_model(output_dir, _internal_call=_internal_call)
         model = self.accelerator.unwrap_model(self.model)
@@ -157,11 +182,11 @@ class KDTrainer(Trainer):
         return None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Loss terms averaged since the last log (one host sync)."""
-        if self._metrics and "loss" in logs:
-            names = sorted(self._metrics)
-            values = torch.stack([torch.stack(self._metrics[name]).mean() for name in names]).tolist()
-            logs.update(dict(zip(names, values)))
+        """Loss terms averaged since the last log over steps and processes, and the non-finite counters (one
+        collective, one host sync); stops when the teacher or the steps are non-finite too often."""
+        metrics = self._metrics if "loss" in logs else {}
+        logs.update(self.nonfinite.log_values(metrics, self.accelerator))
+        if metrics:
             self._metrics.clear()
         super().log(logs, start_time)
 

@@ -5,10 +5,11 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..data.domain_sampler import STRATEGIES
+from .nonfinite import NonFiniteArguments
 
 
 @dataclass
-class UdonConfig(TrainingArguments):
+class UdonConfig(TrainingArguments, NonFiniteArguments):
     r"""
     Configuration of [`UdonTrainer`]: all [`~transformers.TrainingArguments`] plus the UDON settings below. Defaults
     follow the UDON code: heads and classifiers at `learning_rate` 1e-3, backbone at 1e-5 and frozen for the first 2
@@ -23,6 +24,9 @@ class UdonConfig(TrainingArguments):
         image_size (`int`, defaults to 224): side of the training crops.
         load_size (`int`, defaults to 256): side the images are resized (and center-cropped) to before cropping.
         flip_prob (`float`, defaults to 0.5): horizontal flip probability.
+        max_nonfinite_fraction (`float`, defaults to 0.25), max_skipped_steps (`int`, defaults to 10):
+            Limits of the non-finite guard ([`~hf_distill.trainers.nonfinite.NonFiniteArguments`]): training stops
+            when more of a teacher's samples in a logging window, or more consecutive steps, are non-finite.
     """
 
     sampling: str = field(default="dynamic", metadata={"help": f"Domain sampling strategy, one of {STRATEGIES}."})

@@ -15,6 +15,8 @@ from ..data.domain_sampler import DomainBatchSampler
 from ..data.image_datasets import ImageCollator
 from ..io_utils import write_json_atomically
 from ..models.modeling_udon import UdonModel
+from ..precision import warn_if_emulated_autocast
+from .nonfinite import NonFiniteGuard, assert_finite_weights
 from .udon_config import UdonConfig
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,12 @@ class UdonTrainer(Trainer):
             from [`load_domains`].
         domain_sizes (`list[int]`): training rows per domain.
         Other arguments are those of [`~transformers.Trainer`].
+
+    Non-finite values ([`NonFiniteGuard`]): the UDON terms are relational over the whole batch, so a NaN / inf in one
+    image's embedding spoils every term of its batch: that step is skipped (no update; counted in
+    `nonfinite/skipped_steps`, the non-finite terms in `nonfinite/<domain>/<term>`), its loss is not recorded by the
+    dynamic sampler, and after `--max_skipped_steps` consecutive skipped steps training stops naming the domain and
+    the terms.
     """
 
     _tag_names = ["hf_distill", "udon", "distillation", "image-retrieval"]
@@ -99,6 +107,9 @@ class UdonTrainer(Trainer):
             **kwargs,
         )
         self.add_callback(_UdonSchedule(self))
+        warn_if_emulated_autocast(args)
+        self.nonfinite = NonFiniteGuard([], args, args.device)
+        self.add_callback(self.nonfinite)
         self.udon_model = model
         self._mean = torch.tensor(model.config.image_mean, device=args.device).view(1, -1, 1, 1)
         self._std = torch.tensor(model.config.image_std, device=args.device).view(1, -1, 1, 1)
@@ -173,22 +184,23 @@ class UdonTrainer(Trainer):
             pixel_values=self._views(inputs["pixel_values"], training), domain=domain, labels=inputs["labels"]
         )
         terms = outputs.loss_terms
+        name = self.udon_model.config.domain_names[domain]
+        loss = outputs.loss
         if training:
             tracked = terms.get("teacher_classification", terms["student_classification"])
-            self.domain_sampler.record_loss(domain, tracked)
-        name = self.udon_model.config.domain_names[domain]
+            self.domain_sampler.record_loss(domain, tracked)  # non-finite losses are not counted by the sampler
+            self.nonfinite.count_terms({f"{name}/{term}": value for term, value in terms.items()})
+            loss = self.nonfinite.poison(loss)
         self._metrics[f"{name}/loss"].append(outputs.loss.detach())
         for term, value in terms.items():
             self._metrics[f"{term}"].append(value.detach())
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Per-domain losses and loss terms averaged since the last log (one host sync), sampler weights."""
-        if self._metrics:
-            names = sorted(self._metrics)
-            values = [torch.stack(self._metrics[name]).mean() for name in names]
-            logs.update({name: value.item() for name, value in zip(names, values)})
-            self._metrics.clear()
+        """Per-domain losses and loss terms averaged since the last log over steps and processes, the non-finite
+        counters (one collective, one host sync), sampler weights; stops when steps are skipped too often."""
+        logs.update(self.nonfinite.log_values(self._metrics, self.accelerator))
+        self._metrics.clear()
         if "loss" in logs:
             for name, weight in zip(self.udon_model.config.domain_names, self.domain_sampler.current_weights):
                 logs[f"sampler/{name}"] = weight
@@ -196,10 +208,11 @@ class UdonTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints keep the full model (heads, classifiers); the final save exports ONLY the universal embedding
-        model (backbone + student head + L2 norm), atomically."""
+        model (backbone + student head + L2 norm), atomically, refused when a weight is not finite."""
         if _internal_call:
             return super().save_model(output_dir, _internal_call=True)
         output_dir = output_dir or self.args.output_dir
+        assert_finite_weights(self.udon_model.state_dict(), "the universal embedding model")
         if self.args.should_save:
             self.udon_model.save_embedding_model(output_dir, self.args.image_size)
             logger.info("Exported the universal embedding model to %s", output_dir)

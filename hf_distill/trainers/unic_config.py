@@ -6,12 +6,14 @@ from transformers import TrainingArguments
 
 from ..losses.unic import COEFFICIENT_NORMALIZATIONS
 from ..models.configuration_teacher import GRID_ALIGNMENTS, SUMMARY_TYPES
+from ..precision import resolve_dtype
+from .nonfinite import NonFiniteArguments
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class UnicConfig(TrainingArguments):
+class UnicConfig(TrainingArguments, NonFiniteArguments):
     r"""
     Configuration of [`UnicTrainer`]: all [`~transformers.TrainingArguments`] plus the UNIC settings below. Defaults
     of the optimizer follow the UNIC code (AdamW betas (0.9, 0.99), weight decay 0.03 on >= 2-D weights only, cosine
@@ -31,8 +33,9 @@ class UnicConfig(TrainingArguments):
         teacher_image_size (`list[int]`, *optional*):
             Per teacher (or one for all): input resolution in `interpolate` mode (default: the student's).
         teacher_dtype (`str`, defaults to `"auto"`):
-            Dtype of the teachers' weights: `auto` (bfloat16 with `--bf16`, float16 with `--fp16`, else float32),
-            `float32`, `bfloat16` or `float16`.
+            Dtype of the teachers' weights: `auto` (float16 with `--fp16`; else bfloat16 where the device runs it
+            natively: CUDA with bfloat16, CPUs with AVX512-BF16 or AMX; float32 otherwise, see
+            [`~hf_distill.precision.native_bf16`]), `float32`, `bfloat16` or `float16`. The choice is logged.
         teacher_drop_prob (`float`, defaults to 0.5):
             Teacher dropping probability `p` (UNIC eq. 4; 0.5 for ViT-B, 0.25 for ViT-L). 0 disables dropping.
         loss_normalization (`str`, defaults to `"image"`):
@@ -53,9 +56,13 @@ class UnicConfig(TrainingArguments):
             once and read during training instead of running the teachers.
         teacher_cache_views (`int`, defaults to 2):
             Number of fixed views per image in the cache (1: center, 2: center and flip).
+        max_nonfinite_fraction (`float`, defaults to 0.25), max_skipped_steps (`int`, defaults to 10):
+            Limits of the non-finite guard ([`~hf_distill.trainers.nonfinite.NonFiniteArguments`]): training stops
+            when more of a teacher's samples in a logging window, or more consecutive steps, are non-finite.
 
-    Speed: `--bf16` runs the student under bfloat16 autocast and (with `teacher_dtype="auto"`) keeps the teachers in
-    bfloat16; teachers always run in inference mode. `--torch_compile` (with `--torch_compile_backend` /
+    Speed: `--bf16` runs the student under bfloat16 autocast (a warning is logged where bfloat16 is emulated, e.g. an
+    AVX2-only CPU); `teacher_dtype="auto"` keeps the teachers in bfloat16 where the hardware runs it natively;
+    teachers always run in inference mode. `--torch_compile` (with `--torch_compile_backend` /
     `--torch_compile_mode`) compiles the student AND the teachers (those prepared by Accelerate; not DeepSpeed / FSDP
     teachers).
     """
@@ -155,12 +162,11 @@ class UnicConfig(TrainingArguments):
             raise ValueError(f"--load_size ({self.load_size}) must be >= --image_size ({self.image_size}).")
 
     def teacher_torch_dtype(self):
-        """The `torch.dtype` of the teachers' weights (`None`: keep float32)."""
-        import torch
-
-        if self.teacher_dtype == "auto":
-            return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else None
-        return getattr(torch, self.teacher_dtype)
+        """The `torch.dtype` of the teachers' weights on `self.device` (`auto`: [`~hf_distill.precision.auto_dtype`],
+        float16 with `--fp16`), logged with the reason of the choice."""
+        if self.teacher_dtype == "auto" and self.fp16:
+            return resolve_dtype("float16", self.device, "teachers (auto with --fp16)")
+        return resolve_dtype(self.teacher_dtype, self.device, "teachers")
 
     def teacher_options(self, index: int) -> dict:
         """Loading options of the `index`-th teacher, from the per-teacher lists (one value broadcasts)."""

@@ -26,6 +26,8 @@ from ..models.configuration_teacher import TeacherConfig
 from ..models.modeling_teacher import load_teacher, teacher_name, teacher_source
 from ..models.modeling_unic import UnicStudentModel
 from ..models.standardization import ema_weight
+from ..precision import warn_if_emulated_autocast
+from .nonfinite import NonFiniteGuard, assert_finite_weights, finite_rows
 from .unic_config import UnicConfig
 
 logger = logging.getLogger(__name__)
@@ -48,12 +50,20 @@ def teacher_outputs(
 
 
 def standardize_targets(
-    student: UnicStudentModel, outputs: list[tuple[torch.Tensor, torch.Tensor]], ema_weight: float | None
+    student: UnicStudentModel,
+    outputs: list[tuple[torch.Tensor, torch.Tensor]],
+    ema_weight: float | None,
+    valid: list[torch.Tensor] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-teacher standardization of the targets (statistics updated in training, when `ema_weight` is given)."""
+    """Per-teacher standardization of the targets (statistics updated in training, when `ema_weight` is given).
+    `valid` (per teacher, `[B]` bool): rows left out of that teacher's statistics, standardized to 0."""
+    valid = valid or [None] * len(outputs)
     return [
-        (student.cls_standardizers[name](summary, ema_weight), student.patch_standardizers[name](patch, ema_weight))
-        for name, (summary, patch) in zip(student.config.teacher_names, outputs)
+        (
+            student.cls_standardizers[name](summary, ema_weight, valid=rows),
+            student.patch_standardizers[name](patch, ema_weight, valid=rows),
+        )
+        for name, (summary, patch), rows in zip(student.config.teacher_names, outputs, valid)
     ]
 
 
@@ -81,6 +91,11 @@ class UnicTrainer(Trainer):
         train_dataset: a dataset whose examples hold a PIL image under `image_column`.
         image_column (`str`, defaults to `"image"`): column read by the default collator.
         Other arguments are those of [`~transformers.Trainer`].
+
+    Non-finite values ([`NonFiniteGuard`]): an image whose outputs of one teacher hold NaN / inf is left out of that
+    teacher's standardization statistics and loss (its other teachers still count; an image without any finite
+    teacher is left out of the loss), counted in `nonfinite/<teacher>_skipped_samples`; a step whose loss or gradients
+    are not finite is skipped. Too many of either stop training with an error naming the teacher.
     """
 
     _tag_names = ["hf_distill", "unic", "distillation"]
@@ -141,6 +156,9 @@ class UnicTrainer(Trainer):
         )
         self.loss_is_scaled_for_ga = False  # per-batch mean: the Trainer divides by the accumulation steps
         self.teacher_names = model.config.teacher_names
+        warn_if_emulated_autocast(args)
+        self.nonfinite = NonFiniteGuard(self.teacher_names, args, args.device)
+        self.add_callback(self.nonfinite)
         self.teachers = [self._load_and_prepare_teacher(teacher, index) for index, teacher in enumerate(teachers)]
         self.augmentation = UnicAugmentation(
             scale=tuple(args.crop_scale),
@@ -269,7 +287,9 @@ class UnicTrainer(Trainer):
             ]
         else:
             outputs = teacher_outputs(self.teachers, pixel_values, self._student_mean, self._student_std, grid)
-        targets = standardize_targets(student, outputs, weight)
+        # a teacher's non-finite rows: out of its statistics (standardized to 0) and of its loss, counted
+        valid = [finite_rows(summary, patch) for summary, patch in outputs]
+        targets = standardize_targets(student, outputs, weight, valid)
 
         outputs = model(pixel_values=pixel_values)
         loss, per_teacher, coefficients = distillation_loss(
@@ -279,13 +299,22 @@ class UnicTrainer(Trainer):
             drop_prob=self.args.teacher_drop_prob if training else 0.0,
             normalization=self.args.loss_normalization,
             generator=generator,
+            valid=torch.stack(valid, dim=1),
         )
 
         metrics = self._metrics["train" if training else "eval"]
-        for index, (name, terms) in enumerate(zip(self.teacher_names, per_teacher)):
-            metrics[f"{name}/cls_loss"].append(terms["cls"].detach().mean())
-            metrics[f"{name}/patch_loss"].append(terms["patch"].detach().mean())
+        teacher_losses = {}
+        for index, (name, terms, rows) in enumerate(zip(self.teacher_names, per_teacher, valid)):
+            count = rows.sum().clamp_min(1)
+            for term in ("cls", "patch"):  # means over the teacher's valid rows
+                metrics[f"{name}/{term}_loss"].append(torch.where(rows, terms[term].detach(), 0.0).sum() / count)
             metrics[f"{name}/kept"].append(coefficients[:, index].mean())
+            teacher_losses[f"{name}/loss"] = torch.where(rows, terms["loss"].detach(), 0.0)
+            if training:
+                self.nonfinite.count_samples(index, rows)
+        if training:
+            self.nonfinite.count_terms(teacher_losses)
+            loss = self.nonfinite.poison(loss)
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -302,15 +331,13 @@ class UnicTrainer(Trainer):
     # ------------------------------------------------------------------ logging and saving
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Per-teacher losses and kept fractions averaged since the last log over steps and processes, and the
+        non-finite counters (one collective, one host sync); stops when a teacher or the steps are non-finite too
+        often."""
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
-        if metrics:
-            names = sorted(metrics)
-            values = torch.stack([torch.stack(metrics[name]).mean() for name in names])
-            values = self.accelerator.reduce(values, reduction="mean").tolist()  # one host sync per log
-            prefix = "eval_" if mode == "eval" else ""
-            logs.update({f"{prefix}{name}": value for name, value in zip(names, values)})
-            metrics.clear()
+        logs.update(self.nonfinite.log_values(metrics, self.accelerator, prefix="eval_" if mode == "eval" else ""))
+        metrics.clear()
         super().log(logs, start_time)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -326,6 +353,7 @@ class UnicTrainer(Trainer):
         encoder_state = {
             key.removeprefix("backbone."): v for key, v in state_dict.items() if key.startswith("backbone.")
         }
+        assert_finite_weights(encoder_state, "the student encoder")
         os.makedirs(output_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".export-", dir=output_dir)
         try:
