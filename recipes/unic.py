@@ -23,6 +23,7 @@ from transformers import AutoConfig, set_seed
 
 from hf_distill.cli import checkpoint_to_resume, exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.data.image_datasets import load_image_dataset
+from hf_distill.data.image_verification import verify_images
 from hf_distill.data.teacher_cache import TeacherOutputCache
 from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher, load_teacher_config
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
     train_dataset = load_image_dataset(script_args.train_data, script_args.image_column, script_args.dataset_split)
     if script_args.max_train_samples is not None:
         train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
+    train_dataset = verify_images(train_dataset, training_args, script_args.image_column)  # unreadable images listed here
 
     student_config = UnicStudentConfig(
         backbone_config=backbone_config,

@@ -25,6 +25,10 @@ class KDConfig(TrainingArguments):
         color_jitter_prob, grayscale_prob, blur_prob, solarize_prob (`float`, default to 0): probabilities of the
             other DINO / UNIC augmentations ([`UnicAugmentation`]), applied after the crop; 0 skips the op exactly.
             Real and synthetic images get the same augmentations; the teacher sees the student's view.
+        verify_images (`bool`, defaults to `True`): decode every image once before training (in parallel, cached
+            by dataset fingerprint) and stop with the list of unreadable files; `False` skips the check.
+        skip_bad_images (`bool`, defaults to `False`): train without the unreadable images found by the check
+            (each one is logged) instead of stopping.
     """
 
     alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term, in [0, 1]."})
@@ -39,6 +43,18 @@ class KDConfig(TrainingArguments):
     blur_prob: float = field(default=0.0, metadata={"help": "Gaussian blur probability."})
     solarize_prob: float = field(default=0.0, metadata={"help": "Solarization probability."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image/label columns."})
+
+    verify_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every image once before training (parallel, cached by dataset fingerprint) and stop with "
+            "the list of unreadable files. False skips the check."
+        },
+    )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={"help": "Train without the unreadable images found by --verify_images (each one logged)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -23,6 +23,10 @@ class UdonConfig(TrainingArguments):
         image_size (`int`, defaults to 224): side of the training crops.
         load_size (`int`, defaults to 256): side the images are resized (and center-cropped) to before cropping.
         flip_prob (`float`, defaults to 0.5): horizontal flip probability.
+        verify_images (`bool`, defaults to `True`): decode every image once before training (in parallel, cached
+            by dataset fingerprint) and stop with the list of unreadable files; `False` skips the check.
+        skip_bad_images (`bool`, defaults to `False`): train without the unreadable images found by the check
+            (each one is logged) instead of stopping.
     """
 
     sampling: str = field(default="dynamic", metadata={"help": f"Domain sampling strategy, one of {STRATEGIES}."})
@@ -39,6 +43,18 @@ class UdonConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image/label/domain columns."})
     ddp_find_unused_parameters: bool | None = field(
         default=True, metadata={"help": "Each batch uses one domain's heads, so DDP must expect unused parameters."}
+    )
+
+    verify_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every image once before training (parallel, cached by dataset fingerprint) and stop with "
+            "the list of unreadable files. False skips the check."
+        },
+    )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={"help": "Train without the unreadable images found by --verify_images (each one logged)."},
     )
 
     def __post_init__(self):

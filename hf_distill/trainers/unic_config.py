@@ -53,6 +53,11 @@ class UnicConfig(TrainingArguments):
             once and read during training instead of running the teachers.
         teacher_cache_views (`int`, defaults to 2):
             Number of fixed views per image in the cache (1: center, 2: center and flip).
+        verify_images (`bool`, defaults to `True`):
+            Decode every image once before training (in parallel, cached by dataset fingerprint) and stop with the
+            list of unreadable files; `False` skips the check.
+        skip_bad_images (`bool`, defaults to `False`):
+            Train without the unreadable images found by the check (each one is logged) instead of stopping.
 
     Speed: `--bf16` runs the student under bfloat16 autocast and (with `teacher_dtype="auto"`) keeps the teachers in
     bfloat16; teachers always run in inference mode. `--torch_compile` (with `--torch_compile_backend` /
@@ -121,6 +126,18 @@ class UnicConfig(TrainingArguments):
     )
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "The student has no unused trainable parameters (leave False)."}
+    )
+
+    verify_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every image once before training (parallel, cached by dataset fingerprint) and stop with "
+            "the list of unreadable files. False skips the check."
+        },
+    )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={"help": "Train without the unreadable images found by --verify_images (each one logged)."},
     )
 
     def __post_init__(self):
