@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
     train_dataset = load_image_dataset(script_args.train_data, script_args.image_column, script_args.dataset_split)
     if script_args.max_train_samples is not None:
         train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
-    train_dataset = verify_images(train_dataset, training_args, script_args.image_column)  # unreadable images listed here
+    train_dataset = verify_images(train_dataset, training_args, script_args.image_column)  # lists unreadable files
 
     student_config = UnicStudentConfig(
         backbone_config=backbone_config,

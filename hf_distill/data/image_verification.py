@@ -101,9 +101,8 @@ def find_unreadable_images(
             try:
                 with open(cache_path) as handle:
                     cached = json.load(handle)
-                if (cached["fingerprint"], cached["image_column"], cached["num_images"]) == (
-                    fingerprint, image_column, len(dataset),
-                ):  # fmt: skip
+                expected = {"fingerprint": fingerprint, "image_column": image_column, "num_images": len(dataset)}
+                if all(cached[key] == value for key, value in expected.items()):
                     logger.info(
                         "%s: reusing the check of these %d images in %s", description, len(dataset), cache_path
                     )
@@ -130,20 +129,22 @@ def find_unreadable_images(
             bar.update(size)
     bar.close()
     if cache_path is not None:
-        write_json_atomically(
-            cache_path,
-            {
-                "fingerprint": fingerprint,
-                "image_column": image_column,
-                "num_images": len(dataset),
-                "unreadable": [asdict(entry) for entry in found],
-            },
-        )
+        report = {
+            "fingerprint": fingerprint,
+            "image_column": image_column,
+            "num_images": len(dataset),
+            "unreadable": [asdict(entry) for entry in found],
+        }
+        try:
+            write_json_atomically(cache_path, report)
+        except OSError as error:  # e.g. a read-only cache: the check is simply not remembered
+            logger.warning("Could not save the image check in %s (%s): the next run checks again.", cache_path, error)
     return found
 
 
 def with_dataset_index(dataset: Dataset, image_column: str = "image") -> Dataset:
-    """`dataset` with its row numbers in `DATASET_INDEX_COLUMN` and its images left undecoded, so that the collator decodes them and names the index and file of one that fails."""
+    """`dataset` with its row numbers in `DATASET_INDEX_COLUMN` and its images left undecoded, so that the collator
+    decodes them and names the index and file of one that fails."""
     if not isinstance(dataset.features.get(image_column), ImageFeature):
         return dataset  # not a datasets.Image column: the collator gets whatever it holds, as before
     if DATASET_INDEX_COLUMN not in dataset.column_names:

@@ -2,8 +2,8 @@
 
 Useful when teachers dominate the cost (CPU runs, small datasets, task-specific probing). Every training image has
 `num_views` fixed views: view 0 is the resized center crop, view 1 its horizontal flip. For each teacher the summary
-token `[D]` and the patch tokens `[h * w, D]` of every (image, view) are stored in safetensors shards. During training a
-view is drawn per image and the stored outputs are read instead of running the teachers (no random crops or color
+token `[D]` and the patch tokens `[h * w, D]` of every (image, view) are stored in safetensors shards. During training
+a view is drawn per image and the stored outputs are read instead of running the teachers (no random crops or color
 augmentation in this mode).
 
 Layout: `DIR/shard-00000.safetensors` ... with tensors `{teacher}.summary` `[n, V, D]` and `{teacher}.patch`
