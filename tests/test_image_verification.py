@@ -1,6 +1,8 @@
+import contextlib
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,8 +10,9 @@ from datasets import Dataset, load_dataset, load_from_disk
 from PIL import Image
 
 from hf_distill.data import image_verification
+from hf_distill.data.domains import load_domains
 from hf_distill.data.image_datasets import DATASET_INDEX_COLUMN, ImageCollator
-from hf_distill.data.image_verification import find_unreadable_images, with_dataset_index
+from hf_distill.data.image_verification import find_unreadable_images, verify_domain_images, with_dataset_index
 
 from .test_recipe_unic import recipe, recipe_args
 
@@ -116,3 +119,34 @@ def test_collator_names_the_dataset_index_of_stored_image_bytes(image_dataset_di
     decoded = Dataset.from_dict({"image": images})
     expected = ImageCollator(32)([decoded[i] for i in (0, 1, 3)])["pixel_values"]
     assert torch.equal(collate([rows[0], rows[1], rows[3]])["pixel_values"], expected)
+
+
+def check_args(**options):
+    """The few training arguments `verify_images` reads."""
+    defaults = {"verify_images": True, "skip_bad_images": False, "local_process_index": 0, "disable_tqdm": True}
+    return SimpleNamespace(**{**defaults, **options}, main_process_first=lambda desc: contextlib.nullcontext())
+
+
+def test_udon_domains_lose_only_their_unreadable_images(broken_folder, image_dataset_dir):
+    root, truncated, empty = broken_folder
+    specs = [{"name": "broken", "path": root, "eval_fraction": 0.25}, {"name": "clean", "path": image_dataset_dir}]
+    data = load_domains(specs)
+    with pytest.raises(ValueError, match="2 unreadable image") as error:
+        verify_domain_images(data, check_args())
+    assert truncated in str(error.value) and empty in str(error.value)
+
+    checked = verify_domain_images(data, check_args(skip_bad_images=True))
+    paths = [value["path"] for value in checked.train["image"]] + [
+        value["path"] for value in checked.eval["broken"]["image"]
+    ]
+    assert truncated not in paths and empty not in paths
+    domains = checked.train["domain"]
+    assert domains == sorted(domains)  # each domain's rows stay contiguous
+    for index, domain in enumerate(checked.domains):
+        assert domain["num_train"] == domains.count(index)
+        assert domain["num_eval"] == len(checked.eval[domain["name"]])
+    assert checked.domains[1] == data.domains[1]  # the clean domain is untouched
+    lost = (data.domains[0]["num_train"] - checked.domains[0]["num_train"]) + (
+        data.domains[0]["num_eval"] - checked.domains[0]["num_eval"]
+    )
+    assert lost == 2
