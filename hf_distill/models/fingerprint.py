@@ -53,7 +53,10 @@ def teacher_identity(teacher: nn.Module) -> dict:
         "class": type(teacher).__name__,
         "weights": weights_fingerprint(teacher),
         "dtype": str(parameter.dtype).removeprefix("torch.") if parameter is not None else None,
-        "summary": getattr(config, "summary", None) or _function_name(getattr(teacher, "summary_fn", None)),
+        # a ModuleTeacher's summary is its summary_fn, else the mean of the patch grid
+        "summary": getattr(config, "summary", None)
+        or _function_name(getattr(teacher, "summary_fn", None))
+        or "mean_patch",
         "feature_fn": _function_name(getattr(teacher, "feature_fn", None)),
         "image_mean": [float(v) for v in teacher.image_mean],
         "image_std": [float(v) for v in teacher.image_std],
