@@ -35,6 +35,7 @@ from transformers import (
 
 from hf_distill.cli import checkpoint_to_resume, exit_cleanly, parse_with_yaml, setup_logging
 from hf_distill.data.image_datasets import load_image_dataset
+from hf_distill.data.image_verification import verify_images
 from hf_distill.evaluation.features import encoder_fingerprint, extract_features
 from hf_distill.evaluation.linear_probe import fit_linear_probe
 from hf_distill.hub import create_or_update_model_card, plot_loss_terms, push_to_hub
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
     synthetic = (
         load_synthetic(script_args) if script_args.synthetic_dataset and training_args.synthetic_ratio else None
     )
+    checked = verify_images({"train": train, "eval": evaluation, "synthetic": synthetic}, training_args)
+    train, evaluation, synthetic = checked["train"], checked["eval"], checked["synthetic"]  # all images readable
     teacher_options = {"summary": script_args.teacher_summary, "image_size": script_args.teacher_image_size}
     teacher_options = {key: value for key, value in teacher_options.items() if value is not None}
     size = training_args.image_size

@@ -22,6 +22,7 @@ from transformers import AutoConfig, set_seed
 
 from hf_distill.cli import checkpoint_to_resume, exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.data.domains import load_domains
+from hf_distill.data.image_verification import verify_domain_images
 from hf_distill.evaluation.embedding_retrieval import multi_domain_retrieval
 from hf_distill.io_utils import write_json_atomically
 from hf_distill.losses.udon import MARGIN_TYPES
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
     setup_logging(training_args)
     set_seed(training_args.seed)
     data = load_domains(domain_specs, seed=training_args.seed)  # every data problem is reported here, before weights
+    data = verify_domain_images(data, training_args)  # unreadable images too (listed, or skipped and logged)
     model = build_model(script_args, data.domains, training_args.image_size)
     logger.info(
         "%s on %s: %d domains, %d training images, %s parameters",

@@ -17,14 +17,14 @@ student encoder as a stock transformers model: `AutoModel.from_pretrained(output
 """
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 from transformers import AutoConfig, set_seed
 
 from hf_distill.cli import checkpoint_to_resume, exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.data.image_datasets import load_image_dataset
-from hf_distill.data.teacher_cache import CACHE_INDEX, TeacherOutputCache
+from hf_distill.data.image_verification import verify_images
+from hf_distill.data.teacher_cache import TeacherOutputCache
 from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher, load_teacher_config
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from hf_distill.models.modeling_teacher import is_factory_spec
@@ -101,16 +101,19 @@ def load_student_backbone_config(source: str, image_size: int):
 
 
 def build_teacher_cache(training_args, teacher_sources, names, train_dataset, script_args, student) -> None:
-    """Run the teachers once over the fixed views of the training set, unless a complete cache is already there."""
-    if os.path.exists(os.path.join(training_args.teacher_cache, CACHE_INDEX)):
-        logger.info("Using the teacher-output cache in %s", training_args.teacher_cache)
+    """Run the teachers once over the fixed views of the training set. A cache already there is reused only where it
+    was built for exactly these teachers (weights fingerprints), options, sizes, views and data, and its shards pass
+    their checksums; the other shards are rebuilt. The other local processes wait for this one and read its result."""
+    if training_args.local_process_index != 0:
         return
     dtype = training_args.teacher_torch_dtype()
     teachers = []
     for index, (name, source) in enumerate(zip(names, teacher_sources)):
         teacher = load_teacher(source, dtype=dtype, **training_args.teacher_options(index))
         teachers.append((name, teacher.to(training_args.device)))
-    logger.info("Building the teacher-output cache in %s", training_args.teacher_cache)
+    logger.info(
+        "Checking (and building what is missing of) the teacher-output cache in %s", training_args.teacher_cache
+    )
     TeacherOutputCache.build(
         training_args.teacher_cache,
         teachers,
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
     train_dataset = load_image_dataset(script_args.train_data, script_args.image_column, script_args.dataset_split)
     if script_args.max_train_samples is not None:
         train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
+    train_dataset = verify_images(train_dataset, training_args, script_args.image_column)  # lists unreadable files
 
     student_config = UnicStudentConfig(
         backbone_config=backbone_config,

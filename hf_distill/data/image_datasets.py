@@ -5,9 +5,13 @@ import os
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Image as ImageFeature
 from PIL import Image
 
 from .synthetic_dataset import has_parquet_data, is_synthesis_folder, load_synthetic_dataset
+
+# row numbers of the dataset as loaded, added by `image_verification.verify_images` so errors can name them
+DATASET_INDEX_COLUMN = "__dataset_index__"
 
 
 def load_image_dataset(source: str, image_column: str = "image", split: str = "train") -> Dataset:
@@ -105,8 +109,30 @@ class ImageCollator:
             self.int_columns["sample_index"] = index_column
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        arrays = [_to_square_uint8(example[self.image_column], self.size) for example in examples]
+        arrays = [self._pixels(example) for example in examples]
         batch = {"pixel_values": torch.from_numpy(np.stack(arrays))}
         for key, column in self.int_columns.items():
             batch[key] = torch.tensor([example[column] for example in examples], dtype=torch.long)
         return batch
+
+    def _pixels(self, example: dict) -> np.ndarray:
+        """The example's image as `[3, size, size]` uint8. An undecoded image (`datasets.Image(decode=False)`, as
+        prepared by `verify_images`) is decoded here, so that one that cannot be read is reported with its dataset
+        index and file instead of a bare Pillow error."""
+        image = example[self.image_column]
+        try:
+            if isinstance(image, (dict, str)):
+                image = ImageFeature().decode_example(image)
+            return _to_square_uint8(image, self.size)
+        except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ...
+            index = example.get(DATASET_INDEX_COLUMN, example.get(self.int_columns.get("sample_index")))
+            if isinstance(image, dict):
+                source = image.get("path") or "image bytes stored in the dataset"
+            else:
+                source = image if isinstance(image, str) else getattr(image, "filename", None) or "in-memory image"
+            where = f"dataset index {index}" if index is not None else "an unknown dataset index"
+            raise ValueError(
+                f"Unreadable image at {where} ({source}): {type(error).__name__}: {error}. Fix or remove the file, or "
+                "run with image verification (on by default: --verify_images) to list every unreadable image before "
+                "training, and --skip_bad_images to train without them."
+            ) from error

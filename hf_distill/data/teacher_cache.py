@@ -2,31 +2,46 @@
 
 Useful when teachers dominate the cost (CPU runs, small datasets, task-specific probing). Every training image has
 `num_views` fixed views: view 0 is the resized center crop, view 1 its horizontal flip. For each teacher the summary
-token `[D]` and the patch tokens `[h * w, D]` of every (image, view) are stored in safetensors shards, written
-atomically one by one, so an interrupted build resumes where it stopped. During training a view is drawn per image and
-the stored outputs are read instead of running the teachers (no random crops or color augmentation in this mode).
+token `[D]` and the patch tokens `[h * w, D]` of every (image, view) are stored in safetensors shards. During training
+a view is drawn per image and the stored outputs are read instead of running the teachers (no random crops or color
+augmentation in this mode).
 
 Layout: `DIR/shard-00000.safetensors` ... with tensors `{teacher}.summary` `[n, V, D]` and `{teacher}.patch`
-`[n, V, h * w, D]`, and `DIR/cache.json` (written last) describing teachers, sizes, grid and the dataset fingerprint.
+`[n, V, h * w, D]`; beside each shard `shard-00000.json` (its cache key, rows, size and XXH3-128 checksum, written
+atomically after the shard); and `DIR/cache.json` (written last) describing teachers, sizes, grid, dataset and shards.
+
+Nothing stale, nothing mixed: the cache key covers everything that determines the stored values (each teacher's
+weights fingerprint, dtype and reading options, the student's image size, load size, normalization and grid, the
+views, the storage dtype, the dataset fingerprint and image column). [`TeacherOutputCache.build`] reuses a shard only
+when its key, size and checksum match, and rebuilds the others: a folder reused for another teacher, a changed option,
+a shard corrupted in place, or an interrupted build resumed with different teachers never mixes old outputs in.
 """
 
 import json
 import logging
 import os
+import re
 
 import torch
-from safetensors.torch import load_file
+import xxhash
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as serialize_safetensors
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..io_utils import save_safetensors_atomically, write_json_atomically
-from ..models.modeling_teacher import teacher_source
+from ..io_utils import atomic_path, write_json_atomically
+from ..models.fingerprint import teacher_identity
 from .augmentations import resize_center
 from .image_datasets import ImageCollator
 
 logger = logging.getLogger(__name__)
 INDEX_COLUMN = "__sample_index__"
 CACHE_INDEX = "cache.json"
+CACHE_FORMAT = 2
+SHARD_PATTERN = re.compile(r"shard-(\d{5})\.(safetensors|json)$")
+# identity fields recorded for each teacher but not part of the key: they do not change the stored values
+_NOT_KEYED = ("source", "revision")
 
 
 def fixed_views(pixel_values: torch.Tensor, size: int, views: torch.Tensor) -> torch.Tensor:
@@ -36,16 +51,100 @@ def fixed_views(pixel_values: torch.Tensor, size: int, views: torch.Tensor) -> t
     return torch.where((views == 1).view(-1, 1, 1, 1), images.flip(-1), images)
 
 
+def checksum(data: bytes | memoryview) -> str:
+    """XXH3-128 hex digest (about 4 GB/s on one core: every shard is verified each time the cache is opened)."""
+    return xxhash.xxh3_128(data).hexdigest()
+
+
+def file_checksum(path: str, chunk_size: int = 64 << 20) -> str:
+    """[`checksum`] of a file, read in chunks."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_json(path: str) -> dict | None:
+    """The JSON object in `path`, or `None` when it is missing or unreadable (a stale or partial record)."""
+    try:
+        with open(path) as handle:
+            payload = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """Names of the fields that differ between two key descriptions, e.g. `teachers[0].weights`, `load_size`."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new)):
+            found += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+        return found
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and prefix in ("teachers",):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{prefix}[{i}]")]
+    return [] if old == new else [prefix or "format"]
+
+
+def _shard_problem(directory: str, record: dict | None, key: str | None, start: int, stop: int) -> str | None:
+    """Why the shard described by `record` (its sidecar) cannot be reused, or `None` when it is intact."""
+    if record is None:
+        return "no checksum record (written by an interrupted or older build)"
+    path = os.path.join(directory, record.get("file", ""))
+    if key is not None and record.get("key") != key:
+        return "built for another configuration"
+    if (record.get("start"), record.get("stop")) != (start, stop):
+        return f"holds rows {record.get('start')}:{record.get('stop')}, expected {start}:{stop}"
+    if not os.path.isfile(path):
+        return "file missing"
+    size = os.path.getsize(path)
+    if size != record.get("bytes"):
+        return f"{size} bytes on disk, {record.get('bytes')} recorded"
+    if file_checksum(path) != record.get("xxh3_128"):
+        return "checksum mismatch (the file was modified or corrupted)"
+    return None
+
+
 class TeacherOutputCache:
-    """Stored teacher outputs of fixed views, looked up by sample index and view."""
+    """Stored teacher outputs of fixed views, looked up by sample index and view.
+
+    Opening checks the index and the size of every shard; the shards are read (and their checksums verified) by
+    [`~TeacherOutputCache.check`] or at the first lookup. Any problem is a `ValueError` naming the file and saying how
+    to rebuild.
+    """
 
     def __init__(self, directory: str):
         index_path = os.path.join(directory, CACHE_INDEX)
+        rebuild = (
+            f"Run the UNIC recipe again with --teacher_cache {directory} (or call TeacherOutputCache.build): it "
+            "rebuilds only the shards that are missing, corrupt or stale."
+        )
         if not os.path.exists(index_path):
-            raise ValueError(f"{directory} holds no complete teacher-output cache ({CACHE_INDEX} is missing).")
-        with open(index_path) as handle:
-            self.info = json.load(handle)
+            raise ValueError(
+                f"{directory} holds no complete teacher-output cache ({CACHE_INDEX} is missing: the build did not "
+                f"finish or never started). {rebuild}"
+            )
+        info = _read_json(index_path)
+        if info is None:
+            raise ValueError(f"The teacher-output cache index {index_path} is not valid JSON. {rebuild}")
+        if info.get("format") != CACHE_FORMAT:
+            raise ValueError(
+                f"The teacher-output cache in {directory} was written by an older hf_distill (format "
+                f"{info.get('format', 1)}, this version reads {CACHE_FORMAT}). {rebuild}"
+            )
+        for shard in info["shards"]:
+            path = os.path.join(directory, shard["file"])
+            if not os.path.isfile(path):
+                raise ValueError(f"Shard {path} of the teacher-output cache is missing. {rebuild}")
+            if os.path.getsize(path) != shard["bytes"]:
+                raise ValueError(
+                    f"Shard {path} of the teacher-output cache has {os.path.getsize(path)} bytes, {shard['bytes']} "
+                    f"were written: it was truncated or replaced. {rebuild}"
+                )
+        self.info = info
         self.directory = directory
+        self._rebuild_hint = rebuild
         self._tensors: dict[str, torch.Tensor] | None = None
 
     @property
@@ -62,8 +161,9 @@ class TeacherOutputCache:
             {key: teacher[key] for key in ("name", "summary_dim", "patch_dim")} for teacher in self.info["teachers"]
         ]
 
-    def check(self, dataset, image_size: int, grid_size: tuple[int, int]) -> None:
-        """Fail with a clear message when the cache was built for other data, another size or another grid."""
+    def check(self, dataset, image_size: int, grid_size: tuple[int, int], load_size: int | None = None) -> None:
+        """Fail with a clear message when the cache was built for other data, another size or another grid, then
+        read every shard and verify its checksum (so a corrupt shard is reported before training starts)."""
         problems = []
         if self.info["num_samples"] != len(dataset):
             problems.append(f"{self.info['num_samples']} samples cached, the dataset has {len(dataset)}")
@@ -71,17 +171,38 @@ class TeacherOutputCache:
             problems.append("the dataset fingerprint differs")
         if self.info["image_size"] != image_size:
             problems.append(f"views of {self.info['image_size']} px cached, training uses {image_size} px")
+        if load_size is not None and self.info["load_size"] != load_size:
+            problems.append(f"images loaded at {self.info['load_size']} px cached, training uses {load_size} px")
         if tuple(self.info["grid_size"]) != tuple(grid_size):
             problems.append(f"grid {self.info['grid_size']} cached, the student's is {list(grid_size)}")
         if problems:
             raise ValueError(
                 f"The teacher-output cache in {self.directory} does not match this run: {'; '.join(problems)}. "
-                "Point --teacher_cache to a new folder to rebuild it."
+                f"{self._rebuild_hint}"
             )
+        self._load()
 
     def _load(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
-            shards = [load_file(os.path.join(self.directory, name)) for name in self.info["shards"]]
+            shards = []
+            for shard in self.info["shards"]:
+                path = os.path.join(self.directory, shard["file"])
+                try:
+                    with open(path, "rb") as handle:
+                        data = handle.read()
+                except FileNotFoundError as error:
+                    message = f"Shard {path} of the teacher-output cache is missing. {self._rebuild_hint}"
+                    raise ValueError(message) from error
+                if checksum(data) != shard["xxh3_128"]:
+                    raise ValueError(
+                        f"Shard {path} of the teacher-output cache is corrupt (its checksum differs from the one "
+                        f"written with it). {self._rebuild_hint}"
+                    )
+                try:
+                    shards.append(load_safetensors(data))
+                except SafetensorError as error:
+                    message = f"Shard {path} is not a readable safetensors file ({error}). {self._rebuild_hint}"
+                    raise ValueError(message) from error
             self._tensors = {key: torch.cat([shard[key] for shard in shards]) for key in shards[0]}
         return self._tensors
 
@@ -115,74 +236,139 @@ class TeacherOutputCache:
         dtype: torch.dtype = torch.float16,
         device: torch.device | str = "cpu",
     ) -> "TeacherOutputCache":
-        """Run `teachers` (`(name, teacher module)` pairs) on every fixed view of `dataset` and store their outputs.
+        """Run `teachers` (`(name, teacher module)` pairs) on every fixed view of `dataset` and store their outputs,
+        reusing what is already in `directory` when it is intact and was built for exactly this configuration.
 
-        Shards already on disk are kept (an interrupted build resumes); `cache.json` is written last.
+        Each shard is kept only if its checksum record names this cache key, its rows, its size and its checksum;
+        the others (missing, interrupted, corrupt, or built for other teachers, options, sizes or data) are rebuilt
+        and the log says which and why. `cache.json` is removed before any shard is rewritten and written last.
         """
         if num_views not in (1, 2):
             raise ValueError(f"num_views must be 1 (center) or 2 (center + flip), got {num_views}.")
+        if len(dataset) == 0:
+            raise ValueError("Cannot build a teacher-output cache of an empty dataset.")
         os.makedirs(directory, exist_ok=True)
-        device = torch.device(device)
-        mean = torch.tensor(student_mean, device=device)
-        std = torch.tensor(student_std, device=device)
-        collate = ImageCollator(load_size, image_column=image_column)
-        shard_names = []
+        identities = [{"name": name, **teacher_identity(teacher)} for name, teacher in teachers]
+        description = {  # everything that determines the stored values and the shard layout
+            "format": CACHE_FORMAT,
+            "teachers": [{k: v for k, v in identity.items() if k not in _NOT_KEYED} for identity in identities],
+            "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+            "num_samples": len(dataset),
+            "image_column": image_column,
+            "image_size": image_size,
+            "load_size": load_size,
+            "student_mean": [float(v) for v in student_mean],
+            "student_std": [float(v) for v in student_std],
+            "grid_size": list(grid_size),
+            "num_views": num_views,
+            "shard_size": shard_size,
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+        key = checksum(json.dumps(description, sort_keys=True).encode())
+        index_path = os.path.join(directory, CACHE_INDEX)
+        previous = _read_json(index_path)
+        if previous is not None and previous.get("key") != key:
+            changed = _differences(previous.get("content", {}), description)
+            logger.warning(
+                "The teacher-output cache in %s was built for another configuration (differs in: %s): rebuilding the "
+                "shards that do not match.",
+                directory,
+                ", ".join(changed) or "format",
+            )
+
         starts = list(range(0, len(dataset), shard_size))
+        records, rebuilt = [], []
         progress = tqdm(total=len(dataset), desc="Caching teacher outputs", unit="img")
         for number, start in enumerate(starts):
-            shard_name = f"shard-{number:05d}.safetensors"
-            shard_names.append(shard_name)
-            path = os.path.join(directory, shard_name)
             stop = min(start + shard_size, len(dataset))
-            if os.path.exists(path):
+            name = f"shard-{number:05d}.safetensors"
+            path, record_path = os.path.join(directory, name), os.path.join(directory, f"shard-{number:05d}.json")
+            record = _read_json(record_path)
+            problem = _shard_problem(directory, record, key, start, stop) if os.path.exists(path) else "file missing"
+            if problem is None:
+                records.append(record)
                 progress.update(stop - start)
                 continue
-            outputs: dict[str, list[torch.Tensor]] = {}
-            subset = dataset.select(range(start, stop)).select_columns([image_column])
-            for batch in DataLoader(subset, batch_size=batch_size, collate_fn=collate):
-                pixels = batch["pixel_values"].to(device)
-                per_view = {}
-                for view in range(num_views):
-                    views = torch.full((pixels.shape[0],), view, device=device)
-                    normalized = (fixed_views(pixels, image_size, views) - mean.view(1, -1, 1, 1)) / std.view(
-                        1, -1, 1, 1
-                    )
-                    for name, teacher in teachers:
-                        result = teacher(normalized, mean, std, grid_size=grid_size)
-                        per_view.setdefault(f"{name}.summary", []).append(result.summary.to(dtype).cpu())
-                        per_view.setdefault(f"{name}.patch", []).append(result.patch_tokens.to(dtype).cpu())
-                for key, values in per_view.items():
-                    outputs.setdefault(key, []).append(torch.stack(values, dim=1))  # [b, V, ...]
-                progress.update(pixels.shape[0])
-            save_safetensors_atomically({key: torch.cat(values) for key, values in outputs.items()}, path)
+            rebuilt.append(f"{name} ({problem})")
+            if os.path.exists(index_path):
+                os.remove(index_path)  # a build killed from here on leaves no index naming a mix of old and new shards
+            tensors = cls._teacher_outputs(
+                teachers, dataset.select(range(start, stop)).select_columns([image_column]), image_column,
+                image_size, load_size, student_mean, student_std, grid_size, num_views, batch_size, dtype, device,
+                progress,
+            )  # fmt: skip
+            data = serialize_safetensors(tensors, metadata={"cache_key": key, "rows": f"{start}:{stop}"})
+            with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            record = {"file": name, "key": key, "start": start, "stop": stop, "bytes": len(data)}
+            record["xxh3_128"] = checksum(data)
+            write_json_atomically(record_path, record)  # after the shard: a shard without its record is rebuilt
+            records.append(record)
         progress.close()
-        first = load_file(os.path.join(directory, shard_names[0]))
+        for entry in sorted(os.listdir(directory)):  # shards of a larger, older build would only confuse
+            match = SHARD_PATTERN.match(entry)
+            if match and int(match.group(1)) >= len(starts):
+                os.remove(os.path.join(directory, entry))
+
+        with open(os.path.join(directory, records[0]["file"]), "rb") as handle:
+            first = load_safetensors(handle.read())
         info = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "content": description,
             "teachers": [
                 {
-                    "name": name,
-                    "summary_dim": first[f"{name}.summary"].shape[-1],
-                    "patch_dim": first[f"{name}.patch"].shape[-1],
-                    "source": teacher_source(teacher),
-                    "summary": getattr(getattr(teacher, "config", None), "summary", "mean_patch"),
-                    "grid_alignment": getattr(teacher, "grid_alignment", None),
+                    **identity,
+                    "summary_dim": first[f"{identity['name']}.summary"].shape[-1],
+                    "patch_dim": first[f"{identity['name']}.patch"].shape[-1],
                 }
-                for name, teacher in teachers
+                for identity in identities
             ],
             "num_samples": len(dataset),
             "num_views": num_views,
             "image_size": image_size,
+            "load_size": load_size,
             "grid_size": list(grid_size),
             "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
-            "dtype": str(dtype).removeprefix("torch."),
-            "shards": shard_names,
+            "dtype": description["dtype"],
+            "shards": records,
         }
-        write_json_atomically(os.path.join(directory, CACHE_INDEX), info)
-        logger.info(
-            "Cached the outputs of %d teachers for %d images x %d views in %s",
-            len(teachers),
-            len(dataset),
-            num_views,
-            directory,
-        )
+        write_json_atomically(index_path, info)
+        if rebuilt:
+            logger.info(
+                "Teacher-output cache in %s: %d of %d shards built (%s), %d reused after checking their checksums; "
+                "%d teachers, %d images x %d views",
+                directory, len(rebuilt), len(starts), "; ".join(rebuilt), len(starts) - len(rebuilt), len(teachers),
+                len(dataset), num_views,
+            )  # fmt: skip
+        else:
+            logger.info("Using the teacher-output cache in %s (all %d shards verified)", directory, len(starts))
         return cls(directory)
+
+    @staticmethod
+    def _teacher_outputs(
+        teachers, subset, image_column, image_size, load_size, student_mean, student_std, grid_size, num_views,
+        batch_size, dtype, device, progress,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """`{"{teacher}.summary": [n, V, D], "{teacher}.patch": [n, V, h * w, D]}` of the fixed views of `subset`."""
+        device = torch.device(device)
+        mean = torch.tensor(student_mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(student_std, device=device).view(1, -1, 1, 1)
+        outputs: dict[str, list[torch.Tensor]] = {}
+        collate = ImageCollator(load_size, image_column=image_column)
+        for batch in DataLoader(subset, batch_size=batch_size, collate_fn=collate):
+            pixels = batch["pixel_values"].to(device)
+            per_view = {}
+            for view in range(num_views):
+                views = torch.full((pixels.shape[0],), view, device=device)
+                normalized = (fixed_views(pixels, image_size, views) - mean) / std
+                for name, teacher in teachers:
+                    result = teacher(normalized, mean.flatten(), std.flatten(), grid_size=grid_size)
+                    per_view.setdefault(f"{name}.summary", []).append(result.summary.to(dtype).cpu())
+                    per_view.setdefault(f"{name}.patch", []).append(result.patch_tokens.to(dtype).cpu())
+            for key, values in per_view.items():
+                outputs.setdefault(key, []).append(torch.stack(values, dim=1))  # [b, V, ...]
+            progress.update(pixels.shape[0])
+        return {key: torch.cat(values).contiguous() for key, values in outputs.items()}

@@ -23,6 +23,7 @@ from transformers.image_processing_utils import ImageProcessingMixin
 from ..data.image_datasets import ImageCollator
 from ..io_utils import save_safetensors_atomically
 from ..models.configuration_teacher import TeacherConfig
+from ..models.fingerprint import encoder_fingerprint
 from ..models.modeling_teacher import ModuleTeacher, TeacherModel, freeze_teacher, load_teacher
 
 logger = logging.getLogger(__name__)
@@ -94,24 +95,6 @@ def load_encoder(encoder, pooling: str | None = None) -> tuple[nn.Module, int | 
         f"Cannot extract features from a {type(encoder).__name__}: give a Hub id or path, a transformers model, a "
         "TeacherModel or a ModuleTeacher."
     )
-
-
-def encoder_fingerprint(encoder: nn.Module) -> str:
-    """SHA-256 of the encoder's weights and reading options: the same weights give the same cache entries, whatever
-    they were loaded from."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    options = {
-        "summary": getattr(getattr(encoder, "config", None), "summary", None),
-        "mean": list(encoder.image_mean),
-        "std": list(encoder.image_std),
-        "class": type(encoder).__name__,
-    }
-    digest.update(json.dumps(options, sort_keys=True).encode())
-    return digest.hexdigest()
 
 
 @torch.inference_mode()

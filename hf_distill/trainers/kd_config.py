@@ -30,6 +30,10 @@ class KDConfig(TrainingArguments, NonFiniteArguments):
         max_nonfinite_fraction (`float`, defaults to 0.25), max_skipped_steps (`int`, defaults to 10):
             Limits of the non-finite guard ([`~hf_distill.trainers.nonfinite.NonFiniteArguments`]): training stops
             when more of a teacher's samples in a logging window, or more consecutive steps, are non-finite.
+        verify_images (`bool`, defaults to `True`): decode every image once before training (in parallel, cached
+            by dataset fingerprint) and stop with the list of unreadable files; `False` skips the check.
+        skip_bad_images (`bool`, defaults to `False`): train without the unreadable images found by the check
+            (each one is logged) instead of stopping.
     """
 
     alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term, in [0, 1]."})
@@ -44,6 +48,18 @@ class KDConfig(TrainingArguments, NonFiniteArguments):
     blur_prob: float = field(default=0.0, metadata={"help": "Gaussian blur probability."})
     solarize_prob: float = field(default=0.0, metadata={"help": "Solarization probability."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image/label columns."})
+
+    verify_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every image once before training (parallel, cached by dataset fingerprint) and stop with "
+            "the list of unreadable files. False skips the check."
+        },
+    )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={"help": "Train without the unreadable images found by --verify_images (each one logged)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -27,6 +27,10 @@ class UdonConfig(TrainingArguments, NonFiniteArguments):
         max_nonfinite_fraction (`float`, defaults to 0.25), max_skipped_steps (`int`, defaults to 10):
             Limits of the non-finite guard ([`~hf_distill.trainers.nonfinite.NonFiniteArguments`]): training stops
             when more of a teacher's samples in a logging window, or more consecutive steps, are non-finite.
+        verify_images (`bool`, defaults to `True`): decode every image once before training (in parallel, cached
+            by dataset fingerprint) and stop with the list of unreadable files; `False` skips the check.
+        skip_bad_images (`bool`, defaults to `False`): train without the unreadable images found by the check
+            (each one is logged) instead of stopping.
     """
 
     sampling: str = field(default="dynamic", metadata={"help": f"Domain sampling strategy, one of {STRATEGIES}."})
@@ -43,6 +47,18 @@ class UdonConfig(TrainingArguments, NonFiniteArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image/label/domain columns."})
     ddp_find_unused_parameters: bool | None = field(
         default=True, metadata={"help": "Each batch uses one domain's heads, so DDP must expect unused parameters."}
+    )
+
+    verify_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every image once before training (parallel, cached by dataset fingerprint) and stop with "
+            "the list of unreadable files. False skips the check."
+        },
+    )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={"help": "Train without the unreadable images found by --verify_images (each one logged)."},
     )
 
     def __post_init__(self):

@@ -59,6 +59,11 @@ class UnicConfig(TrainingArguments, NonFiniteArguments):
         max_nonfinite_fraction (`float`, defaults to 0.25), max_skipped_steps (`int`, defaults to 10):
             Limits of the non-finite guard ([`~hf_distill.trainers.nonfinite.NonFiniteArguments`]): training stops
             when more of a teacher's samples in a logging window, or more consecutive steps, are non-finite.
+        verify_images (`bool`, defaults to `True`):
+            Decode every image once before training (in parallel, cached by dataset fingerprint) and stop with the
+            list of unreadable files; `False` skips the check.
+        skip_bad_images (`bool`, defaults to `False`):
+            Train without the unreadable images found by the check (each one is logged) instead of stopping.
 
     Speed: `--bf16` runs the student under bfloat16 autocast (a warning is logged where bfloat16 is emulated, e.g. an
     AVX2-only CPU); `teacher_dtype="auto"` keeps the teachers in bfloat16 where the hardware runs it natively;
@@ -128,6 +133,18 @@ class UnicConfig(TrainingArguments, NonFiniteArguments):
     )
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "The student has no unused trainable parameters (leave False)."}
+    )
+
+    verify_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every image once before training (parallel, cached by dataset fingerprint) and stop with "
+            "the list of unreadable files. False skips the check."
+        },
+    )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={"help": "Train without the unreadable images found by --verify_images (each one logged)."},
     )
 
     def __post_init__(self):
