@@ -120,8 +120,8 @@ class Run:
     def train(self, trainer) -> TrainOutput:
         """Train `trainer` from the chosen checkpoint; for a finished run, reload its final weights and state and
         train nothing. Raises [`TrainingStopped`] when a signal stopped training (a checkpoint is saved)."""
-        trainer.add_callback(CheckpointCompletion())  # last: after every callback that writes into checkpoints
         trainer.add_callback(self.stopper)
+        trainer.add_callback(CheckpointCompletion())  # last: after every callback that writes into checkpoints
         if self.finished:
             return self._reload(trainer)
         result = trainer.train(resume_from_checkpoint=self.checkpoint)
