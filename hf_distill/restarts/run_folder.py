@@ -127,7 +127,8 @@ class Run:
         result = trainer.train(resume_from_checkpoint=self.checkpoint)
         if self.stopper.stopped_at is not None:
             name = signal.Signals(self.stopper.signal).name
-            logger.warning(
+            log = logger.warning if self.args.process_index == 0 else logger.debug
+            log(
                 "Stopped by %s at step %d: checkpoint-%d is saved in %s and nothing was exported. Run the same "
                 "command again to resume.", name, self.stopper.stopped_at, self.stopper.stopped_at,
                 self.args.output_dir,

@@ -1,10 +1,11 @@
 """Stopping a run cleanly: SIGTERM / SIGINT end training at the next optimizer step with a checkpoint saved, and the
 workers of a multi-process launch die with their launcher.
 
-In the training loop the first SIGTERM or SIGINT (Ctrl-C) only sets a flag; at the end of the next step every
-process agrees on it (a non-blocking all-reduce of one CPU integer, started one step earlier, so no step waits for
-it), the checkpoint is saved and training stops; the recipe then exits with `128 + signal` without exporting
-anything. A second signal, or one outside the training loop, stops the process at once. Workers started by
+In the training loop a SIGTERM or SIGINT (Ctrl-C) only sets a flag; at the end of the next step every process agrees
+on it (a non-blocking all-reduce of one CPU integer, started one step earlier, so no step waits for it), the
+checkpoint is saved and training stops; the recipe then exits with `128 + signal` without exporting anything. A
+second Ctrl-C, or a signal outside the training loop, stops the process at once (more SIGTERMs are ignored: a
+launcher with several threads that dies sends one per thread). Workers started by
 `accelerate launch` / `torchrun` ask the kernel for a SIGTERM when their launcher dies (`PR_SET_PDEATHSIG`), so
 killing the launcher (even with `kill -9`) stops them the same way.
 """
@@ -62,15 +63,19 @@ class GracefulStop(TrainerCallback):
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.signal is not None or not self._in_training:
+        if not self._in_training or (self.signal is not None and signum == signal.SIGINT):
+            logger.warning("Received %s: stopping now.", signal.Signals(signum).name)
             self.uninstall()
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
+        if self.signal is not None:  # e.g. SIGTERM sent again by a scheduler, or once per thread of a dying launcher
+            return
         self.signal = signum
         logger.warning(
-            "Received %s: stopping after this step with a checkpoint saved (send it again to stop at once).",
+            "Received %s: stopping after this step with a checkpoint saved%s.",
             signal.Signals(signum).name,
+            " (press Ctrl-C again to stop at once)" if signum == signal.SIGINT else "",
         )
 
     def on_train_begin(self, args, state, control, **kwargs):
