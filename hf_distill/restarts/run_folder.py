@@ -196,9 +196,9 @@ def start_run(
             run._start_on_main_process(
                 lambda: build_manifest(
                     recipe, teachers, initial_weights, student_config, data, options, training_args.world_size
-                )  # fmt: skip
+                )
             )
-        except (OutputFolderLocked, ValueError) as caught:
+        except Exception as caught:  # the other processes must learn of it rather than wait in the broadcast
             error = caught
     decision = [type(error).__name__ if error else None, str(error) if error else None, run.checkpoint, run.finished]
     if training_args.world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -208,7 +208,9 @@ def start_run(
         run.close()
         if error is not None:
             raise error
-        raise (OutputFolderLocked if error_type == OutputFolderLocked.__name__ else ValueError)(message)
+        raise {"OutputFolderLocked": OutputFolderLocked, "ValueError": ValueError}.get(error_type, RuntimeError)(
+            f"The main process could not start the run: {message}"
+        )
     return run
 
 

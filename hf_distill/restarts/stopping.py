@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,8 @@ class GracefulStop(TrainerCallback):
         self._pending = None
 
     def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            return
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous[signum] = signal.signal(signum, self._handle)
 
