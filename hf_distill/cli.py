@@ -8,9 +8,10 @@ import datasets
 import transformers
 import yaml
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from .profiling import ProfilerCallback
+from .restarts.checkpoints import newest_complete_checkpoint
+from .restarts.run_folder import Run
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,14 @@ def parse_with_yaml(
     """
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", default=None, help="YAML file whose keys set the defaults of any option.")
+    parser.add_argument(
+        "--allow_config_change",
+        nargs="+",
+        default=[],
+        metavar="FIELD",
+        help="Resume a run although these fields of its run manifest changed (e.g. learning_rate, max_steps, "
+        "teachers, data); see README 'Restarts and failures'.",
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     known, _ = parser.parse_known_args(argv)
     extra = {}
@@ -41,7 +50,12 @@ def parse_with_yaml(
             raise ValueError(f"Unknown options in {known.config}: {unknown}. See the recipe's --help.")
         parser.set_defaults(**defaults)
     instances = parser.parse_args_into_dataclasses(args=argv)
-    return tuple(instance for instance in instances if not isinstance(instance, type(known))), extra
+    allowed = next(instance for instance in instances if isinstance(instance, type(known))).allow_config_change
+    instances = tuple(instance for instance in instances if not isinstance(instance, type(known)))
+    for instance in instances:
+        if isinstance(instance, TrainingArguments):
+            instance.allow_config_change = list(allowed)  # read by hf_distill.restarts.start_run
+    return instances, extra
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -61,13 +75,17 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint` if given, else the last checkpoint in `--output_dir`: relaunching a killed run with
-    the same command continues it."""
+    """`--resume_from_checkpoint` if given, else the newest complete checkpoint in `--output_dir` (recipes use
+    [`~hf_distill.restarts.start_run`], which also removes incomplete ones and says why)."""
     checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and os.path.isdir(training_args.output_dir):
-        checkpoint = get_last_checkpoint(training_args.output_dir)
+    if checkpoint is None:
+        checkpoint, skipped = newest_complete_checkpoint(
+            training_args.output_dir, training_args.world_size, training_args.save_only_model
+        )
+        for folder, reason in skipped:
+            logger.warning("Skipping the incomplete checkpoint %s: %s.", folder, reason)
         if checkpoint is not None:
-            logger.info("Resuming from the last checkpoint in the output directory: %s", checkpoint)
+            logger.info("Resuming from the newest complete checkpoint in the output directory: %s", checkpoint)
     return checkpoint
 
 
@@ -81,6 +99,8 @@ def exit_cleanly(code: int = 0) -> None:
     ("terminate called without an active exception") after all the work is done."""
     import torch.distributed as dist
 
+    if Run._active is not None:  # os._exit skips atexit: release the output folder's lock here
+        Run._active.close()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

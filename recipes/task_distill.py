@@ -33,7 +33,7 @@ from transformers import (
     set_seed,
 )
 
-from hf_distill.cli import checkpoint_to_resume, exit_cleanly, parse_with_yaml, setup_logging
+from hf_distill.cli import exit_cleanly, parse_with_yaml, setup_logging
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.data.image_verification import verify_images
 from hf_distill.evaluation.features import encoder_fingerprint, extract_features
@@ -43,6 +43,7 @@ from hf_distill.io_utils import write_json_atomically
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from hf_distill.models.modeling_teacher import load_teacher, teacher_name
 from hf_distill.models.probed_teacher import HEAD_FILE, ProbedTeacher
+from hf_distill.restarts import start_run
 from hf_distill.trainers import KDConfig, KDTrainer, classification_accuracy
 
 logger = logging.getLogger("hf_distill.recipes.task_distill")
@@ -262,6 +263,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
         len(names), len(train), len(evaluation),
         f", {len(synthetic)} synthetic" if synthetic is not None else "", teacher_name(teacher), teacher_size,
     )  # fmt: skip
+    run = start_run(  # lock, complete checkpoint, manifest: a rerun resumes only the same run
+        training_args, "task_distill", teachers={"teacher": teacher}, student_config=student.config,
+        initial_weights={} if script_args.student_random_init else {"student": script_args.student},
+        data={"train": train, "eval": evaluation, **({"synthetic": synthetic} if synthetic is not None else {})},
+        options=(script_args, training_args),
+    )  # fmt: skip
     with training_args.main_process_first(desc="teacher probe"):  # the other processes then reuse its head
         probed, probe_results = probe_teacher(teacher, train, evaluation, script_args, training_args, teacher_size)
 
@@ -278,7 +285,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
         image_std=std,
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
+    run.train(trainer)  # a finished run trains nothing; a stopped one raises TrainingStopped
 
     accuracy = classification_accuracy(student, evaluation, size, mean, std, script_args.eval_batch_size)
     results = {
@@ -295,6 +302,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
     trainer.save_model(training_args.output_dir)  # on every process: DeepSpeed ZeRO-3 / FSDP gather the weights
     if training_args.should_save:
         export(trainer, script_args, training_args, results, mean, std, names, teacher_name(teacher))
+    run.close()
     return trainer, results
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, set_seed
 
-from hf_distill.cli import checkpoint_to_resume, exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
+from hf_distill.cli import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.data.domains import load_domains
 from hf_distill.data.image_verification import verify_domain_images
 from hf_distill.evaluation.embedding_retrieval import multi_domain_retrieval
@@ -29,6 +29,7 @@ from hf_distill.losses.udon import MARGIN_TYPES
 from hf_distill.models import UdonConfig as UdonModelConfig
 from hf_distill.models import UdonModel
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
+from hf_distill.restarts import start_run
 from hf_distill.trainers import UdonConfig, UdonTrainer
 
 logger = logging.getLogger("hf_distill.recipes.udon")
@@ -124,6 +125,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
         len(data.train),
         f"{model.num_parameters():,}",
     )
+    run = start_run(  # lock, complete checkpoint, manifest: a rerun resumes only the same run
+        training_args, "udon", student_config=model.config, data={"train": data.train},
+        initial_weights={} if script_args.random_init else {"backbone": script_args.backbone},
+        options=(script_args, training_args),
+    )  # fmt: skip
     trainer = UdonTrainer(
         model=model,
         args=training_args,
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
         domain_sizes=[d["num_train"] for d in data.domains],
         callbacks=(callbacks or []) + profiler_callbacks(script_args.profile, training_args),
     )
-    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
+    result = run.train(trainer)  # a finished run trains nothing; a stopped one raises TrainingStopped
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
@@ -155,6 +161,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
                     results["mean"]["R@1"], results["mean"]["mMP@5"])  # fmt: skip
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+    run.close()
     return trainer, results
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from transformers import AutoConfig, set_seed
 
-from hf_distill.cli import checkpoint_to_resume, exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
+from hf_distill.cli import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.data.image_verification import verify_images
 from hf_distill.data.teacher_cache import TeacherOutputCache
@@ -29,6 +29,7 @@ from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher,
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from hf_distill.models.modeling_teacher import is_factory_spec
 from hf_distill.models.standardization import STANDARDIZATION_MODES
+from hf_distill.restarts import start_run
 from hf_distill.trainers import UnicConfig, UnicTrainer, teacher_spec, unique_teacher_names
 
 logger = logging.getLogger("hf_distill.recipes.unic")  # under "hf_distill" so it follows the same level
@@ -175,6 +176,11 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         len(train_dataset),
     )
 
+    revisions = [training_args.teacher_options(index)["revision"] for index in range(len(names))]
+    run = start_run(  # lock, complete checkpoint, manifest: a rerun resumes only the same run
+        training_args, "unic", teachers={n: (t, r) for n, t, r in zip(names, teacher_sources, revisions)},
+        student_config=student_config, data={"train": train_dataset}, options=(script_args, training_args),
+    )  # fmt: skip
     if training_args.teacher_cache is not None:
         with training_args.main_process_first(desc="teacher-output cache"):
             build_teacher_cache(training_args, teacher_sources, names, train_dataset, script_args, student)
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         image_column=script_args.image_column,
         callbacks=(callbacks or []) + profiler_callbacks(script_args.profile, training_args),
     )
-    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
+    result = run.train(trainer)  # a finished run trains nothing; a stopped one raises TrainingStopped
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
     if training_args.push_to_hub:
         logger.info("Pushing the student to the Hub: %s", trainer.hub_model_id or training_args.hub_model_id)
         trainer.push_to_hub()
+    run.close()
     return trainer
 
 
