@@ -1,13 +1,11 @@
 """Model card, plots and Hub upload of a distilled student (`hf_distill.hub`), offline.
 
-The push test runs `push_to_hub` for real against a minimal fake Hub served on 127.0.0.1 (the endpoints that
-`huggingface_hub` calls for `create_repo` and `upload_folder` of small regular files) and checks the bytes it got.
+The push tests run `push_to_hub` for real against the fake Hub of `tests/fake_hub.py` served on 127.0.0.1 (regular
+and LFS uploads) and check the bytes it got.
 """
 
-import base64
+import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import huggingface_hub
@@ -322,107 +320,36 @@ def test_upload_file_list_sharded_weights(tmp_path):
     assert "model-stale.safetensors" not in files and "model.safetensors" not in files
 
 
-class FakeHub:
-    """A minimal Hub API on 127.0.0.1: repo creation, YAML validation, preupload (every file "regular") and commits
-    with base64 file contents. Records every request; answers 404 to anything else."""
-
-    def __init__(self):
-        self.requests: list[tuple[str, str]] = []
-        self.unknown: list[tuple[str, str]] = []
-        self.created: list[dict] = []
-        self.commits: list[dict] = []
-        self.files: dict[str, dict[str, bytes]] = {}
-        self.authorizations: set[str] = set()
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def do_GET(self):
-                hub.handle(self, "GET", b"")
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                hub.handle(self, "POST", self.rfile.read(length))
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-    def handle(self, handler, method, body):
-        path = handler.path.split("?")[0]
-        self.requests.append((method, path))
-        self.authorizations.add(handler.headers.get("Authorization", ""))
-        parts = path.strip("/").split("/")
-        if method == "POST" and path == "/api/repos/create":
-            payload = json.loads(body)
-            self.created.append(payload)
-            repo_id = "/".join(p for p in (payload.get("organization"), payload["name"]) if p)
-            return self.reply(handler, 200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id})
-        if method == "POST" and path == "/api/validate-yaml":
-            return self.reply(handler, 200, {"errors": [], "warnings": []})
-        if method == "POST" and len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "preupload":
-            files = json.loads(body)["files"]
-            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
-            return self.reply(handler, 200, {"files": modes})
-        if method == "POST" and len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "commit":
-            repo_id, lines = f"{parts[2]}/{parts[3]}", [json.loads(line) for line in body.splitlines() if line]
-            commit = {"repo_id": repo_id, "revision": parts[5], "header": lines[0], "operations": lines[1:]}
-            self.commits.append(commit)
-            repo_files = self.files.setdefault(repo_id, {})
-            for op in lines[1:]:
-                if op["key"] != "file" or op["value"].get("encoding") != "base64":
-                    return self.reply(handler, 400, {"error": f"fake hub only takes regular files, got {op}"})
-                repo_files[op["value"]["path"]] = base64.b64decode(op["value"]["content"])
-            oid = f"{len(self.commits):040x}"
-            url = f"{self.endpoint}/{repo_id}/commit/{oid}"
-            return self.reply(handler, 200, {"commitUrl": url, "commitOid": oid, "pullRequestUrl": None})
-        self.unknown.append((method, path))
-        return self.reply(handler, 404, {"error": f"fake hub: no {method} {path}"})
-
-    @staticmethod
-    def reply(handler, status, payload):
-        data = json.dumps(payload).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
-
-
-@pytest.fixture
-def online(monkeypatch):
-    """Lift the offline mode of the test session, for a test that only talks to 127.0.0.1."""
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-
-
 @pytest.mark.timeout(60)
-def test_push_to_hub_uploads_exactly_the_model_files(tmp_path, online):
+def test_push_to_hub_uploads_exactly_the_model_files(tmp_path, fake_hub):
     expected = write_export(tmp_path)
-    with FakeHub() as hub:
-        url = push_to_hub(
-            tmp_path, "me/unic-tiny", token="hf_dummy_token", endpoint=hub.endpoint, commit_message="Add student"
-        )
+    url = push_to_hub(tmp_path, "me/unic-tiny", token="hf_dummy_token", commit_message="Add student")
+    hub = fake_hub
     assert not hub.unknown, f"requests the fake hub does not implement: {hub.unknown}"
     assert hub.created == [{"name": "unic-tiny", "organization": "me", "type": "model"}]
-    assert hub.authorizations == {"Bearer hf_dummy_token"}
+    assert hub.authorizations() == {"Bearer hf_dummy_token"}
     assert len(hub.commits) == 1
     commit = hub.commits[0]
     assert commit["revision"] == "main" and commit["header"]["value"]["summary"] == "Add student"
     assert hub.files == {"me/unic-tiny": expected}  # exactly these paths, with these bytes
     assert url == f"{hub.endpoint}/me/unic-tiny/commit/{1:040x}"
+    # the weights went through the LFS path (batch, PUT, verify, lfsFile pointer), the small text files inline
+    assert hub.uploaded["model.safetensors"] == "lfs" and hub.uploaded["config.json"] == "regular"
+    assert hub.verified == [hashlib.sha256(expected["model.safetensors"]).hexdigest()]
+    assert b"hf_dummy_token" not in hub.all_bytes()
+
+
+@pytest.mark.timeout(60)
+def test_fake_hub_lfs_path_for_large_files(tmp_path, fake_hub):
+    """Above the size threshold every file is LFS, text files included: the bytes that arrive are the file's."""
+    expected = write_export(tmp_path)
+    fake_hub.lfs_threshold = 16
+    push_to_hub(tmp_path, "me/unic-tiny", token="hf_dummy_token", revision="v1")
+    assert fake_hub.files == {"me/unic-tiny": expected}
+    large = {path for path, data in expected.items() if len(data) >= 16}
+    assert {path for path, mode in fake_hub.uploaded.items() if mode == "lfs"} == large
+    assert fake_hub.branches == [("me/unic-tiny", "v1")] and fake_hub.commits[0]["revision"] == "v1"
+    assert sorted(fake_hub.verified) == sorted({hashlib.sha256(expected[path]).hexdigest() for path in large})
 
 
 def test_push_to_hub_passes_exact_allow_patterns(tmp_path, monkeypatch):
