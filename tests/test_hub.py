@@ -133,7 +133,7 @@ def test_model_card_renders_and_parses_back(tmp_path):
     assert 'AutoImageProcessor.from_pretrained("me/unic-tiny")' in text and "last_hidden_state[:, 0]" in text
     assert "`ViTModel`" in text
     for row in (
-        "| vit-p4 | /models/vit-p4 | - | cls | resize |",
+        "| vit-p4 | vit-p4 | - | cls | resize |",  # a local path is published as its folder name
         "| dinov2-small | [facebook/dinov2-small](https://huggingface.co/facebook/dinov2-small) | ed25f3a | pooler "
         "| interpolate |",
         "| teacher dropping p | 0.5 |",
@@ -162,7 +162,8 @@ def test_model_card_local_training_data_and_no_results(tmp_path):
     assert "datasets" not in metadata and "model-index" not in metadata
     assert metadata["tags"] == ["hf_distill", "unic", "distillation", "vit"]
     assert "No evaluation results reported yet." in card.text
-    assert f'AutoModel.from_pretrained("{(tmp_path / "out").as_posix()}")' in card.text
+    assert 'AutoModel.from_pretrained("out")' in card.text  # the folder's name, not its local path
+    assert str(tmp_path) not in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_model_card_update_keeps_human_text_and_merges_results(tmp_path):
@@ -352,7 +353,7 @@ def test_fake_hub_lfs_path_for_large_files(tmp_path, fake_hub):
     assert sorted(fake_hub.verified) == sorted({hashlib.sha256(expected[path]).hexdigest() for path in large})
 
 
-def test_push_to_hub_passes_exact_allow_patterns(tmp_path, monkeypatch):
+def test_push_to_hub_commits_one_operation_per_listed_file(tmp_path, monkeypatch):
     expected = write_export(tmp_path)
     calls = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("create", (repo_id, kw)))
@@ -360,14 +361,16 @@ def test_push_to_hub_passes_exact_allow_patterns(tmp_path, monkeypatch):
     class Commit:
         commit_url = "https://hub.invalid/me/unic-tiny/commit/0"
 
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw) and Commit())
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, **kw: calls.setdefault("commit", kw) and Commit())
     assert push_to_hub(tmp_path, "me/unic-tiny", private=True) == Commit.commit_url
     assert calls["create"] == (
         "me/unic-tiny",
         {"exist_ok": True, "private": True, "token": None, "repo_type": "model"},
     )
-    assert calls["upload"]["allow_patterns"] == sorted(expected)
-    assert Path(calls["upload"]["folder_path"]) == tmp_path and calls["upload"]["repo_id"] == "me/unic-tiny"
+    operations = calls["commit"]["operations"]
+    assert [op.path_in_repo for op in operations] == sorted(expected)
+    assert [Path(op.path_or_fileobj) for op in operations] == [tmp_path / name for name in sorted(expected)]
+    assert calls["commit"]["repo_id"] == "me/unic-tiny"
 
 
 @pytest.mark.parametrize("missing", ["model.safetensors", "config.json", "README.md"])
@@ -379,7 +382,7 @@ def test_push_to_hub_rejects_incomplete_folder_before_any_request(tmp_path, monk
         raise AssertionError("push_to_hub reached the network")
 
     monkeypatch.setattr(HfApi, "create_repo", no_network)
-    monkeypatch.setattr(HfApi, "upload_folder", no_network)
+    monkeypatch.setattr(HfApi, "create_commit", no_network)
     with pytest.raises(ValueError, match=missing.split(".")[0]):
         push_to_hub(tmp_path, "me/unic-tiny", token="hf_dummy_token")
     with pytest.raises(ValueError, match="not a folder"):
