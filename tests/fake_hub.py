@@ -116,12 +116,15 @@ class FakeHub:
     # ------------------------------------------------------------------------------------------------ what was sent
 
     def all_bytes(self) -> bytes:
-        """Every byte the clients sent (bodies and header values), to grep for secrets."""
+        """Every byte the clients sent, to grep for secrets: paths, header values (but the `Authorization` one),
+        request bodies, and the decoded content of every committed file (regular files travel base64-encoded)."""
         parts = []
         for request in self.requests:
             parts.append(request.path.encode())
             parts.extend(value.encode() for name, value in request.headers.items() if name != "authorization")
             parts.append(request.body)
+        parts.extend(data for files in self.files.values() for data in files.values())
+        parts.extend(self.lfs_objects.values())
         return b"\n".join(parts)
 
     def authorizations(self) -> set[str]:

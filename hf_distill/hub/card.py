@@ -490,6 +490,7 @@ def create_or_update_model_card(
 
     if existing is None:
         card = rendered
+        card.data = card_data  # the rendered card parsed its YAML back into a plain ModelCardData
     else:
         kept = {key: value for key, value in existing.data.to_dict().items() if key != "model-index"}
         kept.update(
