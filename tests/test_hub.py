@@ -22,6 +22,7 @@ from hf_distill.hub import (
     plot_training_curves,
     push_to_hub,
     upload_file_list,
+    validate_card_metadata,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -109,7 +110,8 @@ def test_model_card_renders_and_parses_back(tmp_path):
     assert path.is_file() and not list(tmp_path.glob(".README.md.*"))  # no temp file left
 
     card = ModelCard.load(path)
-    assert card.data.to_dict() == returned.data.to_dict()
+    assert card.data.eval_results == returned.data.eval_results == [knn(0.8125), linear(0.5)]
+    assert validate_card_metadata(path) == [knn(0.8125), linear(0.5)]
     assert results_by_key(card) == {
         ("k-NN classification", "Fashion-MNIST", "k-NN@20 accuracy"): 0.8125,
         ("Linear probe", "CIFAR-10", "top-1 accuracy"): 0.5,
@@ -188,6 +190,7 @@ def test_model_card_update_keeps_human_text_and_merges_results(tmp_path):
     assert text.index(CARD_END_MARKER) < text.index("Hand-written limitations.")
 
     reloaded = ModelCard.load(path)
+    validate_card_metadata(path)
     assert results_by_key(reloaded) == {
         ("k-NN classification", "Fashion-MNIST", "k-NN@20 accuracy"): 0.7,  # replaced
         ("Linear probe", "CIFAR-10", "top-1 accuracy"): 0.6,  # kept

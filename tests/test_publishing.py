@@ -204,6 +204,28 @@ def test_push_refuses_a_file_holding_the_token(tmp_path, fake_hub):
     assert fake_hub.requests == []
 
 
+@pytest.mark.parametrize("config_class", ["UnicConfig", "UdonConfig", "KDConfig"])
+def test_training_arguments_never_pickle_the_token_and_never_let_the_trainer_push(config_class, tmp_path):
+    import io
+
+    from hf_distill import trainers
+    from hf_distill.hub import take_hub_options
+
+    args = getattr(trainers, config_class)(output_dir=str(tmp_path), hub_token=TOKEN, report_to="none")
+    buffer = io.BytesIO()
+    torch.save(args, buffer)  # what Trainer writes as training_args.bin
+    assert TOKEN.encode() not in buffer.getvalue() and args.hub_token == TOKEN
+    assert torch.load(io.BytesIO(buffer.getvalue()), weights_only=False).hub_token is None
+
+    args.push_to_hub = True
+    with pytest.raises(ValueError, match="--hub_model_id"):
+        take_hub_options(args)
+    args.push_to_hub, args.hub_model_id, args.hub_revision = True, "me/x", "dev"
+    options = take_hub_options(args)
+    assert (options.repo_id, options.token, options.revision) == ("me/x", TOKEN, "dev")
+    assert args.push_to_hub is False and args.hub_token is None
+
+
 # ---------------------------------------------------------------------------------------------- code teachers
 
 
