@@ -212,8 +212,10 @@ class UdonModel(UdonPreTrainedModel):
     def embedding_model(self) -> UdonEmbeddingModel:
         """The universal embedding model (backbone + student head): a copy on the CPU, sharing nothing with this
         model."""
+        backbone_config = self.config.backbone_config.to_dict()
+        backbone_config.pop("_name_or_path", None)  # a local path of this machine must not be published
         config = UdonEmbeddingConfig(
-            backbone_config=self.config.backbone_config.to_dict(),
+            backbone_config=backbone_config,
             embedding_dim=self.config.embedding_dim,
             image_mean=self.config.image_mean,
             image_std=self.config.image_std,

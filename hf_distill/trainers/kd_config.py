@@ -4,11 +4,12 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..hub.push import HubTokenNotPickled
 from .nonfinite import NonFiniteArguments
 
 
 @dataclass
-class KDConfig(TrainingArguments, NonFiniteArguments):
+class KDConfig(HubTokenNotPickled, TrainingArguments, NonFiniteArguments):
     r"""
     Configuration of [`KDTrainer`]: all [`~transformers.TrainingArguments`] plus the distillation settings below.
     The loss is `(1 - alpha) * CE + alpha * temperature^2 * KL` on real images and the KL term alone on synthetic ones

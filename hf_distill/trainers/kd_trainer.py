@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from ..data.augmentations import UnicAugmentation, resize_center
 from ..data.image_datasets import ImageCollator
 from ..data.mixed_batch_sampler import MixedBatchSampler
+from ..hub.push import PushExportMixin
 from ..losses.kd import kd_loss
 from ..models.modeling_teacher import teacher_name
 from ..models.probed_teacher import ProbedTeacher
@@ -28,7 +29,7 @@ class _SamplerEpoch(TrainerCallback):
         self.sampler.set_epoch(int(state.epoch or 0))
 
 
-class KDTrainer(Trainer):
+class KDTrainer(PushExportMixin, Trainer):
     """Trains `model` (any transformers image classification model) against a [`ProbedTeacher`].
 
     Args:

@@ -5,11 +5,12 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..data.domain_sampler import STRATEGIES
+from ..hub.push import HubTokenNotPickled
 from .nonfinite import NonFiniteArguments
 
 
 @dataclass
-class UdonConfig(TrainingArguments, NonFiniteArguments):
+class UdonConfig(HubTokenNotPickled, TrainingArguments, NonFiniteArguments):
     r"""
     Configuration of [`UdonTrainer`]: all [`~transformers.TrainingArguments`] plus the UDON settings below. Defaults
     follow the UDON code: heads and classifiers at `learning_rate` 1e-3, backbone at 1e-5 and frozen for the first 2
