@@ -13,6 +13,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .profiling import ProfilerCallback
 
 logger = logging.getLogger(__name__)
+ALLOW_CODE_FLAG = "--allow_code_teachers"  # consent, on the command line only, to `py:` teachers read from a YAML
 
 
 def parse_with_yaml(
@@ -27,6 +28,12 @@ def parse_with_yaml(
     """
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", default=None, help="YAML file whose keys set the defaults of any option.")
+    parser.add_argument(
+        ALLOW_CODE_FLAG,
+        action="store_true",
+        help="Accept `py:module:function` teachers read from the --config YAML: loading one imports that module and "
+        "runs that function (arbitrary code). A `py:` teacher typed on the command line needs no flag.",
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     known, _ = parser.parse_known_args(argv)
     extra = {}
@@ -36,12 +43,39 @@ def parse_with_yaml(
         with open(known.config) as handle:
             defaults = yaml.safe_load(handle) or {}
         extra = {key: defaults.pop(key) for key in list_keys if key in defaults}
+        if "allow_code_teachers" in defaults:
+            raise ValueError(
+                f"{known.config} sets allow_code_teachers: a config file cannot allow itself to run code; pass "
+                f"{ALLOW_CODE_FLAG} on the command line."
+            )
         unknown = sorted(set(defaults) - {action.dest for action in parser._actions})
         if unknown:
             raise ValueError(f"Unknown options in {known.config}: {unknown}. See the recipe's --help.")
         parser.set_defaults(**defaults)
     instances = parser.parse_args_into_dataclasses(args=argv)
-    return tuple(instance for instance in instances if not isinstance(instance, type(known))), extra
+    instances = tuple(instance for instance in instances if not isinstance(instance, type(known)))
+    if not known.allow_code_teachers:
+        for instance in instances:
+            check_code_specs(vars(instance).values(), argv, known.config)
+    return instances, extra
+
+
+def check_code_specs(values, argv: list[str], source: str | None) -> None:
+    """Refuse `py:module:function` specs (code that loading runs) that are not on the command line `argv`.
+
+    A `py:` teacher imports a module and calls a function when it is loaded. Typed on the command line it is the
+    user's explicit choice; read from a YAML file (possibly shared, downloaded or written by someone else) it needs
+    `--allow_code_teachers` on the command line.
+    """
+    typed = set(argv)
+    for value in values:
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and item.startswith("py:") and item not in typed:
+                raise ValueError(
+                    f"{source or 'The configuration'} names the code teacher {item!r}: loading it imports and runs "
+                    f"Python code. Pass {ALLOW_CODE_FLAG} on the command line to allow it, or give the teacher on "
+                    "the command line."
+                )
 
 
 def setup_logging(training_args: TrainingArguments) -> None:

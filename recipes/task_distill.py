@@ -14,7 +14,8 @@ then distil it into a small image classifier on real images plus, optionally, sy
    `synthetic_ratio` of every batch synthetic. A killed run restarts from its last checkpoint with the same command.
 3. Export: `OUTPUT_DIR` holds a stock transformers image classification model (`AutoModelForImageClassification`,
    `pipeline("image-classification")`), its image processor, `eval_results.json` and a model card with the student's
-   and the probed teacher's accuracies.
+   and the probed teacher's accuracies. `--push_to_hub true --hub_model_id you/deit-tiny-cifar10` uploads exactly
+   that (never a checkpoint, the probe head, the cached teacher features or the training arguments).
 """
 
 import json
@@ -37,7 +38,14 @@ from hf_distill.cli import checkpoint_to_resume, exit_cleanly, parse_with_yaml, 
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.evaluation.features import encoder_fingerprint, extract_features
 from hf_distill.evaluation.linear_probe import fit_linear_probe
-from hf_distill.hub import create_or_update_model_card, plot_loss_terms, push_to_hub
+from hf_distill.hub import (
+    HubOptions,
+    create_or_update_model_card,
+    plot_loss_terms,
+    publishable_name,
+    take_hub_options,
+    weights_fingerprint,
+)
 from hf_distill.io_utils import write_json_atomically
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from hf_distill.models.modeling_teacher import load_teacher, teacher_name
@@ -242,6 +250,7 @@ def student_normalization(script_args: ScriptArguments) -> tuple[list[float], li
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[KDTrainer, dict]:
     script_args, training_args = parse_args(argv)
+    hub_options = take_hub_options(training_args)  # the Trainer never pushes; the final export is pushed in export()
     setup_logging(training_args)
     set_seed(training_args.seed)
     train, evaluation, names = load_task_data(script_args)  # data problems surface here
@@ -291,19 +300,25 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
     logger.info("Student accuracy %.2f%% (probed teacher %.2f%%)", accuracy, probe_results["accuracy"])
     trainer.save_model(training_args.output_dir)  # on every process: DeepSpeed ZeRO-3 / FSDP gather the weights
     if training_args.should_save:
-        export(trainer, script_args, training_args, results, mean, std, names, teacher_name(teacher))
+        export(trainer, script_args, training_args, results, mean, std, names, teacher_name(teacher), hub_options)
     return trainer, results
 
 
-def export(trainer, script_args, training_args, results, mean, std, names, teacher: str) -> None:
+def export(
+    trainer, script_args, training_args, results, mean, std, names, teacher: str, hub_options: HubOptions | None = None
+) -> None:
     """Image processor + eval_results.json + plots + model card beside the saved student in `output_dir`; push when
-    asked. `teacher` is the name of the probed teacher in the card."""
+    asked (`hub_options`). `teacher` is the name of the probed teacher in the card."""
     output_dir = training_args.output_dir
     size = training_args.image_size
     CLIPImageProcessorPil(  # the evaluation transform: shorter side to `size`, center crop, normalize
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=mean, image_std=std
     ).save_pretrained(output_dir)
-    write_json_atomically(os.path.join(output_dir, "eval_results.json"), results)
+    weights = weights_fingerprint(output_dir)
+    dataset_name = publishable_name(script_args.dataset)
+    write_json_atomically(
+        os.path.join(output_dir, "eval_results.json"), {**results, "dataset": dataset_name, "weights": weights}
+    )
     plots = []
     curve = plot_loss_terms(
         trainer.state.log_history,
@@ -312,11 +327,11 @@ def export(trainer, script_args, training_args, results, mean, std, names, teach
     )
     if curve:
         plots.append(os.path.relpath(curve, output_dir))
-    dataset_name = script_args.dataset
+    task_name = f"Image classification ({len(names)} classes)"
     create_or_update_model_card(
         output_dir,
         teachers=[{"name": teacher, "source": script_args.teacher}],
-        training_data=dataset_name,
+        training_data=script_args.dataset,
         settings={
             "student": script_args.student,
             "classes": len(names),
@@ -330,18 +345,21 @@ def export(trainer, script_args, training_args, results, mean, std, names, teach
         eval_results=[
             EvalResult(
                 task_type="image-classification",
+                task_name=task_name,
                 dataset_type=dataset_name,
                 dataset_name=dataset_name,
                 dataset_split=script_args.eval_split,
                 metric_type="accuracy",
+                metric_name="top-1 accuracy (%)",
                 metric_value=round(results["student_accuracy"], 2),
             )
         ],
+        measured_on=weights,
         comparison=[
             {
-                "task": "image-classification",
+                "task": task_name,
                 "dataset": dataset_name,
-                "metric": "accuracy",
+                "metric": "top-1 accuracy (%)",
                 "teachers": {f"{teacher} (probed)": round(results["teacher_probe_accuracy"], 2)},
             }
         ],
@@ -355,10 +373,11 @@ def export(trainer, script_args, training_args, results, mean, std, names, teach
         ),
         pipeline_tag="image-classification",
         method_tag="task-specific-distillation",
+        method="task",
         repo_id=training_args.hub_model_id,
     )
-    if training_args.push_to_hub:
-        push_to_hub(output_dir, training_args.hub_model_id, private=training_args.hub_private_repo)
+    if hub_options is not None:
+        hub_options.push(output_dir, "Upload task-distilled classifier")
 
 
 if __name__ == "__main__":

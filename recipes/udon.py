@@ -9,8 +9,11 @@ Domains come from the YAML (`domains:` list of {name, path, train_split, eval_sp
 or from `--domains NAME=PATH ...`. The final `--output_dir` holds the universal embedding model:
 `AutoModel.from_pretrained(output_dir, trust_remote_code=True)(pixel_values).image_embeds` is the 64-d embedding. After
 training, retrieval (one index merged over all domains: R@1, mMP@5 per domain and averaged) is computed on the
-domains' eval splits and written to `eval_results.json`. A killed run restarts from its last checkpoint with the same
-command.
+domains' eval splits and written to `eval_results.json`, with a model card (`README.md`: retrieval results in its
+`model-index`) and plots of the per-domain results and of the domain sampler. `--push_to_hub true --hub_model_id
+you/udon` then uploads exactly that export (weights, config with `auto_map`, its two code files, image processor,
+card, `eval_results.json`, plots): no checkpoint, teacher head or training argument. A killed run restarts from its
+last checkpoint with the same command.
 """
 
 import logging
@@ -21,8 +24,18 @@ import torch
 from transformers import AutoConfig, set_seed
 
 from hf_distill.cli import checkpoint_to_resume, exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
-from hf_distill.data.domains import load_domains
+from hf_distill.data.domains import DomainSpec, load_domains
 from hf_distill.evaluation.embedding_retrieval import multi_domain_retrieval
+from hf_distill.hub import (
+    EvalResult,
+    create_or_update_model_card,
+    is_hub_id,
+    plot_domain_retrieval,
+    plot_sampler_weights,
+    publishable_name,
+    take_hub_options,
+    weights_fingerprint,
+)
 from hf_distill.io_utils import write_json_atomically
 from hf_distill.losses.udon import MARGIN_TYPES
 from hf_distill.models import UdonConfig as UdonModelConfig
@@ -103,6 +116,7 @@ def build_model(script_args: ScriptArguments, domains: list[dict], image_size: i
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[UdonTrainer, dict]:
     script_args, training_args, domain_specs = parse_args(argv)
+    hub_options = take_hub_options(training_args)  # the Trainer never pushes; the final export is pushed below
     setup_logging(training_args)
     set_seed(training_args.seed)
     data = load_domains(domain_specs, seed=training_args.seed)  # every data problem is reported here, before weights
@@ -140,13 +154,96 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
             batch_size=script_args.eval_batch_size,
         )
         results["method"] = script_args.method
-        write_json_atomically(os.path.join(training_args.output_dir, "eval_results.json"), results)
         lines = [f"{name}: R@1 {v['R@1']:.2f}  mMP@5 {v['mMP@5']:.2f}" for name, v in results["per_domain"].items()]
         logger.info("Retrieval (merged index)\n%s\nmean: R@1 %.2f  mMP@5 %.2f", "\n".join(lines),
                     results["mean"]["R@1"], results["mean"]["mMP@5"])  # fmt: skip
+        export(trainer, script_args, training_args, domain_specs, results)
+        if hub_options is not None:
+            hub_options.push(training_args.output_dir, f"Upload {script_args.method.upper()} embedding model")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return trainer, results
+
+
+def retrieval_eval_results(results: dict, specs: list[DomainSpec]) -> list[EvalResult]:
+    """R@1 and mMP@5 of every domain and of their mean, as `model-index` results: one retrieval task (one index merged
+    over all domains) per domain dataset and one for the mean."""
+    task = {"task_type": "image-retrieval", "task_name": "Universal retrieval (merged index)"}
+    datasets = {
+        spec.name: {
+            "dataset_type": publishable_name(spec.path),
+            "dataset_name": spec.name,
+            "dataset_split": spec.eval_split or f"{spec.train_split} (held-out {spec.eval_fraction:g})",
+        }
+        for spec in specs
+    }
+    datasets["mean"] = {
+        "dataset_type": "+".join(datasets[name]["dataset_type"] for name in results["per_domain"]),
+        "dataset_name": f"Mean over {len(results['per_domain'])} domains",
+    }
+    groups = {**results["per_domain"], "mean": results["mean"]}
+    return [
+        EvalResult(
+            **task,
+            **datasets[name],
+            metric_type=metric.lower().replace("@", "_at_"),
+            metric_name=metric,
+            metric_value=round(float(values[metric]), 2),
+        )
+        for name, values in groups.items()
+        for metric in ("R@1", "mMP@5")
+    ]
+
+
+def export(trainer, script_args, training_args, domain_specs, results: dict) -> None:
+    """`eval_results.json` (tied to the exported weights), plots (retrieval per domain, sampler weights) and the model
+    card beside the exported embedding model in `output_dir`."""
+    output_dir = training_args.output_dir
+    specs = [DomainSpec.parse(spec) for spec in domain_specs]
+    weights = weights_fingerprint(output_dir)
+    write_json_atomically(os.path.join(output_dir, "eval_results.json"), {**results, "weights": weights})
+    plots = [plot_domain_retrieval(results, os.path.join(output_dir, "plots", "retrieval_per_domain.png"))]
+    plots.append(plot_sampler_weights(trainer.state.log_history, os.path.join(output_dir, "plots", "sampler.png")))
+    config = trainer.udon_model.config
+    backbone = publishable_name(script_args.backbone)
+    create_or_update_model_card(
+        output_dir,
+        teachers=[],
+        training_data=", ".join(f"{spec.name} ({publishable_name(spec.path)})" for spec in specs),
+        datasets=[spec.path for spec in specs if is_hub_id(spec.path)],
+        settings={
+            "method": script_args.method.upper(),
+            "backbone": f"{backbone}{' (random init)' if script_args.random_init else ''}",
+            "embedding dim": config.embedding_dim,
+            "teacher dim": config.teacher_dim if script_args.method == "udon" else "-",
+            "domain sampling": training_args.sampling,
+            "image size": training_args.image_size,
+            "training steps": trainer.state.global_step,
+            "batch size (one domain per step)": training_args.per_device_train_batch_size * training_args.world_size,
+            "learning rate (heads / backbone)": f"{training_args.learning_rate:g} / "
+            f"{training_args.backbone_learning_rate:g}",
+        },
+        eval_results=retrieval_eval_results(results, specs),
+        measured_on=weights,
+        plots=[os.path.relpath(plot, output_dir) for plot in plots if plot is not None],
+        summary=(
+            f"A universal image embedding ({config.embedding_dim}-d, L2-normalized) over {len(specs)} domains, "
+            f"trained with hf_distill's implementation of {script_args.method.upper()}"
+            + (
+                " (Ypsilantis et al., NeurIPS 2024): one shared backbone with online per-domain teacher heads "
+                "distilled into the universal head, and a dynamic domain sampler"
+                if script_args.method == "udon"
+                else ", the USCRR baseline (one shared backbone and head trained with per-domain classifiers)"
+            )
+            + ". Only the embedding model ships: backbone, universal head and L2 norm."
+        ),
+        base_model=script_args.backbone if is_hub_id(script_args.backbone) and not script_args.random_init else None,
+        pipeline_tag="image-feature-extraction",
+        method_tag="udon",
+        method="udon",
+        tags=["image-retrieval", "universal-embedding"],
+        repo_id=training_args.hub_model_id,
+    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from transformers import AutoConfig, set_seed
 from hf_distill.cli import checkpoint_to_resume, exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.data.teacher_cache import CACHE_INDEX, TeacherOutputCache
+from hf_distill.hub import take_hub_options
 from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher, load_teacher_config
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from hf_distill.models.modeling_teacher import is_factory_spec
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
     """Run UNIC distillation. `teachers` may replace `--teachers` with modules (e.g. `ModuleTeacher`); `callbacks`
     are extra `TrainerCallback`s."""
     script_args, training_args = parse_args(argv)
+    hub_options = take_hub_options(training_args)  # the Trainer never pushes; the final export is pushed below
     setup_logging(training_args)
     set_seed(training_args.seed)
 
@@ -189,9 +191,9 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
     trainer.save_state()
     trainer.save_model()
     trainer.create_model_card(dataset_name=script_args.train_data)
-    if training_args.push_to_hub:
-        logger.info("Pushing the student to the Hub: %s", trainer.hub_model_id or training_args.hub_model_id)
-        trainer.push_to_hub()
+    if hub_options is not None and trainer.is_world_process_zero():
+        logger.info("Pushing the student to the Hub: %s", hub_options.repo_id)
+        hub_options.push(training_args.output_dir, "Upload UNIC student encoder")
     return trainer
 
 

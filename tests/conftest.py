@@ -126,6 +126,29 @@ def exported_student_dir(tmp_path_factory, student_config_dir):
     return str(path)
 
 
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path_factory):
+    """A fake Hub on 127.0.0.1 ([`tests.fake_hub.FakeHub`]) that `huggingface_hub` and transformers talk to: offline
+    mode lifted for this test only, `HF_ENDPOINT` pointed at it, Xet off (the legacy LFS upload path is faked)."""
+    import huggingface_hub
+    import transformers.utils.hub
+
+    from .fake_hub import FakeHub
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    no_login = tmp_path_factory.mktemp("no-login")  # a token stored by `hf auth login` on this machine is not used
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(no_login / "token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(no_login / "stored_tokens"))
+    with FakeHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)  # transformers' shared HfApi keeps its endpoint
+        yield hub
+
+
 class KillAt(TrainerCallback):
     """Simulates a killed run: raises KeyboardInterrupt at the end of optimizer step `step`."""
 

@@ -1,13 +1,11 @@
 """Model card, plots and Hub upload of a distilled student (`hf_distill.hub`), offline.
 
-The push test runs `push_to_hub` for real against a minimal fake Hub served on 127.0.0.1 (the endpoints that
-`huggingface_hub` calls for `create_repo` and `upload_folder` of small regular files) and checks the bytes it got.
+The push tests run `push_to_hub` for real against the fake Hub of `tests/fake_hub.py` served on 127.0.0.1 (regular
+and LFS uploads) and check the bytes it got.
 """
 
-import base64
+import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import huggingface_hub
@@ -135,7 +133,7 @@ def test_model_card_renders_and_parses_back(tmp_path):
     assert 'AutoImageProcessor.from_pretrained("me/unic-tiny")' in text and "last_hidden_state[:, 0]" in text
     assert "`ViTModel`" in text
     for row in (
-        "| vit-p4 | /models/vit-p4 | - | cls | resize |",
+        "| vit-p4 | vit-p4 | - | cls | resize |",  # a local path is published as its folder name
         "| dinov2-small | [facebook/dinov2-small](https://huggingface.co/facebook/dinov2-small) | ed25f3a | pooler "
         "| interpolate |",
         "| teacher dropping p | 0.5 |",
@@ -164,7 +162,8 @@ def test_model_card_local_training_data_and_no_results(tmp_path):
     assert "datasets" not in metadata and "model-index" not in metadata
     assert metadata["tags"] == ["hf_distill", "unic", "distillation", "vit"]
     assert "No evaluation results reported yet." in card.text
-    assert f'AutoModel.from_pretrained("{(tmp_path / "out").as_posix()}")' in card.text
+    assert 'AutoModel.from_pretrained("out")' in card.text  # the folder's name, not its local path
+    assert str(tmp_path) not in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_model_card_update_keeps_human_text_and_merges_results(tmp_path):
@@ -322,110 +321,39 @@ def test_upload_file_list_sharded_weights(tmp_path):
     assert "model-stale.safetensors" not in files and "model.safetensors" not in files
 
 
-class FakeHub:
-    """A minimal Hub API on 127.0.0.1: repo creation, YAML validation, preupload (every file "regular") and commits
-    with base64 file contents. Records every request; answers 404 to anything else."""
-
-    def __init__(self):
-        self.requests: list[tuple[str, str]] = []
-        self.unknown: list[tuple[str, str]] = []
-        self.created: list[dict] = []
-        self.commits: list[dict] = []
-        self.files: dict[str, dict[str, bytes]] = {}
-        self.authorizations: set[str] = set()
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def do_GET(self):
-                hub.handle(self, "GET", b"")
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                hub.handle(self, "POST", self.rfile.read(length))
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-    def handle(self, handler, method, body):
-        path = handler.path.split("?")[0]
-        self.requests.append((method, path))
-        self.authorizations.add(handler.headers.get("Authorization", ""))
-        parts = path.strip("/").split("/")
-        if method == "POST" and path == "/api/repos/create":
-            payload = json.loads(body)
-            self.created.append(payload)
-            repo_id = "/".join(p for p in (payload.get("organization"), payload["name"]) if p)
-            return self.reply(handler, 200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id})
-        if method == "POST" and path == "/api/validate-yaml":
-            return self.reply(handler, 200, {"errors": [], "warnings": []})
-        if method == "POST" and len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "preupload":
-            files = json.loads(body)["files"]
-            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
-            return self.reply(handler, 200, {"files": modes})
-        if method == "POST" and len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "commit":
-            repo_id, lines = f"{parts[2]}/{parts[3]}", [json.loads(line) for line in body.splitlines() if line]
-            commit = {"repo_id": repo_id, "revision": parts[5], "header": lines[0], "operations": lines[1:]}
-            self.commits.append(commit)
-            repo_files = self.files.setdefault(repo_id, {})
-            for op in lines[1:]:
-                if op["key"] != "file" or op["value"].get("encoding") != "base64":
-                    return self.reply(handler, 400, {"error": f"fake hub only takes regular files, got {op}"})
-                repo_files[op["value"]["path"]] = base64.b64decode(op["value"]["content"])
-            oid = f"{len(self.commits):040x}"
-            url = f"{self.endpoint}/{repo_id}/commit/{oid}"
-            return self.reply(handler, 200, {"commitUrl": url, "commitOid": oid, "pullRequestUrl": None})
-        self.unknown.append((method, path))
-        return self.reply(handler, 404, {"error": f"fake hub: no {method} {path}"})
-
-    @staticmethod
-    def reply(handler, status, payload):
-        data = json.dumps(payload).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
-
-
-@pytest.fixture
-def online(monkeypatch):
-    """Lift the offline mode of the test session, for a test that only talks to 127.0.0.1."""
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-
-
 @pytest.mark.timeout(60)
-def test_push_to_hub_uploads_exactly_the_model_files(tmp_path, online):
+def test_push_to_hub_uploads_exactly_the_model_files(tmp_path, fake_hub):
     expected = write_export(tmp_path)
-    with FakeHub() as hub:
-        url = push_to_hub(
-            tmp_path, "me/unic-tiny", token="hf_dummy_token", endpoint=hub.endpoint, commit_message="Add student"
-        )
+    url = push_to_hub(tmp_path, "me/unic-tiny", token="hf_dummy_token", commit_message="Add student")
+    hub = fake_hub
     assert not hub.unknown, f"requests the fake hub does not implement: {hub.unknown}"
     assert hub.created == [{"name": "unic-tiny", "organization": "me", "type": "model"}]
-    assert hub.authorizations == {"Bearer hf_dummy_token"}
+    assert hub.authorizations() == {"Bearer hf_dummy_token"}
     assert len(hub.commits) == 1
     commit = hub.commits[0]
     assert commit["revision"] == "main" and commit["header"]["value"]["summary"] == "Add student"
     assert hub.files == {"me/unic-tiny": expected}  # exactly these paths, with these bytes
     assert url == f"{hub.endpoint}/me/unic-tiny/commit/{1:040x}"
+    # the weights went through the LFS path (batch, PUT, verify, lfsFile pointer), the small text files inline
+    assert hub.uploaded["model.safetensors"] == "lfs" and hub.uploaded["config.json"] == "regular"
+    assert hub.verified == [hashlib.sha256(expected["model.safetensors"]).hexdigest()]
+    assert b"hf_dummy_token" not in hub.all_bytes()
 
 
-def test_push_to_hub_passes_exact_allow_patterns(tmp_path, monkeypatch):
+@pytest.mark.timeout(60)
+def test_fake_hub_lfs_path_for_large_files(tmp_path, fake_hub):
+    """Above the size threshold every file is LFS, text files included: the bytes that arrive are the file's."""
+    expected = write_export(tmp_path)
+    fake_hub.lfs_threshold = 16
+    push_to_hub(tmp_path, "me/unic-tiny", token="hf_dummy_token", revision="v1")
+    assert fake_hub.files == {"me/unic-tiny": expected}
+    large = {path for path, data in expected.items() if len(data) >= 16}
+    assert {path for path, mode in fake_hub.uploaded.items() if mode == "lfs"} == large
+    assert fake_hub.branches == [("me/unic-tiny", "v1")] and fake_hub.commits[0]["revision"] == "v1"
+    assert sorted(fake_hub.verified) == sorted({hashlib.sha256(expected[path]).hexdigest() for path in large})
+
+
+def test_push_to_hub_commits_one_operation_per_listed_file(tmp_path, monkeypatch):
     expected = write_export(tmp_path)
     calls = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("create", (repo_id, kw)))
@@ -433,14 +361,16 @@ def test_push_to_hub_passes_exact_allow_patterns(tmp_path, monkeypatch):
     class Commit:
         commit_url = "https://hub.invalid/me/unic-tiny/commit/0"
 
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw) and Commit())
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, **kw: calls.setdefault("commit", kw) and Commit())
     assert push_to_hub(tmp_path, "me/unic-tiny", private=True) == Commit.commit_url
     assert calls["create"] == (
         "me/unic-tiny",
         {"exist_ok": True, "private": True, "token": None, "repo_type": "model"},
     )
-    assert calls["upload"]["allow_patterns"] == sorted(expected)
-    assert Path(calls["upload"]["folder_path"]) == tmp_path and calls["upload"]["repo_id"] == "me/unic-tiny"
+    operations = calls["commit"]["operations"]
+    assert [op.path_in_repo for op in operations] == sorted(expected)
+    assert [Path(op.path_or_fileobj) for op in operations] == [tmp_path / name for name in sorted(expected)]
+    assert calls["commit"]["repo_id"] == "me/unic-tiny"
 
 
 @pytest.mark.parametrize("missing", ["model.safetensors", "config.json", "README.md"])
@@ -452,7 +382,7 @@ def test_push_to_hub_rejects_incomplete_folder_before_any_request(tmp_path, monk
         raise AssertionError("push_to_hub reached the network")
 
     monkeypatch.setattr(HfApi, "create_repo", no_network)
-    monkeypatch.setattr(HfApi, "upload_folder", no_network)
+    monkeypatch.setattr(HfApi, "create_commit", no_network)
     with pytest.raises(ValueError, match=missing.split(".")[0]):
         push_to_hub(tmp_path, "me/unic-tiny", token="hf_dummy_token")
     with pytest.raises(ValueError, match="not a folder"):

@@ -116,23 +116,14 @@ def test_two_processes_on_cpu_see_different_data_and_end_identical(
 
 @pytest.mark.timeout(120)
 def test_push_to_hub_from_the_recipe_uploads_only_the_student(
-    tiny_teachers, image_dataset_dir, student_config_dir, tmp_path, monkeypatch
+    tiny_teachers, image_dataset_dir, student_config_dir, tmp_path, fake_hub
 ):
     """`--push_to_hub --hub_model_id` against a local fake Hub: the exported encoder, its image processor, the card
     and the plots arrive; no checkpoint, heads or optimizer state."""
-    import huggingface_hub
-    import transformers.utils.hub
-
-    from .test_hub import FakeHub
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub = fake_hub
     output_dir = tmp_path / "out"
-    with FakeHub() as hub:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
-        monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)  # transformers' shared HfApi keeps its endpoint
-        args = recipe_args(tiny_teachers, image_dataset_dir, student_config_dir, output_dir)
-        recipe.main(args + ["--push_to_hub", "true", "--hub_model_id", "me/unic-tiny", "--hub_token", "hf_dummy"])
+    args = recipe_args(tiny_teachers, image_dataset_dir, student_config_dir, output_dir)
+    recipe.main(args + ["--push_to_hub", "true", "--hub_model_id", "me/unic-tiny", "--hub_token", "hf_dummy"])
     # every write went through the implemented endpoints (a client may also probe GET endpoints that 404 here)
     assert not [request for request in hub.unknown if request[0] != "GET"], hub.unknown
     assert hub.created and all((c["name"], c["organization"]) == ("unic-tiny", "me") for c in hub.created)

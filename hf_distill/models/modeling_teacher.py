@@ -360,7 +360,11 @@ FACTORY_PREFIX = "py:"
 
 def is_factory_spec(teacher) -> bool:
     """`py:package.module:function`: a teacher built by calling a Python function (e.g. a `ModuleTeacher` around a
-    CNN), so that plain-module teachers can be named on a command line."""
+    CNN), so that plain-module teachers can be named on a command line.
+
+    Loading such a teacher imports that module and calls the function: it runs arbitrary Python code. The recipes
+    accept one read from a `--config` YAML only with `--allow_code_teachers` on the command line
+    ([`hf_distill.cli.parse_with_yaml`]); one typed on the command line is explicit."""
     return isinstance(teacher, str) and teacher.startswith(FACTORY_PREFIX)
 
 

@@ -4,9 +4,11 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..hub.push import HubTokenNotPickled
+
 
 @dataclass
-class KDConfig(TrainingArguments):
+class KDConfig(HubTokenNotPickled, TrainingArguments):
     r"""
     Configuration of [`KDTrainer`]: all [`~transformers.TrainingArguments`] plus the distillation settings below.
     The loss is `(1 - alpha) * CE + alpha * temperature^2 * KL` on real images and the KL term alone on synthetic ones

@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from ..data.augmentations import UnicAugmentation, resize_center
 from ..data.image_datasets import ImageCollator
 from ..data.mixed_batch_sampler import MixedBatchSampler
+from ..hub.push import PushExportMixin
 from ..losses.kd import kd_loss
 from ..models.probed_teacher import ProbedTeacher
 from .kd_config import KDConfig
@@ -25,7 +26,7 @@ class _SamplerEpoch(TrainerCallback):
         self.sampler.set_epoch(int(state.epoch or 0))
 
 
-class KDTrainer(Trainer):
+class KDTrainer(PushExportMixin, Trainer):
     """Trains `model` (any transformers image classification model) against a [`ProbedTeacher`].
 
     Args:

@@ -5,10 +5,11 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..data.domain_sampler import STRATEGIES
+from ..hub.push import HubTokenNotPickled
 
 
 @dataclass
-class UdonConfig(TrainingArguments):
+class UdonConfig(HubTokenNotPickled, TrainingArguments):
     r"""
     Configuration of [`UdonTrainer`]: all [`~transformers.TrainingArguments`] plus the UDON settings below. Defaults
     follow the UDON code: heads and classifiers at `learning_rate` 1e-3, backbone at 1e-5 and frozen for the first 2

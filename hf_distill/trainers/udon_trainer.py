@@ -13,6 +13,7 @@ from transformers import Trainer, TrainerCallback
 from ..data.augmentations import random_resized_crop, resize_center
 from ..data.domain_sampler import DomainBatchSampler
 from ..data.image_datasets import ImageCollator
+from ..hub.push import PushExportMixin
 from ..io_utils import write_json_atomically
 from ..models.modeling_udon import UdonModel
 from .udon_config import UdonConfig
@@ -58,7 +59,7 @@ class _UdonSchedule(TrainerCallback):
             write_json_atomically(os.path.join(folder, SAMPLER_STATE), sampler_state)
 
 
-class UdonTrainer(Trainer):
+class UdonTrainer(PushExportMixin, Trainer):
     """Trains a [`UdonModel`] (UDON, or USCRR when `use_teacher_heads=False`).
 
     Args:

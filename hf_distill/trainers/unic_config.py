@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..hub.push import HubTokenNotPickled
 from ..losses.unic import COEFFICIENT_NORMALIZATIONS
 from ..models.configuration_teacher import GRID_ALIGNMENTS, SUMMARY_TYPES
 
@@ -11,7 +12,7 @@ TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class UnicConfig(TrainingArguments):
+class UnicConfig(HubTokenNotPickled, TrainingArguments):
     r"""
     Configuration of [`UnicTrainer`]: all [`~transformers.TrainingArguments`] plus the UNIC settings below. Defaults
     of the optimizer follow the UNIC code (AdamW betas (0.9, 0.99), weight decay 0.03 on >= 2-D weights only, cosine

@@ -69,7 +69,7 @@ def unique_teacher_names(teachers: list) -> list[str]:
     return names
 
 
-class UnicTrainer(Trainer):
+class UnicTrainer(hub.PushExportMixin, Trainer):
     """Trainer for UNIC distillation of several frozen teachers into one student ([`UnicStudentModel`]).
 
     Args:
@@ -410,22 +410,3 @@ class UnicTrainer(Trainer):
         if self.args.augment:
             return "UNIC (random resized crop, flip, color jitter, grayscale, blur, solarize)"
         return "none (center crop)"
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Checkpoints (projector heads, optimizer) are never uploaded: only the exported student is."""
-
-    def push_to_hub(
-        self, commit_message: str | None = None, blocking: bool = True, token=None, revision=None, **kwargs
-    ):
-        """Upload the exported student of `output_dir` (weights, image processor, card, plots, eval results, and only
-        those) to `--hub_model_id`."""
-        if not self.is_world_process_zero():
-            return None
-        return hub.push_to_hub(
-            self.args.output_dir,
-            self.hub_model_id or self.args.hub_model_id,
-            token=token or self.args.hub_token,
-            private=self.args.hub_private_repo,
-            commit_message=commit_message or "Upload distilled student with hf_distill",
-            revision=revision or self.args.hub_revision,
-        )
