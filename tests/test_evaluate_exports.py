@@ -101,6 +101,7 @@ def test_features_of_each_export_kind(exports, mnist_splits_dir):
         expected = classifier.vit(pixels(test["image"], MEAN, STD)).last_hidden_state[:, 0]
     features = extract_features(exports["classifier"], test, **options).features
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(extract_features(classifier, test, **options).features, expected, rtol=1e-4, atol=1e-5)
 
     encoder = AutoModel.from_pretrained(exports["unic"]).eval()
     with torch.no_grad():

@@ -177,6 +177,7 @@ def load_encoder(encoder, pooling: str | None = None, trust_remote_code: bool = 
         # a model object: its normalization is read from the image processor saved beside its weights, if any
         if not (hasattr(encoder.config, "patch_size") and hasattr(encoder.config, "hidden_size")):
             return _embedding_encoder(encoder, encoder.config.name_or_path)  # e.g. a UdonEmbeddingModel
+        encoder = encoder.base_model  # a classifier (e.g. ViTForImageClassification) is read through its backbone
         settings = _processor_settings(encoder.config.name_or_path)
         image_size = settings.pop("image_size", getattr(encoder.config, "image_size", None))
         config = TeacherConfig(
