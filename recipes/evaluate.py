@@ -6,6 +6,16 @@
     # shorthand for k-NN + linear probe on a dataset with `train` / `test` splits and `image` / `label` columns
     python recipes/evaluate.py --models outputs/unic-tiny --dataset mnist=path/to/mnist --output_dir eval
 
+    # every export of hf_distill: a UNIC encoder, a UDON embedding model (ships its own code: --trust_remote_code),
+    # a task_distill image classifier
+    python recipes/evaluate.py --models outputs/unic-tiny outputs/udon outputs/task-classifier --trust_remote_code \
+        --dataset mnist=path/to/mnist --output_dir eval
+
+What is evaluated: the CLS token of ViT-family encoders (a UNIC export, a teacher backbone; the backbone of a
+task_distill classifier, without its head), and the `image_embeds` of a model with its own code (UDON: the 64-d
+L2-normalized universal embedding; else its `pooler_output`). Models with their own code load only with
+`--trust_remote_code`; every model is checked before any evaluation starts.
+
 Prints a comparison table, writes `eval_results.json` and `plots/eval_comparison.png` to `--output_dir`, caches
 features under `--cache_dir` (a second evaluation of the same model on the same data reads them back), and with
 `--model_card_dir` adds the first model's results to the model card (`model-index`) of that exported student.
@@ -23,6 +33,7 @@ from transformers import HfArgumentParser
 from hf_distill import hub
 from hf_distill.cli import ALLOW_CODE_FLAG, check_code_specs
 from hf_distill.evaluation.benchmark import EvalDataset, card_results, evaluate_encoder
+from hf_distill.evaluation.features import check_remote_code
 from hf_distill.io_utils import write_json_atomically
 
 logger = logging.getLogger("hf_distill.recipes.evaluate")
@@ -53,6 +64,13 @@ class EvaluateArguments:
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200], metadata={"help": "k values of k-NN."})
     knn_temperature: float = field(default=0.07, metadata={"help": "k-NN vote temperature."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Load models that ship their own code (e.g. UDON embedding exports), which runs that code: only "
+            "for sources you trust."
+        },
+    )
     model_card_dir: str | None = field(
         default=None, metadata={"help": "Exported student folder whose model card gets the first model's results."}
     )
@@ -115,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     sizes = (
         args.image_size if args.image_size and len(args.image_size) > 1 else (args.image_size or [None]) * len(names)
     )
+    dense = any("segmentation" in spec.protocols for spec in suite)
+    for model in args.models:  # config files only: a model that cannot be evaluated fails before any work
+        check_remote_code(model, args.trust_remote_code, patch_tokens=dense)
     results = {}
     for name, model, image_size in zip(names, args.models, sizes):
         logger.info("Evaluating %s (%s) on %s", name, model, ", ".join(spec.name for spec in suite))
@@ -128,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             knn_temperature=args.knn_temperature,
             device=args.device,
             name=name,
+            trust_remote_code=args.trust_remote_code,
         )
     print(format_table(results))
     payload = {

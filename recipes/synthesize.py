@@ -21,7 +21,10 @@ written atomically: a `datasets` parquet set (`hf_distill.synthetic.load_synthet
 `source_indices`, `source_labels`, `weights`, `seed`, `num_inference_steps`, `guidance_scale`, `pipeline`,
 `source_dataset`. Rerunning the same command after a kill generates only the missing shards, so the set ends with
 exactly `--num_images` distinct indices; a rerun with other settings in the same folder stops before loading anything.
-`--push_to_hub --hub_dataset_id ORG/NAME` uploads the completed set.
+When the set is complete, a dataset card (`README.md`) recording its provenance (source dataset, pipeline and
+scheduler, number of images, seed, weights distribution, steps, guidance, size, dtype, a license note) is written
+atomically beside it. `--push_to_hub --hub_dataset_id ORG/NAME` uploads exactly the card, `synthesis_config.json` and
+the data shards to that dataset repo; local paths appear in all of them as their folder names only.
 """
 
 import logging
@@ -43,7 +46,9 @@ from hf_distill.synthetic import (
     check_sources,
     load_synthetic_dataset,
     missing_shards,
+    push_synthetic_dataset,
     synthesize,
+    write_dataset_card,
 )
 
 logger = logging.getLogger("hf_distill.recipes.synthesize")
@@ -144,9 +149,10 @@ def main(argv: list[str] | None = None) -> Dataset:
         synthesize(settings, args.output_dir, pipeline.to(device), sources, batch_size=args.batch_size)
     dataset = load_synthetic_dataset(args.output_dir)
     logger.info("Synthetic set complete: %d images in %s", len(dataset), os.path.join(args.output_dir, "data"))
+    logger.info("Wrote the dataset card %s", write_dataset_card(args.output_dir, args.hub_dataset_id))
     if args.push_to_hub:
-        dataset.push_to_hub(args.hub_dataset_id, private=args.private)
-        logger.info("Pushed to https://huggingface.co/datasets/%s", args.hub_dataset_id)
+        url = push_synthetic_dataset(args.output_dir, args.hub_dataset_id, private=args.private or None)
+        logger.info("Pushed to the dataset repo %s: %s", args.hub_dataset_id, url)
     return dataset
 
 

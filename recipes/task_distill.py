@@ -106,6 +106,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, KDConfig
             f"--synthetic_ratio {training_args.synthetic_ratio} needs --synthetic_dataset (e.g. the output of "
             "recipes/synthesize.py); pass one or set --synthetic_ratio 0."
         )
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    if strategy != "no":
+        raise ValueError(
+            f"--eval_strategy {strategy} is not supported by recipes/task_distill.py: its evaluation is the student's "
+            "accuracy on --eval_split, measured once after training (eval_results.json). Leave --eval_strategy no."
+        )
     if script_args.synthetic_dataset and training_args.synthetic_ratio == 0:
         logger.warning("--synthetic_dataset is given but --synthetic_ratio is 0: the synthetic images are not used.")
     return script_args, training_args

@@ -95,6 +95,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, UdonConf
         raise ValueError(f"--method must be one of {METHODS}, got {script_args.method!r}.")
     if not domains:
         raise ValueError("No domains: pass --domains NAME=PATH ... or a `domains:` list in the --config YAML.")
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    if strategy != "no":
+        raise ValueError(
+            f"--eval_strategy {strategy} is not supported by recipes/udon.py: its evaluation is the retrieval on the "
+            "domains' eval splits (merged index, R@1 / mMP@5), run once after training into eval_results.json. Leave "
+            "--eval_strategy no."
+        )
     return script_args, training_args, domains
 
 

@@ -11,6 +11,11 @@ Two processes on CPU (`accelerate launch --cpu` silently starts only one):
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
         recipes/unic.py --config recipes/configs/unic_tiny.yaml --use_cpu
 
+Held-out images (`--eval_data`, same formats as `--train_data`) give the evaluation loss: the distillation loss on
+their center crops, without teacher dropping, logged as `eval_loss` and per teacher (`eval_<teacher>/cls_loss`,
+`eval_<teacher>/patch_loss`) at every `--eval_strategy steps --eval_steps N` and once after training. An
+`--eval_strategy` other than `no` without `--eval_data` is refused before anything is loaded.
+
 Any option of the YAML file can be overridden on the command line (`--max_steps 10`). A killed run restarts from its
 last checkpoint in `--output_dir` when launched again with the same command. The final `--output_dir` holds the
 student encoder as a stock transformers model: `AutoModel.from_pretrained(output_dir)`.
@@ -54,6 +59,15 @@ class ScriptArguments:
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     dataset_split: str = field(default="train", metadata={"help": "Split of --train_data to train on."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    eval_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out images for the evaluation loss (distillation loss on center crops, no teacher "
+            "dropping), same formats as --train_data; needed by --eval_strategy steps / epoch."
+        },
+    )
+    eval_split: str = field(default="validation", metadata={"help": "Split of --eval_data."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval images."})
     use_ladder: bool = field(default=True, metadata={"help": "Ladder of projectors over the student's blocks."})
     ladder_layers: list[int] | None = field(
         default=None, metadata={"help": "1-based blocks feeding the ladder (default: all).", "nargs": "+"}
@@ -78,7 +92,32 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, UnicConf
     (script_args, training_args), _ = parse_with_yaml((ScriptArguments, UnicConfig), argv)
     if not script_args.student_config or not script_args.train_data:
         raise ValueError("--student_config, --train_data and --teachers are required (on the command line or YAML).")
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    if strategy != "no" and not script_args.eval_data:
+        raise ValueError(
+            f"--eval_strategy {strategy} needs held-out images: pass --eval_data (same formats as --train_data; the "
+            "evaluation loss is the distillation loss on their center crops, without teacher dropping), or leave "
+            "--eval_strategy no."
+        )
+    if script_args.eval_data and training_args.teacher_cache:
+        raise ValueError(
+            "--eval_data needs the teachers run on the held-out images, --teacher_cache replaces them by cached "
+            "outputs of the training images: use one or the other."
+        )
     return script_args, training_args
+
+
+def load_eval_dataset(script_args: ScriptArguments):
+    """The held-out images of `--eval_data` (`None` without it)."""
+    if not script_args.eval_data:
+        return None
+    try:
+        dataset = load_image_dataset(script_args.eval_data, script_args.image_column, script_args.eval_split)
+    except ValueError as error:  # name the option that selects the split of --eval_data
+        raise ValueError(f"--eval_data: {error}".replace("--dataset_split", "--eval_split")) from error
+    if script_args.max_eval_samples is not None:
+        dataset = dataset.select(range(min(script_args.max_eval_samples, len(dataset))))
+    return dataset
 
 
 def load_student_backbone_config(source: str, image_size: int):
@@ -157,6 +196,7 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
     if script_args.max_train_samples is not None:
         train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
     train_dataset = verify_images(train_dataset, training_args, script_args.image_column)  # lists unreadable files
+    eval_dataset = load_eval_dataset(script_args)
 
     student_config = UnicStudentConfig(
         backbone_config=backbone_config,
@@ -192,12 +232,15 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         args=training_args,
         teachers=teacher_sources,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         image_column=script_args.image_column,
         callbacks=(callbacks or []) + profiler_callbacks(script_args.profile, training_args),
     )
     result = run.train(trainer)  # a finished run trains nothing; a stopped one raises TrainingStopped
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
+    if eval_dataset is not None:  # logged (trainer_state.json), not saved as eval_results.json: evaluate.py writes it
+        trainer.log_metrics("eval", trainer.evaluate())
     trainer.save_state()
     trainer.save_model()
     trainer.create_model_card(dataset_name=script_args.train_data)

@@ -30,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 # The LFS patterns of the default `.gitattributes` of a Hub model repo that an hf_distill export can hit.
+REPO_TYPES = ("models", "datasets")  # the `/api/{models,datasets}/...` routes it serves, the same way for both
 LFS_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.npy", "*.npz", "*.h5")
 
 
@@ -50,7 +51,7 @@ class FakeHub:
         unknown: `(method, path)` of the requests it does not implement (answered 404).
         created: payloads of `create_repo`.
         branches: `(repo_id, branch)` created.
-        commits: `{"repo_id", "revision", "header", "operations"}` per commit.
+        commits: `{"repo_id", "repo_type", "revision", "header", "operations"}` per commit (model or dataset repo).
         files: `{repo_id: {path in repo: bytes}}`, the state of each repo after all commits.
         uploaded: `{path in repo: mode}` (`"regular"` or `"lfs"`) of every file committed.
         lfs_objects: `{sha256: bytes}` received on the LFS upload URL.
@@ -153,10 +154,22 @@ class FakeHub:
             return self.reply(handler, 200, {"standardEnvVars": [], "harnesses": {}})
         if method == "POST" and path == "/api/validate-yaml":
             return self.reply(handler, 200, {"errors": [], "warnings": []})
-        if method == "POST" and len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "branch":
+        if (
+            method == "POST"
+            and len(parts) == 6
+            and parts[0] == "api"
+            and parts[1] in REPO_TYPES
+            and parts[4] == "branch"
+        ):
             self.branches.append((f"{parts[2]}/{parts[3]}", parts[5]))
             return self.reply(handler, 200, {})
-        if method == "POST" and len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "preupload":
+        if (
+            method == "POST"
+            and len(parts) >= 6
+            and parts[0] == "api"
+            and parts[1] in REPO_TYPES
+            and parts[4] == "preupload"
+        ):
             files = json.loads(body)["files"]
             modes = [
                 {
@@ -195,14 +208,22 @@ class FakeHub:
                 return self.reply(handler, 404, {"error": "object not uploaded"})
             self.verified.append(payload["oid"])
             return self.reply(handler, 200, {})
-        if method == "POST" and len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "commit":
+        if (
+            method == "POST"
+            and len(parts) >= 6
+            and parts[0] == "api"
+            and parts[1] in REPO_TYPES
+            and parts[4] == "commit"
+        ):
             return self.commit(handler, f"{parts[2]}/{parts[3]}", "/".join(parts[5:]), body)
         self.unknown.append((method, path))
         return self.reply(handler, 404, {"error": f"fake hub: no {method} {path}"})
 
     def commit(self, handler, repo_id: str, revision: str, body: bytes) -> None:
         lines = [json.loads(line) for line in body.splitlines() if line]
-        commit = {"repo_id": repo_id, "revision": revision, "header": lines[0], "operations": lines[1:]}
+        repo_type = handler.path.strip("/").split("/")[1].removesuffix("s")  # "model" or "dataset"
+        commit = {"repo_id": repo_id, "repo_type": repo_type, "revision": revision, "header": lines[0]}
+        commit["operations"] = lines[1:]
         added = {}
         for op in lines[1:]:
             value = op["value"]

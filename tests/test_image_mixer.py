@@ -318,7 +318,8 @@ def test_save_and_load_round_trip(tmp_path, images):
     pipe.save_pretrained(tmp_path)
 
     model_index = json.loads((tmp_path / "model_index.json").read_text())
-    assert model_index["_class_name"] == "ImageMixerPipeline" and model_index["context_tokens"] == 3
+    assert model_index["_class_name"] == ["pipeline_image_mixer", "ImageMixerPipeline"]  # the shipped code file
+    assert model_index["context_tokens"] == 3 and (tmp_path / "pipeline_image_mixer.py").is_file()
     assert model_index["unet"] == ["diffusers", "UNet2DConditionModel"]
     assert model_index["image_encoder"] == ["transformers", "CLIPVisionModelWithProjection"]
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -328,6 +329,6 @@ def test_save_and_load_round_trip(tmp_path, images):
     assert reloaded.config.context_tokens == 3
     np.testing.assert_array_equal(generate(reloaded, mixes), expected)
 
-    # The generic loader looks the class up in `diffusers` only: load with ImageMixerPipeline (or custom_pipeline).
-    with pytest.raises(AttributeError, match="ImageMixerPipeline"):
+    # The generic loader runs the folder's code only when asked to (tests/test_image_mixer_hub.py loads it so).
+    with pytest.raises(ValueError, match="(?s)pipeline_image_mixer.py.*trust_remote_code=True"):
         DiffusionPipeline.from_pretrained(tmp_path)

@@ -14,7 +14,7 @@ from huggingface_hub import EvalResult
 from PIL import Image
 
 from ..data.image_datasets import load_image_dataset, resize_center_crop
-from .features import extract_features, load_encoder
+from .features import _no_patch_tokens_message, extract_features, load_encoder
 from .knn import knn_accuracy
 from .linear_probe import linear_probe
 from .retrieval import retrieval_metrics
@@ -108,11 +108,16 @@ def evaluate_encoder(
     knn_temperature: float = 0.07,
     device: str | None = None,
     name: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, float]:
-    """Run every protocol of every dataset of `suite` on `encoder`; returns flat `{"dataset/metric": value}`."""
+    """Run every protocol of every dataset of `suite` on `encoder`; returns flat `{"dataset/metric": value}`.
+    `trust_remote_code` allows models that ship their own code (see [`load_encoder`])."""
     results: dict[str, float] = {}
     label = name or (encoder if isinstance(encoder, str) else type(encoder).__name__)
-    encoder, default_size = load_encoder(encoder)  # loaded once for every dataset and split
+    # loaded once for every dataset and split
+    encoder, default_size = load_encoder(encoder, trust_remote_code=trust_remote_code)
+    if not getattr(encoder, "has_patch_tokens", True) and any("segmentation" in s.protocols for s in suite):
+        raise ValueError(_no_patch_tokens_message(label))
     image_size = image_size or default_size
     options = dict(image_size=image_size, batch_size=batch_size, cache_dir=cache_dir, device=device, label=label)
     for spec in suite:

@@ -23,7 +23,10 @@ from .synthesis import (
     missing_shards,
     mix_plan,
     noise_generators,
+    push_synthetic_dataset,
+    synthesis_card,
     synthesize,
+    write_dataset_card,
 )
 
 __all__ = [
@@ -39,5 +42,8 @@ __all__ = [
     "missing_shards",
     "mix_plan",
     "noise_generators",
+    "push_synthetic_dataset",
+    "synthesis_card",
     "synthesize",
+    "write_dataset_card",
 ]

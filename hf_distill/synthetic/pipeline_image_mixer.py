@@ -9,11 +9,12 @@ with `context_tokens=1`.
 
 ```python
 import torch
+from diffusers import DiffusionPipeline
 from PIL import Image
 
-from hf_distill.synthetic import ImageMixerPipeline
-
-pipe = ImageMixerPipeline.from_pretrained("outputs/image-mixer", torch_dtype=torch.float16).to("cuda")
+# the folder ships this file: diffusers runs it only when asked to (`trust_remote_code=True`)
+pipe = DiffusionPipeline.from_pretrained("outputs/image-mixer", trust_remote_code=True, torch_dtype=torch.float16)
+pipe = pipe.to("cuda")
 cat, bread = Image.open("cat.jpg"), Image.open("bread.jpg")
 images = pipe(
     [[(cat, 1.0), (bread, 1.2)], [(cat, 1.0)]],  # a batch of two mixes; `cat` is encoded once
@@ -28,18 +29,23 @@ embeddings = pipe.encode_images([cat, bread])  # or precompute the embeddings an
 images = pipe([[(embeddings[0], 0.5), (embeddings[1], 1.5)]]).images
 ```
 
-The folder written by `save_pretrained` (or by `python -m hf_distill.synthetic.convert_image_mixer`) has
-`"_class_name": "ImageMixerPipeline"` in its `model_index.json`: load it with `ImageMixerPipeline.from_pretrained`.
-`DiffusionPipeline.from_pretrained` looks that class up in `diffusers` and raises an `AttributeError`, unless it is
-given this file: `DiffusionPipeline.from_pretrained(folder, custom_pipeline=<path of this file>,
-trust_remote_code=True)`.
+The folder written by `save_pretrained` (or by `python -m hf_distill.synthetic.convert_image_mixer`) holds a copy of
+this file, `pipeline_image_mixer.py`, and its `model_index.json` names it the way diffusers custom pipelines do:
+`"_class_name": ["pipeline_image_mixer", "ImageMixerPipeline"]`. So `DiffusionPipeline.from_pretrained(folder or Hub
+id, trust_remote_code=True)` loads it anywhere diffusers and transformers are installed (this file imports nothing
+else); without `trust_remote_code=True`, diffusers refuses to run the folder's code and says so. With hf_distill
+installed, `hf_distill.synthetic.ImageMixerPipeline.from_pretrained(folder)` loads it with the installed class,
+without running any code from the folder.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import numbers
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,6 +68,8 @@ Mix = Sequence[tuple[ImageInput, float]]
 """A mix: `(source, weight)` pairs, where a source is an image or, as a 1-D tensor, its precomputed embedding."""
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+CODE_FILE = "pipeline_image_mixer.py"
+"""Name of the copy of this file in a saved pipeline folder (`_class_name` of its `model_index.json` names it)."""
 
 
 @dataclass
@@ -233,6 +241,31 @@ class ImageMixerPipeline(DiffusionPipeline):
         self.register_to_config(context_tokens=context_tokens)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """Write `model_index.json` (see [`~ImageMixerPipeline.to_json_string`]) and, beside it, a copy of this file
+        (`pipeline_image_mixer.py`), the code `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`
+        loads. `save_pretrained` calls it after saving the components, before any push."""
+        os.makedirs(save_directory, exist_ok=True)
+        shutil.copyfile(os.path.abspath(__file__), os.path.join(save_directory, CODE_FILE))
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def to_json_string(self) -> str:
+        """The pipeline config, with `_class_name` naming the module and class of the copy of this file shipped with
+        the weights (`["pipeline_image_mixer", "ImageMixerPipeline"]`), as diffusers custom pipelines do."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = [CODE_FILE.removesuffix(".py"), ImageMixerPipeline.__name__]
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
+        """Read a config; loaded through this class, a `_class_name` naming the shipped copy of this file is read as
+        the class itself, so that `ImageMixerPipeline.from_pretrained` runs no code from the folder or repo."""
+        config = super()._dict_from_json_file(json_file)
+        name = config.get("_class_name")
+        if isinstance(name, (list, tuple)) and list(name) == [CODE_FILE.removesuffix(".py"), "ImageMixerPipeline"]:
+            config["_class_name"] = name[1]
+        return config
 
     @property
     def embedding_size(self) -> int:
