@@ -29,14 +29,16 @@ def parse_with_yaml(
     """
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", default=None, help="YAML file whose keys set the defaults of any option.")
-    parser.add_argument(
-        "--allow_config_change",
-        nargs="+",
-        default=[],
-        metavar="FIELD",
-        help="Resume a run although these fields of its run manifest changed (e.g. learning_rate, max_steps, "
-        "teachers, data); see README 'Restarts and failures'.",
-    )
+    trains = any(issubclass(kind, TrainingArguments) for kind in dataclass_types)
+    if trains:  # the option of hf_distill.restarts.start_run, set on the TrainingArguments
+        parser.add_argument(
+            "--allow_config_change",
+            nargs="+",
+            default=[],
+            metavar="FIELD",
+            help="Resume a run although these fields of its run manifest changed (e.g. learning_rate, max_steps, "
+            "teachers, data); see README 'Restarts and failures'.",
+        )
     parser.add_argument(
         ALLOW_CODE_FLAG,
         action="store_true",
@@ -62,11 +64,11 @@ def parse_with_yaml(
             raise ValueError(f"Unknown options in {known.config}: {unknown}. See the recipe's --help.")
         parser.set_defaults(**defaults)
     instances = parser.parse_args_into_dataclasses(args=argv)
-    allowed = next(instance for instance in instances if isinstance(instance, type(known))).allow_config_change
+    namespace = next(instance for instance in instances if isinstance(instance, type(known)))
     instances = tuple(instance for instance in instances if not isinstance(instance, type(known)))
     for instance in instances:
-        if isinstance(instance, TrainingArguments):
-            instance.allow_config_change = list(allowed)  # read by hf_distill.restarts.start_run
+        if trains and isinstance(instance, TrainingArguments):
+            instance.allow_config_change = list(namespace.allow_config_change)
     if not known.allow_code_teachers:
         for instance in instances:
             check_code_specs(vars(instance).values(), argv, known.config)
