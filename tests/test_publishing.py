@@ -372,7 +372,7 @@ def test_unic_push_after_evaluation_publishes_the_evaluated_weights_only(
 
     evaluate.main(
         [
-            "--models", str(output_dir), tiny_teachers["vit"], "--model_names", "student", "vit-p4",
+            "--models", str(output_dir), "--model_names", "student",
             "--dataset", f"mnist={mnist_splits_dir}", "--knn_k", "10", "20",
             "--output_dir", str(tmp_path / "eval"), "--model_card_dir", str(output_dir),
         ]
