@@ -389,10 +389,10 @@ def test_unic_push_after_evaluation_publishes_the_evaluated_weights_only(
     }
     assert all(row[3] != "-" for row in table_rows(ModelCard.load(output_dir / "README.md").text))
 
-    # Resume for more steps: the export changes, the card rewrite drops the old results.
-    recipe.main(
-        recipe_args(tiny_teachers, image_dataset_dir, student_config_dir, output_dir, "--max_steps", "9", *push)
-    )
+    # Resume for more steps (a manifest change, allowed explicitly): the export changes, the card rewrite drops the
+    # old results.
+    more_steps = ("--max_steps", "9", "--allow_config_change", "max_steps")
+    recipe.main(recipe_args(tiny_teachers, image_dataset_dir, student_config_dir, output_dir, *more_steps, *push))
     assert ModelCard.load(output_dir / "README.md").data.eval_results is None
     files = upload_file_list(output_dir)
     assert "eval_results.json" not in files and "plots/eval_comparison.png" not in files
