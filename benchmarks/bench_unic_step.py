@@ -39,13 +39,14 @@ from datasets import Dataset
 from PIL import Image
 from transformers import ViTConfig
 
-from hf_distill.data.teacher_cache import TeacherOutputCache
 from hf_distill.io_utils import write_json_atomically, write_text_atomically
 from hf_distill.losses import distillation_loss
 from hf_distill.models import TeacherConfig, TeacherModel, UnicStudentConfig, UnicStudentModel, freeze_teacher
 from hf_distill.models.standardization import ema_weight
+from hf_distill.models.teacher_loading import teacher_outputs
 from hf_distill.precision import resolve_dtype
-from hf_distill.trainers.unic_trainer import standardize_targets, teacher_outputs
+from hf_distill.trainers.teacher_cache import TeacherOutputCache
+from hf_distill.trainers.unic_trainer import standardize_targets
 
 from .reference_unic import reference_distillation_loss, reference_heads, reference_teacher_outputs
 

@@ -49,8 +49,8 @@ from hf_distill.hub import (
 )
 from hf_distill.io_utils import write_json_atomically
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
-from hf_distill.models.modeling_teacher import load_teacher, teacher_name
 from hf_distill.models.probed_teacher import HEAD_FILE, ProbedTeacher
+from hf_distill.models.teacher_loading import load_teacher, teacher_name
 from hf_distill.restarts import start_run
 from hf_distill.trainers import KDConfig, KDTrainer, classification_accuracy
 

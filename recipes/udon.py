@@ -39,8 +39,7 @@ from hf_distill.hub import (
 )
 from hf_distill.io_utils import write_json_atomically
 from hf_distill.losses.udon import MARGIN_TYPES
-from hf_distill.models import UdonConfig as UdonModelConfig
-from hf_distill.models import UdonModel
+from hf_distill.models import UdonModel, UdonModelConfig
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from hf_distill.restarts import start_run
 from hf_distill.trainers import UdonConfig, UdonTrainer

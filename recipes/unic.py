@@ -29,14 +29,14 @@ from transformers import AutoConfig, set_seed
 from hf_distill.cli import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.data.image_verification import verify_images
-from hf_distill.data.teacher_cache import TeacherOutputCache
 from hf_distill.hub import take_hub_options
 from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher, load_teacher_config
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
-from hf_distill.models.modeling_teacher import is_factory_spec
 from hf_distill.models.standardization import STANDARDIZATION_MODES
+from hf_distill.models.teacher_loading import is_factory_spec
 from hf_distill.restarts import start_run
 from hf_distill.trainers import UnicConfig, UnicTrainer, teacher_spec, unique_teacher_names
+from hf_distill.trainers.teacher_cache import TeacherOutputCache
 
 logger = logging.getLogger("hf_distill.recipes.unic")  # under "hf_distill" so it follows the same level
 

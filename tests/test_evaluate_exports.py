@@ -11,7 +11,7 @@ from datasets import load_from_disk
 from transformers import AutoModel, CLIPImageProcessorPil, ViTForImageClassification
 
 from hf_distill.evaluation import extract_features, load_encoder
-from hf_distill.models import UdonConfig, UdonModel
+from hf_distill.models import UdonModel, UdonModelConfig
 
 from .conftest import tiny_vit_config
 
@@ -28,7 +28,7 @@ def exports(tmp_path_factory, exported_student_dir):
     root = tmp_path_factory.mktemp("exports")
     torch.manual_seed(0)
     udon = UdonModel(
-        UdonConfig(backbone_config=tiny_vit_config(), domains=[{"name": "a", "num_classes": 3}], image_mean=MEAN,
+        UdonModelConfig(backbone_config=tiny_vit_config(), domains=[{"name": "a", "num_classes": 3}], image_mean=MEAN,
                    image_std=STD)
     )  # fmt: skip
     udon.save_embedding_model(root / "udon", image_size=32)  # what recipes/udon.py exports

@@ -15,7 +15,8 @@ from benchmarks.reference_unic import (
 from hf_distill import TeacherConfig, TeacherModel, UnicStudentConfig, UnicStudentModel
 from hf_distill.losses import distillation_loss, teacher_drop_coefficients
 from hf_distill.models import freeze_teacher
-from hf_distill.trainers.unic_trainer import standardize_targets, teacher_outputs
+from hf_distill.models.teacher_loading import teacher_outputs
+from hf_distill.trainers.unic_trainer import standardize_targets
 
 from .conftest import TINY, tiny_vit_config
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoModel, CLIPVisionModel
 
-from hf_distill.models import UdonConfig, UdonModel
+from hf_distill.models import UdonModel, UdonModelConfig
 
 pytestmark = pytest.mark.slow
 DOMAINS = [{"name": "cars", "num_classes": 98}, {"name": "sop", "num_classes": 11318}]
@@ -15,7 +15,7 @@ DOMAINS = [{"name": "cars", "num_classes": 98}, {"name": "sop", "num_classes": 1
 def test_pretrained_backbone_trains_a_step_and_exports(source, tmp_path):
     """The UnED config's backbones: weights loaded as published (CLIP: the vision tower's normed pooler), one UDON step
     gives finite gradients, and the exported embedding model reproduces the trained model's embeddings."""
-    model = UdonModel.from_backbone(source, UdonConfig(domains=DOMAINS))
+    model = UdonModel.from_backbone(source, UdonModelConfig(domains=DOMAINS))
     reference = (CLIPVisionModel if "clip" in source else AutoModel).from_pretrained(source).eval()
     pixels = torch.randn(4, 3, 224, 224)
     with torch.no_grad():

@@ -150,10 +150,12 @@ def test_gradient_accumulation_divides_the_loss_and_draws_new_augmentations_per_
         expected = 0.7 * entry["cross_entropy"] + 0.3 * 2.0**2 * entry["kl"]
         assert entry["loss"] == pytest.approx(expected, rel=1e-4)
     pixels = torch.randint(0, 256, (4, 3, 36, 36), dtype=torch.uint8)
-    first, second = trainer.views(pixels, training=True), trainer.views(pixels, training=True)
+    device = trainer.args.device
+    first = trainer.make_views(pixels, True, trainer.step_generator(device))
+    second = trainer.make_views(pixels, True, trainer.step_generator(device))
     assert not torch.equal(first, second)  # two micro-batches of one step
     trainer._rng_position = (-1, 0)  # as after a restart at this step
-    torch.testing.assert_close(trainer.views(pixels, training=True), first)
+    torch.testing.assert_close(trainer.make_views(pixels, True, trainer.step_generator(device)), first)
 
 
 @pytest.mark.parametrize(

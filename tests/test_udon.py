@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel, TrainerCallback, ViTModel
 
-from hf_distill.models import UdonConfig, UdonModel
+from hf_distill.models import UdonModel, UdonModelConfig
 
 from .conftest import TINY, KillAt, mnist_images, tiny_vit_config
 
@@ -27,7 +27,7 @@ DOMAINS = [{"name": "a", "num_classes": 3}, {"name": "b", "num_classes": 5}]
 
 def make_model(**kwargs):
     torch.manual_seed(0)
-    return UdonModel(UdonConfig(backbone_config=tiny_vit_config(), domains=DOMAINS, **kwargs))
+    return UdonModel(UdonModelConfig(backbone_config=tiny_vit_config(), domains=DOMAINS, **kwargs))
 
 
 def test_forward_shapes_norms_and_uscrr():
@@ -45,9 +45,9 @@ def test_forward_shapes_norms_and_uscrr():
     with pytest.raises(ValueError, match="Unknown domain"):
         uscrr(torch.randn(1, 3, 32, 32), domain="c")
     with pytest.raises(ValueError, match="unique"):
-        UdonConfig(backbone_config=tiny_vit_config(), domains=[DOMAINS[0], DOMAINS[0]])
+        UdonModelConfig(backbone_config=tiny_vit_config(), domains=[DOMAINS[0], DOMAINS[0]])
     with pytest.raises(ValueError, match="num_classes"):
-        UdonConfig(backbone_config=tiny_vit_config(), domains=[{"name": "x", "num_classes": 0}])
+        UdonModelConfig(backbone_config=tiny_vit_config(), domains=[{"name": "x", "num_classes": 0}])
 
 
 @pytest.mark.parametrize("to_backbone", [True, False])
@@ -96,7 +96,7 @@ def test_export_round_trip_without_hf_distill(tmp_path):
 def test_backbone_from_a_vit_folder_and_a_clip_checkpoint(tmp_path):
     vit = ViTModel(tiny_vit_config())
     vit.save_pretrained(tmp_path / "vit")
-    model = UdonModel.from_backbone(str(tmp_path / "vit"), UdonConfig(domains=DOMAINS))
+    model = UdonModel.from_backbone(str(tmp_path / "vit"), UdonModelConfig(domains=DOMAINS))
     torch.testing.assert_close(model.backbone.state_dict(), vit.state_dict())
     clip = CLIPModel(
         CLIPConfig(
@@ -105,7 +105,7 @@ def test_backbone_from_a_vit_folder_and_a_clip_checkpoint(tmp_path):
         )
     )
     clip.save_pretrained(tmp_path / "clip")
-    model = UdonModel.from_backbone(str(tmp_path / "clip"), UdonConfig(domains=DOMAINS))
+    model = UdonModel.from_backbone(str(tmp_path / "clip"), UdonModelConfig(domains=DOMAINS))
     assert model.uses_pooler and model.config.backbone_config.model_type == "clip_vision_model"
     torch.testing.assert_close(model.backbone.state_dict(), clip.vision_model.state_dict())
     assert model(torch.randn(2, 3, 32, 32), domain="a").student_embeds.shape == (2, 64)

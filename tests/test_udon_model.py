@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPConfig, CLIPModel, SiglipVisionConfig
 
-import hf_distill.models  # noqa: F401  (registers UdonConfig / UdonModel)
-from hf_distill.models import UdonConfig, UdonModel
+import hf_distill.models  # noqa: F401  (registers UdonModelConfig / UdonModel)
+from hf_distill.models import UdonModel, UdonModelConfig
 
 from .conftest import TINY, tiny_vit_config
 
@@ -45,25 +45,25 @@ def tiny_clip_config() -> CLIPConfig:
 def test_config_validation(domains, kwargs, match):
     kwargs.setdefault("backbone_config", tiny_vit_config())
     with pytest.raises(ValueError, match=match):
-        UdonConfig(domains=domains, **kwargs)
+        UdonModelConfig(domains=domains, **kwargs)
 
 
 def test_config_round_trip_and_clip_config_becomes_its_vision_tower(tmp_path):
-    config = UdonConfig(backbone_config=tiny_clip_config(), domains=DOMAINS, margin=0.2, margin_type="arcface")
+    config = UdonModelConfig(backbone_config=tiny_clip_config(), domains=DOMAINS, margin=0.2, margin_type="arcface")
     assert config.backbone_config.model_type == "clip_vision_model"
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
-    assert isinstance(loaded, UdonConfig) and loaded.domain_names == ["cars", "food"]
+    assert isinstance(loaded, UdonModelConfig) and loaded.domain_names == ["cars", "food"]
     assert loaded.backbone_config.model_type == "clip_vision_model" and loaded.margin_type == "arcface"
     with pytest.raises(ValueError, match="backbone_config is required"):
-        UdonModel(UdonConfig(domains=DOMAINS))
+        UdonModel(UdonModelConfig(domains=DOMAINS))
     with pytest.raises(ValueError, match="at least one domain"):
-        UdonModel(UdonConfig(backbone_config=tiny_vit_config()))
+        UdonModel(UdonModelConfig(backbone_config=tiny_vit_config()))
 
 
 def test_uscrr_has_no_teacher_heads_and_its_loss_is_the_student_ce():
     torch.manual_seed(0)
-    model = UdonModel(UdonConfig(backbone_config=tiny_vit_config(), domains=DOMAINS, use_teacher_heads=False))
+    model = UdonModel(UdonModelConfig(backbone_config=tiny_vit_config(), domains=DOMAINS, use_teacher_heads=False))
     assert not any("teacher" in name for name, _ in model.named_parameters())
     labels = torch.tensor([0, 4, 2])
     out = model(torch.randn(3, 3, 32, 32), domain=1, labels=labels)
@@ -87,7 +87,9 @@ def test_uscrr_has_no_teacher_heads_and_its_loss_is_the_student_ce():
 def test_full_model_save_and_from_pretrained(backbone, tmp_path):
     torch.manual_seed(0)
     backbone_config = tiny_vit_config() if backbone == "vit" else tiny_clip_config()
-    model = UdonModel(UdonConfig(backbone_config=backbone_config, domains=DOMAINS, distill_to_backbone=False)).eval()
+    model = UdonModel(
+        UdonModelConfig(backbone_config=backbone_config, domains=DOMAINS, distill_to_backbone=False)
+    ).eval()
     pixels, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
     expected = model(pixels, domain="cars", labels=labels)
     model.save_pretrained(tmp_path)
@@ -107,7 +109,7 @@ def test_export_clip_backbone_round_trip_and_processor(tmp_path):
     torch.manual_seed(0)
     clip = CLIPModel(tiny_clip_config())
     clip.save_pretrained(tmp_path / "clip")
-    model = UdonModel.from_backbone(tmp_path / "clip", UdonConfig(domains=DOMAINS, image_mean=[0.5] * 3)).eval()
+    model = UdonModel.from_backbone(tmp_path / "clip", UdonModelConfig(domains=DOMAINS, image_mean=[0.5] * 3)).eval()
     torch.testing.assert_close(model.backbone.state_dict(), clip.vision_model.state_dict())
     pixels = torch.randn(3, 3, 32, 32)
     expected = model(pixels, domain="food").student_embeds
@@ -144,7 +146,7 @@ def test_export_clip_backbone_round_trip_and_processor(tmp_path):
 
 def test_export_replaces_the_model_and_keeps_other_files(tmp_path):
     torch.manual_seed(0)
-    model = UdonModel(UdonConfig(backbone_config=tiny_vit_config(), domains=DOMAINS))
+    model = UdonModel(UdonModelConfig(backbone_config=tiny_vit_config(), domains=DOMAINS))
     export = tmp_path / "out"
     (export / "checkpoint-4").mkdir(parents=True)
     (export / "checkpoint-4" / "trainer_state.json").write_text("{}")
@@ -166,7 +168,9 @@ def test_other_image_sizes_interpolate_the_position_embeddings(backbone, tmp_pat
     embeddings are interpolated instead of raising, in the training model and in the exported one."""
     backbone_config = tiny_vit_config() if backbone == "vit" else tiny_clip_config().vision_config
     torch.manual_seed(0)
-    model = UdonModel(UdonConfig(backbone_config=backbone_config, domains=[{"name": "a", "num_classes": 3}])).eval()
+    model = UdonModel(
+        UdonModelConfig(backbone_config=backbone_config, domains=[{"name": "a", "num_classes": 3}])
+    ).eval()
     pixels = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         expected = model(pixels, domain="a").student_embeds

@@ -30,9 +30,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..data.image_datasets import ImageCollator
 from ..io_utils import save_safetensors_atomically
-from ..models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
+from ..models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from ..models.fingerprint import encoder_fingerprint
-from ..models.modeling_teacher import ModuleTeacher, TeacherModel, TeacherOutput, freeze_teacher, load_teacher
+from ..models.modeling_teacher import ModuleTeacher, TeacherModel, TeacherOutput, freeze_teacher
+from ..models.teacher_loading import load_teacher, teacher_from_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -181,13 +182,9 @@ def load_encoder(encoder, pooling: str | None = None, trust_remote_code: bool = 
         encoder = encoder.base_model  # a classifier (e.g. ViTForImageClassification) is read through its backbone
         settings = _processor_settings(encoder.config.name_or_path)
         image_size = settings.pop("image_size", getattr(encoder.config, "image_size", None))
-        config = TeacherConfig(
-            backbone_config=encoder.config,
-            source=encoder.config.name_or_path or None,
-            summary=pooling or "cls",
-            **settings,
-        )
-        return freeze_teacher(TeacherModel(config, backbone=encoder)), image_size
+        return teacher_from_backbone(
+            encoder, pooling, settings.get("image_mean"), settings.get("image_std")
+        ), image_size
     raise TypeError(
         f"Cannot extract features from a {type(encoder).__name__}: give a Hub id or path, a transformers model, a "
         "TeacherModel or a ModuleTeacher."

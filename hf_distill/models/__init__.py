@@ -3,28 +3,28 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_teacher import TeacherConfig
-from .configuration_udon import UdonConfig
+from .configuration_udon import UdonModelConfig
 from .configuration_unic import UnicStudentConfig
-from .modeling_teacher import (
-    ModuleTeacher,
-    TeacherModel,
-    TeacherNotFoundError,
-    TeacherOutput,
-    freeze_teacher,
-    load_teacher,
-    load_teacher_config,
-    teacher_name,
-)
+from .modeling_teacher import ModuleTeacher, TeacherModel, TeacherOutput, freeze_teacher
 from .modeling_udon import UdonModel, UdonOutput
 from .modeling_unic import UnicStudentModel, UnicStudentOutput
 from .standardization import FeatureStandardizer, ema_weight, global_moments
+from .teacher_loading import (
+    TeacherNotFoundError,
+    load_teacher,
+    load_teacher_config,
+    teacher_name,
+    teacher_outputs,
+    teacher_spec,
+    unique_teacher_names,
+)
 
 AutoConfig.register(TeacherConfig.model_type, TeacherConfig, exist_ok=True)
 AutoModel.register(TeacherConfig, TeacherModel, exist_ok=True)
 AutoConfig.register(UnicStudentConfig.model_type, UnicStudentConfig, exist_ok=True)
 AutoModel.register(UnicStudentConfig, UnicStudentModel, exist_ok=True)
-AutoConfig.register(UdonConfig.model_type, UdonConfig, exist_ok=True)
-AutoModel.register(UdonConfig, UdonModel, exist_ok=True)
+AutoConfig.register(UdonModelConfig.model_type, UdonModelConfig, exist_ok=True)
+AutoModel.register(UdonModelConfig, UdonModel, exist_ok=True)
 
 __all__ = [
     "FeatureStandardizer",
@@ -33,7 +33,7 @@ __all__ = [
     "TeacherModel",
     "TeacherNotFoundError",
     "TeacherOutput",
-    "UdonConfig",
+    "UdonModelConfig",
     "UdonModel",
     "UdonOutput",
     "UnicStudentConfig",
@@ -45,4 +45,7 @@ __all__ = [
     "load_teacher",
     "load_teacher_config",
     "teacher_name",
+    "teacher_outputs",
+    "teacher_spec",
+    "unique_teacher_names",
 ]

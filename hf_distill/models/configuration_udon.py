@@ -8,7 +8,7 @@ from .configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from .configuration_udon_embedding import check_backbone_config
 
 
-class UdonConfig(PreTrainedConfig):
+class UdonModelConfig(PreTrainedConfig):
     r"""
     Configuration of [`UdonModel`] (UDON, Ypsilantis et al., NeurIPS 2024; docs/methods.md).
 

@@ -7,7 +7,7 @@ import torch
 import xxhash
 from torch import nn
 
-from .modeling_teacher import teacher_source
+from .teacher_loading import teacher_source
 
 
 def weights_fingerprint(module: nn.Module) -> str:

@@ -1,4 +1,5 @@
-"""Frozen teachers: any transformers vision backbone, or any plain `torch.nn.Module`, behind one interface.
+"""Frozen teachers: any transformers vision backbone, or any plain `torch.nn.Module`, behind one interface (the model
+classes; loading them from ids, paths and `py:` factories is in `teacher_loading.py`).
 
 A teacher receives the *student's* batch of pixels (normalized with the student's mean/std), re-normalizes it to its
 own mean/std, resizes it if its grid alignment asks for it, and returns a summary token `[B, D]` and patch tokens
@@ -6,25 +7,16 @@ own mean/std, resizes it if its grid alignment asks for it, and returns a summar
 """
 
 import inspect
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
-from transformers.image_processing_utils import ImageProcessingMixin
-from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_teacher import GRID_ALIGNMENTS, IMAGENET_MEAN, IMAGENET_STD, SUMMARY_TYPES, TeacherConfig
-
-logger = logging.getLogger(__name__)
-
-
-class TeacherNotFoundError(ValueError):
-    """A teacher id or path that cannot be resolved (not a local folder, not in the Hub cache when offline)."""
+from .configuration_teacher import GRID_ALIGNMENTS, IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
 
 
 @dataclass
@@ -147,7 +139,7 @@ class TeacherPreTrainedModel(PreTrainedModel):
 class TeacherModel(TeacherMixin, TeacherPreTrainedModel):
     """A frozen transformers vision backbone that returns a summary token and patch tokens on a requested grid.
 
-    Build one from any Hub id or local checkpoint with [`load_teacher`]; a prepared
+    Build one from any Hub id or local checkpoint with [`~hf_distill.models.teacher_loading.load_teacher`]; a prepared
     teacher is saved with `save_pretrained` and loaded back with `AutoModel.from_pretrained` like any model.
     """
 
@@ -292,163 +284,13 @@ def freeze_teacher(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
-def _default_summary(backbone_config) -> str:
-    # SigLIP-style towers have no CLS token: their summary is the attention-pooled output.
-    return "pooler" if backbone_config.model_type.startswith("siglip") else "cls"
-
-
-def _read_config(source: str, revision: str | None):
-    try:
-        return AutoConfig.from_pretrained(source, revision=revision)
-    except (OSError, ValueError) as error:
-        raise TeacherNotFoundError(
-            f"Teacher {source!r} could not be found: it is not a local folder with a config.json, and it could not be "
-            "loaded from the Hugging Face Hub or its local cache (with HF_HUB_OFFLINE=1 only cached models can be "
-            f"used). Check the id or path, or download it first with `hf download {source}`. Original error: {error}"
-        ) from error
-
-
-def load_teacher_config(
-    source: str,
-    revision: str | None = None,
-    summary: str | None = None,
-    grid_alignment: str | None = None,
-    image_size: int | None = None,
-) -> TeacherConfig:
-    """Resolve the [`TeacherConfig`] of `source` without loading weights (cheap: reads config files only).
-
-    `source` is a Hub id or a local folder holding either a prepared teacher or a plain transformers vision model
-    (for CLIP / SigLIP checkpoints the vision tower is used). Options left to `None` keep the prepared teacher's
-    values or the defaults. Raises [`TeacherNotFoundError`] with instructions when `source` cannot be found.
-    """
-    config = _read_config(source, revision)
-    options = {"summary": summary, "grid_alignment": grid_alignment, "image_size": image_size}
-    options = {key: value for key, value in options.items() if value is not None}
-    if isinstance(config, TeacherConfig):
-        for key, value in options.items():
-            setattr(config, key, value)
-        if config.summary not in SUMMARY_TYPES or config.grid_alignment not in GRID_ALIGNMENTS:
-            raise ValueError(f"Invalid teacher options for {source!r}: {options}.")
-        return config
-
-    backbone_config = getattr(config, "vision_config", None) or config
-    if not (hasattr(backbone_config, "patch_size") and hasattr(backbone_config, "hidden_size")):
-        raise ValueError(
-            f"Teacher {source!r} ({config.model_type}) is not a ViT-family vision backbone (no patch_size / "
-            "hidden_size in its config). Wrap other networks in hf_distill.ModuleTeacher."
-        )
-    try:
-        processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(source, revision=revision)
-        image_mean = processor_dict.get("image_mean") or IMAGENET_MEAN
-        image_std = processor_dict.get("image_std") or IMAGENET_STD
-    except OSError:
-        logger.warning("Teacher %r has no image processor config; assuming ImageNet mean/std.", source)
-        image_mean, image_std = IMAGENET_MEAN, IMAGENET_STD
-    options.setdefault("summary", _default_summary(backbone_config))
-    return TeacherConfig(
-        backbone_config=backbone_config,
-        source=source,
-        revision=revision or getattr(config, "_commit_hash", None),
-        image_mean=list(image_mean),
-        image_std=list(image_std),
-        **options,
-    )
-
-
-FACTORY_PREFIX = "py:"
-
-
-def is_factory_spec(teacher) -> bool:
-    """`py:package.module:function`: a teacher built by calling a Python function (e.g. a `ModuleTeacher` around a
-    CNN), so that plain-module teachers can be named on a command line.
-
-    Loading such a teacher imports that module and calls the function: it runs arbitrary Python code. The recipes
-    accept one read from a `--config` YAML only with `--allow_code_teachers` on the command line
-    ([`hf_distill.cli.parse_with_yaml`]); one typed on the command line is explicit."""
-    return isinstance(teacher, str) and teacher.startswith(FACTORY_PREFIX)
-
-
-def _build_from_factory(spec: str) -> nn.Module:
-    import importlib
-
-    module_name, _, function_name = spec[len(FACTORY_PREFIX) :].partition(":")
-    if not module_name or not function_name:
-        raise ValueError(f"A teacher factory is written py:package.module:function, got {spec!r}.")
-    try:
-        factory = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise TeacherNotFoundError(f"Teacher factory {spec!r} could not be imported: {error}") from error
-    return factory()
-
-
-def load_teacher(
-    teacher: "str | nn.Module",
-    revision: str | None = None,
-    dtype: torch.dtype | None = None,
-    **options,
-) -> "TeacherModel | ModuleTeacher":
-    """Load a teacher from a Hub id / local path (prepared teacher or plain backbone), or check a module.
-
-    The result is frozen (`eval()`, no gradients). `options` are [`TeacherConfig`] fields (`summary`,
-    `grid_alignment`, `image_size`; `None` values keep the defaults) read for ids and paths only: modules and
-    `py:` factories carry their own settings. `dtype` (e.g. `torch.bfloat16`) casts the teacher's weights.
-    """
-    if is_factory_spec(teacher):
-        spec, teacher = teacher, _build_from_factory(teacher)
-        if isinstance(teacher, ModuleTeacher):
-            teacher.source = spec
-    if isinstance(teacher, (TeacherModel, ModuleTeacher)):
-        model = teacher
-    elif isinstance(teacher, nn.Module):
-        raise TypeError(
-            f"{type(teacher).__name__} is a plain nn.Module: wrap it in hf_distill.ModuleTeacher(module, image_mean=..., "
-            "image_std=..., patch_size=...) to say how its features and pixel normalization are read."
-        )
-    elif isinstance(teacher, str):
-        config = load_teacher_config(teacher, revision=revision, **options)
-        if isinstance(_read_config(teacher, revision), TeacherConfig):  # a prepared teacher
-            model = TeacherModel.from_pretrained(teacher, config=config, revision=revision, dtype=dtype)
-        else:
-            backbone_cls = MODEL_MAPPING[type(config.backbone_config)]
-            backbone = backbone_cls.from_pretrained(teacher, revision=revision, dtype=dtype)
-            model = TeacherModel(config, backbone=backbone)
-    else:
-        raise TypeError(f"A teacher is a Hub id, a local path or an nn.Module, got {type(teacher).__name__}.")
-    if dtype is not None:
-        model.to(dtype)
-    return freeze_teacher(model)
-
-
-def teacher_source(teacher: nn.Module) -> str:
-    """Where a loaded teacher comes from: its Hub id / path, its factory spec, or its class name."""
-    config_source = getattr(getattr(teacher, "config", None), "source", None)
-    return config_source or getattr(teacher, "source", None) or type(teacher).__name__
-
-
-def teacher_name(teacher: "str | nn.Module") -> str:
-    """Short name of a teacher for logs: the last part of its id/path, or the module's name."""
-    if is_factory_spec(teacher):
-        return teacher.rsplit(":", 1)[-1].removesuffix("_teacher").replace("_", "-")
-    if isinstance(teacher, str):
-        return teacher.rstrip("/").split("/")[-1]
-    if isinstance(teacher, TeacherModel) and teacher.config.source:
-        return teacher_name(teacher.config.source)
-    return getattr(teacher, "name", type(teacher).__name__.lower())
-
-
 __all__ = [
     "ModuleTeacher",
     "TeacherModel",
-    "TeacherNotFoundError",
     "TeacherOutput",
     "TeacherPreTrainedModel",
     "freeze_teacher",
-    "is_factory_spec",
     "interpolate_tokens",
-    "load_teacher",
-    "load_teacher_config",
     "renormalize_pixels",
     "resize_pixels",
-    "teacher_name",
-    "teacher_source",
 ]

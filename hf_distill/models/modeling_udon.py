@@ -19,7 +19,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ..losses.udon import class_cosines, udon_loss
-from .configuration_udon import UdonConfig
+from .configuration_udon import UdonModelConfig
 from .configuration_udon_embedding import POOLER_MODEL_TYPES, UdonEmbeddingConfig, check_backbone_config
 from .modeling_udon_embedding import UdonEmbeddingModel, backbone_features
 
@@ -48,7 +48,7 @@ class UdonOutput(ModelOutput):
 
 
 class UdonPreTrainedModel(PreTrainedModel):
-    config_class = UdonConfig
+    config_class = UdonModelConfig
     base_model_prefix = "udon"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
@@ -70,14 +70,14 @@ class UdonModel(UdonPreTrainedModel):
     `pooler_output` = `post_layernorm(CLS)` for CLIP, not ViT's tanh pooler), L2-normalized, as the authors' code.
     """
 
-    def __init__(self, config: UdonConfig):
+    def __init__(self, config: UdonModelConfig):
         super().__init__(config)
         if config.backbone_config is None:
             raise ValueError(
-                "UdonConfig.backbone_config is required (or build the model with UdonModel.from_backbone)."
+                "UdonModelConfig.backbone_config is required (or build the model with UdonModel.from_backbone)."
             )
         if not config.domains:
-            raise ValueError("UdonConfig.domains is empty: UDON needs at least one domain.")
+            raise ValueError("UdonModelConfig.domains is empty: UDON needs at least one domain.")
         self.backbone = AutoModel.from_config(config.backbone_config)
         self._freeze_unused_backbone_parameters()
         width = config.backbone_config.hidden_size
@@ -115,13 +115,13 @@ class UdonModel(UdonPreTrainedModel):
         return self.config.backbone_config.model_type in POOLER_MODEL_TYPES
 
     @classmethod
-    def from_backbone(cls, source: str | os.PathLike, config: UdonConfig, **kwargs) -> "UdonModel":
+    def from_backbone(cls, source: str | os.PathLike, config: UdonModelConfig, **kwargs) -> "UdonModel":
         """A UDON model whose backbone starts from pretrained weights; heads and classifiers are freshly initialized.
 
         Args:
             source (`str` or `os.PathLike`): a Hub id or folder of a ViT-family model, or of a CLIP model (its vision
                 tower is used).
-            config ([`UdonConfig`]): the UDON settings; its `backbone_config` is replaced by the checkpoint's.
+            config ([`UdonModelConfig`]): the UDON settings; its `backbone_config` is replaced by the checkpoint's.
             kwargs: passed to `from_pretrained` (`revision`, `cache_dir`, ...).
         """
         backbone_config = AutoConfig.from_pretrained(source, **kwargs)

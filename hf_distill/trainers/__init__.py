@@ -1,9 +1,11 @@
+from ..models.teacher_loading import teacher_spec, unique_teacher_names
 from .kd_config import KDConfig
 from .kd_trainer import KDTrainer, classification_accuracy
+from .teacher_cache import TeacherOutputCache
 from .udon_config import UdonConfig
 from .udon_trainer import UdonTrainer
 from .unic_config import UnicConfig
-from .unic_trainer import UnicTrainer, teacher_spec, unique_teacher_names
+from .unic_trainer import UnicTrainer
 
 __all__ = [
     "KDConfig",
@@ -12,6 +14,7 @@ __all__ = [
     "UdonConfig",
     "UdonTrainer",
     "UnicConfig",
+    "TeacherOutputCache",
     "UnicTrainer",
     "teacher_spec",
     "unique_teacher_names",

@@ -6,10 +6,11 @@ from transformers import TrainingArguments
 
 from ..hub.push import HubTokenNotPickled
 from .nonfinite import NonFiniteArguments
+from .view_config import ViewArguments, check_crop_scale
 
 
 @dataclass
-class KDConfig(HubTokenNotPickled, TrainingArguments, NonFiniteArguments):
+class KDConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, NonFiniteArguments):
     r"""
     Configuration of [`KDTrainer`]: all [`~transformers.TrainingArguments`] plus the distillation settings below.
     The loss is `(1 - alpha) * CE + alpha * temperature^2 * KL` on real images and the KL term alone on synthetic ones
@@ -22,8 +23,8 @@ class KDConfig(HubTokenNotPickled, TrainingArguments, NonFiniteArguments):
             `[0, 1)`; needs a synthetic dataset when `> 0`.
         image_size (`int`, defaults to 224): side of the training crops (student input).
         load_size (`int`, *optional*): side the images are resized (shorter side) and center-cropped to before the
-            random crop; defaults to `image_size * 8 / 7` (256 for 224).
-        crop_scale (`float`, defaults to 0.35): smallest area fraction of the random resized crops.
+            random crop; defaults to `image_size * 8 // 7` (256 for 224).
+        crop_scale (`list[float]`, defaults to `[0.35, 1.0]`): area range of the random resized crops.
         flip_prob (`float`, defaults to 0.5): horizontal flip probability.
         color_jitter_prob, grayscale_prob, blur_prob, solarize_prob (`float`, default to 0): probabilities of the
             other DINO / UNIC augmentations ([`UnicAugmentation`]), applied after the crop; 0 skips the op exactly.
@@ -40,10 +41,9 @@ class KDConfig(HubTokenNotPickled, TrainingArguments, NonFiniteArguments):
     alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term, in [0, 1]."})
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term."})
     synthetic_ratio: float = field(default=0.0, metadata={"help": "Fraction of each batch from synthetic images."})
-    image_size: int = field(default=224, metadata={"help": "Side of the training crops."})
-    load_size: int | None = field(default=None, metadata={"help": "Side of the decoded images (default 8/7 crop)."})
-    crop_scale: float = field(default=0.35, metadata={"help": "Smallest area fraction of the random crops."})
-    flip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
+    crop_scale: list[float] = field(
+        default_factory=lambda: [0.35, 1.0], metadata={"help": "RandomResizedCrop area range.", "nargs": 2}
+    )
     color_jitter_prob: float = field(default=0.0, metadata={"help": "ColorJitter(0.4, 0.4, 0.2, 0.1) probability."})
     grayscale_prob: float = field(default=0.0, metadata={"help": "Grayscale probability."})
     blur_prob: float = field(default=0.0, metadata={"help": "Gaussian blur probability."})
@@ -70,12 +70,8 @@ class KDConfig(HubTokenNotPickled, TrainingArguments, NonFiniteArguments):
             raise ValueError(f"--temperature must be > 0, got {self.temperature}.")
         if not 0.0 <= self.synthetic_ratio < 1.0:
             raise ValueError(f"--synthetic_ratio must be in [0, 1), got {self.synthetic_ratio}.")
-        if not 0.0 < self.crop_scale <= 1.0:
-            raise ValueError(f"--crop_scale must be in (0, 1], got {self.crop_scale}.")
-        for name in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+        self.check_views()
+        self.crop_scale = check_crop_scale(self.crop_scale)
+        for name in ("color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}.")
-        if self.load_size is None:
-            self.load_size = round(self.image_size * 8 / 7)
-        if self.load_size < self.image_size:
-            raise ValueError(f"--load_size {self.load_size} must be >= --image_size {self.image_size}.")

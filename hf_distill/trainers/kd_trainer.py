@@ -1,22 +1,20 @@
 """`KDTrainer`: a small image classifier distilled from a probed teacher, on real and synthetic images."""
 
 import logging
-from collections import defaultdict
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 
-from ..data.augmentations import UnicAugmentation, resize_center
+from ..data.augmentations import UnicAugmentation
 from ..data.image_datasets import ImageCollator
 from ..data.mixed_batch_sampler import MixedBatchSampler
-from ..hub.push import PushExportMixin
 from ..losses.kd import kd_loss
-from ..models.modeling_teacher import teacher_name
 from ..models.probed_teacher import ProbedTeacher
-from ..precision import warn_if_emulated_autocast
+from ..models.teacher_loading import teacher_name
+from .base import DistillationTrainer
 from .kd_config import KDConfig
-from .nonfinite import NonFiniteGuard, assert_finite_weights, finite_rows
+from .nonfinite import assert_finite_weights, finite_rows
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +27,7 @@ class _SamplerEpoch(TrainerCallback):
         self.sampler.set_epoch(int(state.epoch or 0))
 
 
-class KDTrainer(PushExportMixin, Trainer):
+class KDTrainer(DistillationTrainer):
     """Trains `model` (any transformers image classification model) against a [`ProbedTeacher`].
 
     Args:
@@ -61,7 +59,11 @@ class KDTrainer(PushExportMixin, Trainer):
         num_synthetic: int = 0,
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
+        eval_dataset=None,
+        data_collator=None,
+        processing_class=None,
         callbacks=None,
+        optimizers=(None, None),
         **kwargs,
     ):
         if teacher.num_labels != model.config.num_labels:
@@ -76,42 +78,34 @@ class KDTrainer(PushExportMixin, Trainer):
             args.synthetic_ratio,
             args.seed,
         )
+        if data_collator is None:
+            data_collator = ImageCollator(args.load_size, int_columns={"labels": "label"})
+        self.teacher_name = f"probed {teacher_name(teacher.teacher)}"
         super().__init__(
             model=model,
             args=args,
             train_dataset=train_dataset,
-            data_collator=ImageCollator(args.load_size, int_columns={"labels": "label"}),
+            eval_dataset=eval_dataset,
+            data_collator=data_collator,
+            processing_class=processing_class,
             callbacks=callbacks,
+            optimizers=optimizers,
+            image_mean=image_mean,
+            image_std=image_std,
+            nonfinite_sources=[self.teacher_name],
             **kwargs,
         )
         self.add_callback(_SamplerEpoch(self.batch_sampler))
-        warn_if_emulated_autocast(args)
-        self.teacher_name = f"probed {teacher_name(teacher.teacher)}"
-        self.nonfinite = NonFiniteGuard([self.teacher_name], args, args.device)
-        self.add_callback(self.nonfinite)
-        self.teacher = self._prepare_teacher(teacher)
+        # one frozen copy per process (one backbone and a linear head): not sharded under DeepSpeed / FSDP
+        self.teacher = self.prepare_teacher(teacher.eval().to(self.args.device), shard=False)
         self.augmentation = UnicAugmentation(
-            scale=(args.crop_scale, 1.0),
+            scale=tuple(args.crop_scale),
             flip_prob=args.flip_prob,
             color_jitter_p=args.color_jitter_prob,
             grayscale_p=args.grayscale_prob,
             blur_p=args.blur_prob,
             solarize_p=args.solarize_prob,
         )
-        self._mean = torch.tensor(image_mean, device=args.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(image_std, device=args.device).view(1, -1, 1, 1)
-        self._generator = torch.Generator(device=args.device)
-        self._rng_position = (-1, 0)  # (global step, call within the step) of the last augmentation draw
-        self._metrics = defaultdict(list)
-
-    def _prepare_teacher(self, teacher: ProbedTeacher) -> torch.nn.Module:
-        """The frozen probed teacher on this process's device, never wrapped by DDP. Without DeepSpeed / FSDP,
-        `prepare_model(evaluation_mode=True)` also runs it under the run's mixed precision; with them, every process
-        keeps a full frozen copy (one backbone and a linear head)."""
-        teacher = teacher.eval().to(self.args.device)
-        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        return teacher.eval()
 
     def get_train_dataloader(self) -> DataLoader:
         loader = DataLoader(
@@ -123,34 +117,15 @@ class KDTrainer(PushExportMixin, Trainer):
         )
         return self.accelerator.prepare(loader)
 
-    def _generator_for_step(self) -> torch.Generator:
-        """A generator seeded from (seed, global step, call within the step, process): stateless, so a resumed run
-        draws exactly the augmentations of an uninterrupted one, and the micro-batches of one optimizer step
-        (gradient accumulation) get different ones."""
-        step = self.state.global_step
-        call = self._rng_position[1] + 1 if self._rng_position[0] == step else 0
-        self._rng_position = (step, call)
-        seed = hash((self.args.seed, step, call, self.args.process_index)) & 0x7FFF_FFFF_FFFF_FFFF
-        return self._generator.manual_seed(seed)
-
-    def views(self, pixel_values: torch.Tensor, training: bool) -> torch.Tensor:
-        """uint8 images -> normalized student inputs: the training augmentations (random resized crop + flip, and the
-        optional color ops of [`KDConfig`]) in training, resize + center crop otherwise."""
-        size = self.args.image_size
-        if training:
-            views = self.augmentation(pixel_values, size, self._generator_for_step())
-        else:
-            views = resize_center(pixel_values, size)
-        return (views - self._mean) / self._std
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
-        views = self.views(inputs["pixel_values"], training)
+        generator = self.step_generator(inputs["pixel_values"].device) if training else None
+        views = self.make_views(inputs["pixel_values"], training, generator)
         labels = inputs["labels"]
         outputs = model(pixel_values=views)
         if self.args.alpha > 0:
             with torch.inference_mode():
-                teacher_logits = self.teacher(views, self._mean.flatten(), self._std.flatten()).clone()
+                teacher_logits = self.teacher(views, self._student_mean, self._student_std).clone()
             valid = finite_rows(teacher_logits)
             # a row without finite teacher logits: the student's own detached prediction (zero KL, zero gradient)
             teacher_logits = torch.where(valid[:, None], teacher_logits, outputs.logits.detach())
@@ -165,9 +140,10 @@ class KDTrainer(PushExportMixin, Trainer):
         if training:
             self.nonfinite.count_terms({"cross_entropy": terms.cross_entropy, "kl": terms.kl})
             loss = self.nonfinite.poison(loss)
-        self._metrics["cross_entropy"].append(terms.cross_entropy)
-        self._metrics["kl"].append(terms.kl)
-        self._metrics["synthetic_fraction"].append((labels == -100).float().mean())
+        metrics = self._metrics["train" if training else "eval"]
+        metrics["cross_entropy"].append(terms.cross_entropy)
+        metrics["kl"].append(terms.kl)
+        metrics["synthetic_fraction"].append((labels == -100).float().mean())
         return (loss, outputs) if return_outputs else loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -181,15 +157,6 @@ class KDTrainer(PushExportMixin, Trainer):
         model = self.accelerator.unwrap_model(self.model)
         model.save_pretrained(output_dir, save_original_format=False, is_main_process=self.args.should_save)
         return None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Loss terms averaged since the last log over steps and processes, and the non-finite counters (one
-        collective, one host sync); stops when the teacher or the steps are non-finite too often."""
-        metrics = self._metrics if "loss" in logs else {}
-        logs.update(self.nonfinite.log_values(metrics, self.accelerator))
-        if metrics:
-            self._metrics.clear()
-        super().log(logs, start_time)
 
 
 @torch.inference_mode()

@@ -7,10 +7,11 @@ from transformers import TrainingArguments
 from ..data.domain_sampler import STRATEGIES
 from ..hub.push import HubTokenNotPickled
 from .nonfinite import NonFiniteArguments
+from .view_config import ViewArguments
 
 
 @dataclass
-class UdonConfig(HubTokenNotPickled, TrainingArguments, NonFiniteArguments):
+class UdonConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, NonFiniteArguments):
     r"""
     Configuration of [`UdonTrainer`]: all [`~transformers.TrainingArguments`] plus the UDON settings below. Defaults
     follow the UDON code: heads and classifiers at `learning_rate` 1e-3, backbone at 1e-5 and frozen for the first 2
@@ -23,7 +24,8 @@ class UdonConfig(HubTokenNotPickled, TrainingArguments, NonFiniteArguments):
         backbone_learning_rate (`float`, defaults to 1e-5): learning rate of the shared backbone.
         freeze_backbone_epochs (`float`, defaults to 2): epochs during which the backbone gets no gradient.
         image_size (`int`, defaults to 224): side of the training crops.
-        load_size (`int`, defaults to 256): side the images are resized (and center-cropped) to before cropping.
+        load_size (`int`, *optional*): side the images are resized (and center-cropped) to before cropping;
+            defaults to `image_size * 8 // 7` (256 for 224).
         flip_prob (`float`, defaults to 0.5): horizontal flip probability.
         max_nonfinite_fraction (`float`, defaults to 0.25), max_skipped_steps (`int`, defaults to 10):
             Limits of the non-finite guard ([`~hf_distill.trainers.nonfinite.NonFiniteArguments`]): training stops
@@ -38,9 +40,6 @@ class UdonConfig(HubTokenNotPickled, TrainingArguments, NonFiniteArguments):
     sampler_update_every: int = field(default=1000, metadata={"help": "Steps between dynamic sampler updates."})
     backbone_learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate of the backbone."})
     freeze_backbone_epochs: float = field(default=2.0, metadata={"help": "Epochs with a frozen backbone."})
-    image_size: int = field(default=224, metadata={"help": "Side of the training crops."})
-    load_size: int = field(default=256, metadata={"help": "Side of the decoded images before random cropping."})
-    flip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the heads and classifiers."})
     weight_decay: float = field(default=1e-6, metadata={"help": "Weight decay."})
     num_train_epochs: float = field(default=10.0, metadata={"help": "Training epochs."})
@@ -66,7 +65,6 @@ class UdonConfig(HubTokenNotPickled, TrainingArguments, NonFiniteArguments):
         super().__post_init__()
         if self.sampling not in STRATEGIES:
             raise ValueError(f"--sampling must be one of {STRATEGIES}, got {self.sampling!r}.")
-        if self.load_size < self.image_size:
-            raise ValueError(f"--load_size {self.load_size} must be >= --image_size {self.image_size}.")
+        self.check_views()
         if self.sampler_update_every < 1:
             raise ValueError("--sampler_update_every must be >= 1.")

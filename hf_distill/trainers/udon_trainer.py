@@ -3,21 +3,19 @@
 import json
 import logging
 import os
-from collections import defaultdict
 
 import torch
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
-from ..data.augmentations import random_resized_crop, resize_center
+from ..data.augmentations import random_resized_crop
 from ..data.domain_sampler import DomainBatchSampler
 from ..data.image_datasets import ImageCollator
-from ..hub.push import PushExportMixin
 from ..io_utils import write_json_atomically
 from ..models.modeling_udon import UdonModel
-from ..precision import warn_if_emulated_autocast
-from .nonfinite import NonFiniteGuard, assert_finite_weights
+from .base import DistillationTrainer
+from .nonfinite import assert_finite_weights
 from .udon_config import UdonConfig
 
 logger = logging.getLogger(__name__)
@@ -61,7 +59,7 @@ class _UdonSchedule(TrainerCallback):
             write_json_atomically(os.path.join(folder, SAMPLER_STATE), sampler_state)
 
 
-class UdonTrainer(PushExportMixin, Trainer):
+class UdonTrainer(DistillationTrainer):
     """Trains a [`UdonModel`] (UDON, or USCRR when `use_teacher_heads=False`).
 
     Args:
@@ -80,9 +78,24 @@ class UdonTrainer(PushExportMixin, Trainer):
     """
 
     _tag_names = ["hf_distill", "udon", "distillation", "image-retrieval"]
+    _paper = {
+        "title": "UDON: Universal Dynamic Online distillatioN for generic image representations",
+        "authors": "Ypsilantis, Chen, Araujo, Chum",
+        "venue": "NeurIPS 2024",
+    }
 
     def __init__(
-        self, model: UdonModel, args: UdonConfig, train_dataset, domain_sizes: list[int], callbacks=None, **kwargs
+        self,
+        model: UdonModel,
+        args: UdonConfig,
+        train_dataset,
+        domain_sizes: list[int],
+        eval_dataset=None,
+        data_collator=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        **kwargs,
     ):
         if not isinstance(model, UdonModel):
             raise TypeError(f"UdonTrainer trains a UdonModel, got {type(model).__name__}.")
@@ -103,19 +116,18 @@ class UdonTrainer(PushExportMixin, Trainer):
             model=model,
             args=args,
             train_dataset=train_dataset,
-            data_collator=DomainCollator(args.load_size),
+            eval_dataset=eval_dataset,
+            data_collator=data_collator if data_collator is not None else DomainCollator(args.load_size),
+            processing_class=processing_class,
             callbacks=callbacks,
+            optimizers=optimizers,
+            image_mean=model.config.image_mean,
+            image_std=model.config.image_std,
             **kwargs,
         )
         self.add_callback(_UdonSchedule(self))
-        warn_if_emulated_autocast(args)
-        self.nonfinite = NonFiniteGuard([], args, args.device)
-        self.add_callback(self.nonfinite)
         self.udon_model = model
-        self._mean = torch.tensor(model.config.image_mean, device=args.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(model.config.image_std, device=args.device).view(1, -1, 1, 1)
-        self._generator = torch.Generator(device=args.device)
-        self._metrics = defaultdict(list)
+        self.augmentation = self._random_crop
 
     def _format(self, weights: list[float]) -> str:
         return ", ".join(f"{name} {w:.3f}" for name, w in zip(self.udon_model.config.domain_names, weights))
@@ -160,30 +172,19 @@ class UdonTrainer(PushExportMixin, Trainer):
                 logger.info("Restored the domain sampler from %s", path)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-    def _views(self, pixel_values: torch.Tensor, training: bool) -> torch.Tensor:
-        size = self.args.image_size
-        if training:
-            seed = hash((self.args.seed, self.state.global_step, self.args.process_index)) & 0x7FFF_FFFF_FFFF_FFFF
-            self._generator.manual_seed(seed)
-            scale = (size / pixel_values.shape[-1]) ** 2
-            views = random_resized_crop(
-                pixel_values,
-                size,
-                self._generator,
-                scale=(scale, scale),
-                ratio=(1.0, 1.0),
-                flip_prob=self.args.flip_prob,
-            )
-        else:
-            views = resize_center(pixel_values, size)
-        return (views - self._mean) / self._std
+    def _random_crop(self, pixel_values: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+        """UDON's training view: a random `size` square of the decoded image (no rescaling) and a flip."""
+        scale = (size / pixel_values.shape[-1]) ** 2
+        return random_resized_crop(
+            pixel_values, size, generator, scale=(scale, scale), ratio=(1.0, 1.0), flip_prob=self.args.flip_prob
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
         domain = inputs["domain"]
-        outputs = model(
-            pixel_values=self._views(inputs["pixel_values"], training), domain=domain, labels=inputs["labels"]
-        )
+        generator = self.step_generator(inputs["pixel_values"].device) if training else None
+        pixel_values = self.make_views(inputs["pixel_values"], training, generator)
+        outputs = model(pixel_values=pixel_values, domain=domain, labels=inputs["labels"])
         terms = outputs.loss_terms
         name = self.udon_model.config.domain_names[domain]
         loss = outputs.loss
@@ -192,16 +193,15 @@ class UdonTrainer(PushExportMixin, Trainer):
             self.domain_sampler.record_loss(domain, tracked)  # non-finite losses are not counted by the sampler
             self.nonfinite.count_terms({f"{name}/{term}": value for term, value in terms.items()})
             loss = self.nonfinite.poison(loss)
-        self._metrics[f"{name}/loss"].append(outputs.loss.detach())
+        metrics = self._metrics["train" if training else "eval"]
+        metrics[f"{name}/loss"].append(outputs.loss.detach())
         for term, value in terms.items():
-            self._metrics[f"{term}"].append(value.detach())
+            metrics[term].append(value.detach())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Per-domain losses and loss terms averaged since the last log over steps and processes, the non-finite
-        counters (one collective, one host sync), sampler weights; stops when steps are skipped too often."""
-        logs.update(self.nonfinite.log_values(self._metrics, self.accelerator))
-        self._metrics.clear()
+        counters (one collective, one host sync; see [`DistillationTrainer.log`]), and the sampler weights."""
         if "loss" in logs:
             for name, weight in zip(self.udon_model.config.domain_names, self.domain_sampler.current_weights):
                 logs[f"sampler/{name}"] = weight

@@ -9,12 +9,13 @@ from ..losses.unic import COEFFICIENT_NORMALIZATIONS
 from ..models.configuration_teacher import GRID_ALIGNMENTS, SUMMARY_TYPES
 from ..precision import resolve_dtype
 from .nonfinite import NonFiniteArguments
+from .view_config import ViewArguments, check_crop_scale
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class UnicConfig(HubTokenNotPickled, TrainingArguments, NonFiniteArguments):
+class UnicConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, NonFiniteArguments):
     r"""
     Configuration of [`UnicTrainer`]: all [`~transformers.TrainingArguments`] plus the UNIC settings below. Defaults
     of the optimizer follow the UNIC code (AdamW betas (0.9, 0.99), weight decay 0.03 on >= 2-D weights only, cosine
@@ -101,14 +102,9 @@ class UnicConfig(HubTokenNotPickled, TrainingArguments, NonFiniteArguments):
         default="image",
         metadata={"help": f"How kept teacher losses are averaged, one of {COEFFICIENT_NORMALIZATIONS}."},
     )
-    image_size: int = field(default=224, metadata={"help": "Side of the square training views."})
-    load_size: int | None = field(
-        default=None, metadata={"help": "Side of the decoded images fed to the augmentations (image_size * 8 // 7)."}
-    )
     crop_scale: list[float] = field(
         default_factory=lambda: [0.08, 1.0], metadata={"help": "RandomResizedCrop area range.", "nargs": 2}
     )
-    flip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
     color_jitter_prob: float = field(default=0.8, metadata={"help": "ColorJitter(0.4, 0.4, 0.2, 0.1) probability."})
     grayscale_prob: float = field(default=0.2, metadata={"help": "Grayscale probability."})
     blur_prob: float = field(default=0.2, metadata={"help": "Gaussian blur probability."})
@@ -174,10 +170,8 @@ class UnicConfig(HubTokenNotPickled, TrainingArguments, NonFiniteArguments):
             )
         if self.teacher_cache_views not in (1, 2):
             raise ValueError(f"--teacher_cache_views must be 1 or 2, got {self.teacher_cache_views}.")
-        if self.load_size is None:
-            self.load_size = self.image_size * 8 // 7
-        if self.load_size < self.image_size:
-            raise ValueError(f"--load_size ({self.load_size}) must be >= --image_size ({self.image_size}).")
+        self.check_views()
+        self.crop_scale = check_crop_scale(self.crop_scale)
 
     def teacher_torch_dtype(self):
         """The `torch.dtype` of the teachers' weights on `self.device` (`auto`: [`~hf_distill.precision.auto_dtype`],

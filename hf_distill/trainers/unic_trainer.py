@@ -6,47 +6,25 @@ wrappers) -> teacher features standardized with EMA statistics over the global b
 -> teacher dropping -> total loss. Metrics stay on the device and are reduced only when logged.
 """
 
-import copy
 import logging
 import os
-import shutil
-import tempfile
-from collections import defaultdict
 
 import torch
 from torch import nn
-from transformers import Trainer
 
 from .. import hub
 from ..data.augmentations import UnicAugmentation, resize_center
 from ..data.image_datasets import ImageCollator
-from ..data.teacher_cache import INDEX_COLUMN, TeacherOutputCache, fixed_views
 from ..losses.unic import distillation_loss
-from ..models.configuration_teacher import TeacherConfig
-from ..models.modeling_teacher import load_teacher, teacher_name, teacher_source
 from ..models.modeling_unic import UnicStudentModel
 from ..models.standardization import ema_weight
-from ..precision import warn_if_emulated_autocast
-from .nonfinite import NonFiniteGuard, assert_finite_weights, finite_rows
+from ..models.teacher_loading import load_teacher, teacher_outputs, teacher_source, teacher_spec
+from .base import DistillationTrainer
+from .nonfinite import assert_finite_weights, finite_rows
+from .teacher_cache import INDEX_COLUMN, TeacherOutputCache, fixed_views
 from .unic_config import UnicConfig
 
 logger = logging.getLogger(__name__)
-
-
-def teacher_spec(name: str, teacher) -> dict:
-    """`{"name", "summary_dim", "patch_dim"}` of a teacher module or a [`TeacherConfig`] (for the student config)."""
-    if isinstance(teacher, TeacherConfig):
-        return {"name": name, "summary_dim": teacher.hidden_size, "patch_dim": teacher.hidden_size}
-    return {"name": name, "summary_dim": teacher.summary_dim, "patch_dim": teacher.patch_dim}
-
-
-def teacher_outputs(
-    teachers: list[nn.Module], pixel_values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, grid: tuple[int, int]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every teacher's `(summary, patch tokens)` on the student's views, in inference mode (no autograd records)."""
-    with torch.inference_mode():
-        outputs = [teacher(pixel_values, mean, std, grid_size=grid) for teacher in teachers]
-    return [(output.summary, output.patch_tokens) for output in outputs]
 
 
 def standardize_targets(
@@ -67,19 +45,7 @@ def standardize_targets(
     ]
 
 
-def unique_teacher_names(teachers: list) -> list[str]:
-    """Short, unique names for logs and head keys (`dinov2-base`, `dinov2-base_1`, ...)."""
-    names = []
-    for teacher in teachers:
-        name = teacher_name(teacher).replace(".", "_")
-        base, index = name, 1
-        while name in names:
-            name, index = f"{base}_{index}", index + 1
-        names.append(name)
-    return names
-
-
-class UnicTrainer(hub.PushExportMixin, Trainer):
+class UnicTrainer(DistillationTrainer):
     """Trainer for UNIC distillation of several frozen teachers into one student ([`UnicStudentModel`]).
 
     Args:
@@ -99,6 +65,11 @@ class UnicTrainer(hub.PushExportMixin, Trainer):
     """
 
     _tag_names = ["hf_distill", "unic", "distillation"]
+    _paper = {
+        "title": "UNIC: Universal Classification Models via Multi-teacher Distillation",
+        "authors": "Sariyildiz, Weinzaepfel, Lucas, Larlus, Kalantidis",
+        "venue": "ECCV 2024",
+    }
 
     def __init__(
         self,
@@ -152,13 +123,13 @@ class UnicTrainer(hub.PushExportMixin, Trainer):
             processing_class=processing_class,
             callbacks=callbacks,
             optimizers=optimizers,
+            image_mean=model.config.image_mean,
+            image_std=model.config.image_std,
+            nonfinite_sources=model.config.teacher_names,
             **kwargs,
         )
         self.loss_is_scaled_for_ga = False  # per-batch mean: the Trainer divides by the accumulation steps
         self.teacher_names = model.config.teacher_names
-        warn_if_emulated_autocast(args)
-        self.nonfinite = NonFiniteGuard(self.teacher_names, args, args.device)
-        self.add_callback(self.nonfinite)
         self.teachers = [self._load_and_prepare_teacher(teacher, index) for index, teacher in enumerate(teachers)]
         self.augmentation = UnicAugmentation(
             scale=tuple(args.crop_scale),
@@ -168,11 +139,6 @@ class UnicTrainer(hub.PushExportMixin, Trainer):
             blur_p=args.blur_prob,
             solarize_p=args.solarize_prob,
         )
-        self._student_mean = torch.tensor(model.config.image_mean, device=self.args.device)
-        self._student_std = torch.tensor(model.config.image_std, device=self.args.device)
-        self._generator = None
-        self._rng_position = (-1, 0)  # (global step, call within the step) of the last random draw
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     # ------------------------------------------------------------------ teachers
 
@@ -187,13 +153,7 @@ class UnicTrainer(hub.PushExportMixin, Trainer):
                 f"tokens but the student's heads for {expected['name']!r} predict {expected['summary_dim']} / "
                 f"{expected['patch_dim']}: build the student for these teachers (same order)."
             )
-        if self.is_deepspeed_enabled:
-            teacher = self._prepare_deepspeed(teacher)
-        elif self.is_fsdp_enabled:
-            teacher = self._prepare_fsdp(teacher)
-        else:
-            teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        teacher.eval()
+        teacher = self.prepare_teacher(teacher)
         logger.info(
             "Teacher %d %r: %s, %d-d summary / %d-d patch tokens, grid alignment %r, dtype %s",
             index,
@@ -206,45 +166,7 @@ class UnicTrainer(hub.PushExportMixin, Trainer):
         )
         return teacher
 
-    def _prepare_deepspeed(self, teacher: nn.Module) -> nn.Module:
-        """A DeepSpeed inference engine for a frozen teacher: ZeRO-3 partitions it like the student, other stages
-        keep a full copy (stage 0)."""
-        import deepspeed
-
-        plugin = self.accelerator.state.deepspeed_plugin
-        config = copy.deepcopy(plugin.deepspeed_config)
-        config.pop("optimizer", None)
-        config.pop("scheduler", None)
-        if config.get("zero_optimization", {}).get("stage") != 3:
-            config["zero_optimization"] = {"stage": 0}
-        engine, *_ = deepspeed.initialize(model=teacher, config=config)
-        engine.eval()
-        return engine
-
-    def _prepare_fsdp(self, teacher: nn.Module) -> nn.Module:
-        """Shard a frozen teacher with FSDP2 (`fully_shard` on each repeated block, then on the root)."""
-        from torch.distributed.fsdp import fully_shard
-
-        teacher.to(self.accelerator.device)
-        block_names = set(getattr(teacher, "_no_split_modules", None) or [])
-        for module in teacher.modules():
-            if type(module).__name__ in block_names:
-                fully_shard(module)
-        fully_shard(teacher)
-        return teacher
-
     # ------------------------------------------------------------------ one step
-
-    def _generator_for_step(self, device: torch.device) -> torch.Generator:
-        """A generator seeded from (seed, global step, process, call within the step): stateless, so a resumed run
-        draws exactly the augmentations and drops of an uninterrupted one."""
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-        step = self.state.global_step
-        call = self._rng_position[1] + 1 if self._rng_position[0] == step else 0
-        self._rng_position = (step, call)
-        seed = hash((self.args.seed, step, call, self.args.process_index)) & 0x7FFF_FFFF_FFFF_FFFF
-        return self._generator.manual_seed(seed)
 
     def make_views(
         self,
@@ -262,14 +184,14 @@ class UnicTrainer(hub.PushExportMixin, Trainer):
             views = self.augmentation(pixel_values, size, generator)
         else:
             views = resize_center(pixel_values, size)
-        return (views - self._student_mean.view(1, -1, 1, 1)) / self._student_std.view(1, -1, 1, 1)
+        return self.normalize(views)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
         student = self.accelerator.unwrap_model(model)
         # evaluation draws nothing, so it cannot shift the random stream of the training steps
         device = inputs["pixel_values"].device
-        generator = self._generator_for_step(device) if training else None
+        generator = self.step_generator(device) if training else None
         views = None
         if self.teacher_cache is not None:
             views = torch.zeros(inputs["pixel_values"].shape[0], dtype=torch.long, device=device)
@@ -330,16 +252,6 @@ class UnicTrainer(hub.PushExportMixin, Trainer):
 
     # ------------------------------------------------------------------ logging and saving
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Per-teacher losses and kept fractions averaged since the last log over steps and processes, and the
-        non-finite counters (one collective, one host sync); stops when a teacher or the steps are non-finite too
-        often."""
-        mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
-        logs.update(self.nonfinite.log_values(metrics, self.accelerator, prefix="eval_" if mode == "eval" else ""))
-        metrics.clear()
-        super().log(logs, start_time)
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints keep the full student (heads and standardization statistics, to resume); the final save
         exports ONLY the encoder as a stock transformers model with its image processor, written atomically."""
@@ -354,14 +266,9 @@ class UnicTrainer(hub.PushExportMixin, Trainer):
             key.removeprefix("backbone."): v for key, v in state_dict.items() if key.startswith("backbone.")
         }
         assert_finite_weights(encoder_state, "the student encoder")
-        os.makedirs(output_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".export-", dir=output_dir)
-        try:
-            student.save_encoder(staging, self.args.image_size, state_dict=encoder_state)
-            for file_name in os.listdir(staging):
-                os.replace(os.path.join(staging, file_name), os.path.join(output_dir, file_name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        self.export_staged(
+            output_dir, lambda folder: student.save_encoder(folder, self.args.image_size, state_dict=encoder_state)
+        )
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         logger.info("Exported the student encoder (%s) to %s", type(student.backbone).__name__, output_dir)
         return None

@@ -30,10 +30,10 @@ from safetensors.torch import save as serialize_safetensors
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.augmentations import resize_center
+from ..data.image_datasets import ImageCollator
 from ..io_utils import atomic_path, write_json_atomically
 from ..models.fingerprint import teacher_identity
-from .augmentations import resize_center
-from .image_datasets import ImageCollator
 
 logger = logging.getLogger(__name__)
 INDEX_COLUMN = "__sample_index__"

@@ -1,0 +1,153 @@
+"""The plumbing the UNIC, UDON and task-specific trainers share, and only that: each trainer keeps its `compute_loss`
+and what is specific to its method, readable top to bottom.
+
+- one random stream per micro-batch: [`DistillationTrainer.step_generator`] is seeded from (seed, optimizer step,
+  micro-batch within the step, process), so the micro-batches of one step (gradient accumulation) draw different
+  augmentations and a run resumed at a step draws exactly what an uninterrupted one draws;
+- the student's input normalization ([`DistillationTrainer.normalize`]) and the center-crop / augmented views
+  ([`DistillationTrainer.make_views`]);
+- metrics kept on the device in `self._metrics["train" | "eval"]`, averaged over steps and processes when logged, with
+  the non-finite counters, in one collective and one host sync ([`DistillationTrainer.log`]);
+- frozen teachers prepared for DDP / FSDP / DeepSpeed, never wrapped by DDP ([`DistillationTrainer.prepare_teacher`]);
+- the final export written to a staging folder and moved into place ([`DistillationTrainer.export_staged`]);
+- the model card hook: `_tag_names` and `_paper` (the method's paper, for cards and the Hub).
+"""
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from ..data.augmentations import resize_center
+from ..hub.push import PushExportMixin
+from ..precision import warn_if_emulated_autocast
+from .nonfinite import NonFiniteGuard
+
+logger = logging.getLogger(__name__)
+
+
+class DistillationTrainer(PushExportMixin, Trainer):
+    """A `transformers.Trainer` with hf_distill's shared plumbing (see the module docstring).
+
+    Subclasses call `super().__init__` with the standard Trainer arguments plus:
+
+    Args:
+        image_mean, image_std (`list[float]`): the student's input normalization.
+        nonfinite_sources (`list[str]`, *optional*): what produces per-sample outputs that may be non-finite (the
+            teachers), for the [`NonFiniteGuard`] counters.
+    """
+
+    _tag_names = ["hf_distill", "distillation"]
+    _paper: dict | None = None  # {"title", "authors", "venue"} of the method's paper, for the model card
+
+    def __init__(self, *args, image_mean, image_std, nonfinite_sources=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        warn_if_emulated_autocast(self.args)
+        self.nonfinite = NonFiniteGuard(list(nonfinite_sources), self.args, self.args.device)
+        self.add_callback(self.nonfinite)
+        self.augmentation = None  # set by subclasses: (uint8 images, size, generator) -> views
+        self._student_mean = torch.tensor(image_mean, device=self.args.device)
+        self._student_std = torch.tensor(image_std, device=self.args.device)
+        self._generator = None
+        self._rng_position = (-1, 0)  # (global step, micro-batch within the step) of the last random draw
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ------------------------------------------------------------------ randomness and views
+
+    def step_generator(self, device: torch.device) -> torch.Generator:
+        """A generator seeded from (seed, global step, micro-batch within the step, process): stateless, so a resumed
+        run draws exactly the augmentations of an uninterrupted one, and the micro-batches of one optimizer step
+        (gradient accumulation) draw different ones. Call it once per training micro-batch."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        step = self.state.global_step
+        call = self._rng_position[1] + 1 if self._rng_position[0] == step else 0
+        self._rng_position = (step, call)
+        seed = hash((self.args.seed, step, call, self.args.process_index)) & 0x7FFF_FFFF_FFFF_FFFF
+        return self._generator.manual_seed(seed)
+
+    def normalize(self, views: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, H, W]` views in [0, 1] -> the student's normalized inputs."""
+        return (views - self._student_mean.view(1, -1, 1, 1)) / self._student_std.view(1, -1, 1, 1)
+
+    def make_views(self, pixel_values: torch.Tensor, training: bool, generator: torch.Generator | None = None):
+        """uint8 `[B, 3, S, S]` -> normalized student inputs `[B, 3, image_size, image_size]`: `self.augmentation`
+        in training (when set), resize + center crop otherwise."""
+        size = self.args.image_size
+        if training and self.augmentation is not None:
+            views = self.augmentation(pixel_values, size, generator)
+        else:
+            views = resize_center(pixel_values, size)
+        return self.normalize(views)
+
+    # ------------------------------------------------------------------ frozen teachers
+
+    def prepare_teacher(self, teacher: nn.Module, shard: bool = True) -> nn.Module:
+        """A frozen teacher ready for this run, never wrapped by DDP: a DeepSpeed inference engine (ZeRO-3 partitions
+        it like the student) or FSDP2 shards when `shard` and the run uses them (else a full copy on every process),
+        otherwise `prepare_model(evaluation_mode=True)` (which also runs it under the run's mixed precision)."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            if not shard:
+                teacher = teacher.to(self.args.device)
+            elif self.is_deepspeed_enabled:
+                teacher = self._prepare_deepspeed(teacher)
+            else:
+                teacher = self._prepare_fsdp(teacher)
+        else:
+            teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return teacher.eval()
+
+    def _prepare_deepspeed(self, teacher: nn.Module) -> nn.Module:
+        import deepspeed
+
+        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        if config.get("zero_optimization", {}).get("stage") != 3:
+            config["zero_optimization"] = {"stage": 0}
+        engine, *_ = deepspeed.initialize(model=teacher, config=config)
+        engine.eval()
+        return engine
+
+    def _prepare_fsdp(self, teacher: nn.Module) -> nn.Module:
+        """Shard with FSDP2 (`fully_shard` on each repeated block, then on the root)."""
+        from torch.distributed.fsdp import fully_shard
+
+        teacher.to(self.accelerator.device)
+        block_names = set(getattr(teacher, "_no_split_modules", None) or [])
+        for module in teacher.modules():
+            if type(module).__name__ in block_names:
+                fully_shard(module)
+        fully_shard(teacher)
+        return teacher
+
+    # ------------------------------------------------------------------ logging and export
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The metrics of the current mode (train / eval, `eval_` prefix) averaged since the last log over steps and
+        processes, and the non-finite counters: one collective, one host sync; stops when a teacher or the steps are
+        non-finite too often (see [`NonFiniteGuard`])."""
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        logs.update(self.nonfinite.log_values(metrics, self.accelerator, prefix="eval_" if mode == "eval" else ""))
+        metrics.clear()
+        super().log(logs, start_time)
+
+    def export_staged(self, output_dir: str, write: Callable[[str], None]) -> None:
+        """Run `write(folder)` on a staging folder inside `output_dir`, then move each file it wrote into
+        `output_dir` (a rename: a reader never sees a half-written file). Main process only."""
+        os.makedirs(output_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".export-", dir=output_dir)
+        try:
+            write(staging)
+            for file_name in os.listdir(staging):
+                os.replace(os.path.join(staging, file_name), os.path.join(output_dir, file_name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
