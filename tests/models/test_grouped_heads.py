@@ -6,7 +6,7 @@ import torch
 from hf_distill import UnicStudentConfig, UnicStudentModel
 from hf_distill.models.modeling_unic import LadderProjector, grouped_ladder_forward
 
-from .conftest import tiny_vit_config
+from ..conftest import tiny_vit_config
 
 TEACHERS = [
     {"name": "a", "summary_dim": 48, "patch_dim": 48},

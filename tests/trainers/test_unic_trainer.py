@@ -10,7 +10,7 @@ from hf_distill.data import load_image_dataset
 from hf_distill.models import load_teacher_config
 from hf_distill.trainers import UnicConfig, UnicTrainer, teacher_spec, unique_teacher_names
 
-from .conftest import tiny_vit_config
+from ..conftest import tiny_vit_config
 
 
 def build(

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from .test_recipe_unic import recipe, recipe_args
+from .test_unic import recipe, recipe_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_recipe(name: str):

@@ -9,7 +9,7 @@ from hf_distill.data.image_datasets import ImageCollator
 from hf_distill.data.teacher_cache import TeacherOutputCache, fixed_views
 from hf_distill.trainers import UnicConfig, UnicTrainer
 
-from .conftest import tiny_vit_config
+from ..conftest import tiny_vit_config
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -14,7 +14,7 @@ from hf_distill.data.domains import load_domains
 from hf_distill.data.image_datasets import DATASET_INDEX_COLUMN, ImageCollator
 from hf_distill.data.image_verification import find_unreadable_images, verify_domain_images, with_dataset_index
 
-from .test_recipe_unic import recipe, recipe_args
+from ..recipes.test_unic import recipe, recipe_args
 
 
 @pytest.fixture

@@ -23,9 +23,9 @@ from hf_distill.hub import (
     weights_fingerprint,
 )
 
+from ..recipes.test_task_distill import task  # noqa: F401  (fixture)
+from ..recipes.test_udon import two_domains  # noqa: F401  (fixture)
 from .test_hub import PNG_SIGNATURE, write_export
-from .test_task_distill import task  # noqa: F401  (fixture)
-from .test_udon import two_domains  # noqa: F401  (fixture)
 
 TOKEN = "hf_publishingTestToken0123456789"
 
@@ -230,7 +230,7 @@ def test_training_arguments_never_pickle_the_token_and_never_let_the_trainer_pus
 
 
 def test_code_teachers_from_a_yaml_need_the_command_line_flag(tmp_path, student_config_dir, image_dataset_dir):
-    from .test_recipe_unic import recipe
+    from ..recipes.test_unic import recipe
 
     config = tmp_path / "shared.yaml"
     config.write_text(yaml.safe_dump({"teachers": ["py:no_such_module_anywhere:build"], "max_steps": 1}))
@@ -278,7 +278,7 @@ def assert_published_safely(hub, repo_id: str, output_dir: Path, base_temp: Path
 
 @pytest.mark.timeout(180)
 def test_udon_push_uploads_exactly_the_embedding_export_with_its_card(two_domains, tmp_path, fake_hub):  # noqa: F811
-    from .test_udon import recipe, recipe_args
+    from ..recipes.test_udon import recipe, recipe_args
 
     output_dir = tmp_path / "udon"
     push = ["--push_to_hub", "true", "--hub_model_id", "me/udon-tiny", "--hub_token", TOKEN]
@@ -322,7 +322,7 @@ def test_udon_push_uploads_exactly_the_embedding_export_with_its_card(two_domain
 
 @pytest.mark.timeout(180)
 def test_task_distill_push_uploads_exactly_the_classifier_with_its_card(task, tmp_path, fake_hub):  # noqa: F811
-    from .test_task_distill import args, recipe
+    from ..recipes.test_task_distill import args, recipe
 
     output_dir = tmp_path / "task"
     push = ["--push_to_hub", "true", "--hub_model_id", "me/task-tiny", "--hub_token", TOKEN, "--hub_revision", "v1"]
@@ -355,8 +355,8 @@ def test_unic_push_after_evaluation_publishes_the_evaluated_weights_only(
 ):
     """Train with --push_to_hub, evaluate into the card, push again; then resume training for more steps: the new
     card drops the results of the old weights and the push leaves eval_results.json and the comparison plot out."""
-    from .test_recipe_evaluate import recipe as evaluate
-    from .test_recipe_unic import recipe, recipe_args
+    from ..recipes.test_evaluate import recipe as evaluate
+    from ..recipes.test_unic import recipe, recipe_args
 
     output_dir = tmp_path / "student"
     push = ["--push_to_hub", "true", "--hub_model_id", "me/unic-tiny", "--hub_token", TOKEN]

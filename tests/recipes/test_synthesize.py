@@ -15,10 +15,10 @@ from diffusers import DDPMScheduler
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.synthetic import ImageMixerPipeline, SynthesisSettings, load_synthetic_dataset, mix_plan
 
-from .conftest import mnist_images
-from .test_image_mixer import make_pipeline
+from ..conftest import mnist_images
+from ..synthetic.test_pipeline_image_mixer import make_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("synthesize_recipe", ROOT / "recipes" / "synthesize.py")
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)

@@ -1,6 +1,6 @@
 """UdonModel: configuration checks, USCRR loss, full save/load, export of the embedding model (CLIP backbone), and the
 export folder's handling of what was there before. (Shapes, gradient routing, the export loaded WITHOUT hf_distill in
-a subprocess and backbones from ViT / CLIP folders: tests/test_udon.py.)"""
+a subprocess and backbones from ViT / CLIP folders: tests/recipes/test_udon.py.)"""
 
 import json
 
@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPConfig, 
 import hf_distill.models  # noqa: F401  (registers UdonConfig / UdonModel)
 from hf_distill.models import UdonConfig, UdonModel
 
-from .conftest import TINY, tiny_vit_config
+from ..conftest import TINY, tiny_vit_config
 
 DOMAINS = [{"name": "cars", "num_classes": 3}, {"name": "food", "num_classes": 5}]
 

@@ -18,10 +18,10 @@ from huggingface_hub import DatasetCard
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.synthetic import SynthesisSettings, push_synthetic_dataset, synthesis_card, write_dataset_card
 
-from . import test_synthesize
-from .test_image_mixer import STEPS, make_pipeline
-from .test_synthesize import args as synthesize_args
-from .test_synthesize import recipe as synthesize_recipe
+from ..recipes import test_synthesize
+from ..recipes.test_synthesize import args as synthesize_args
+from ..recipes.test_synthesize import recipe as synthesize_recipe
+from .test_pipeline_image_mixer import STEPS, make_pipeline
 
 synthesis_inputs = test_synthesize.inputs  # the `inputs` fixture: a saved tiny pipeline and 20 MNIST digits
 

@@ -28,13 +28,13 @@ from hf_distill.restarts import (
 )
 from hf_distill.restarts.checkpoints import COMPLETE_MARKER
 
-from . import test_task_distill, test_udon
-from .conftest import TINY, KillAt, save_with_processor, tiny_vit_config
-from .test_recipe_unic import ROOT
-from .test_recipe_unic import recipe as unic
-from .test_recipe_unic import recipe_args as unic_args
-from .test_task_distill import task  # noqa: F401 (fixture)
-from .test_udon import two_domains  # noqa: F401 (fixture)
+from ..conftest import TINY, KillAt, save_with_processor, tiny_vit_config
+from ..recipes import test_task_distill, test_udon
+from ..recipes.test_task_distill import task  # noqa: F401 (fixture)
+from ..recipes.test_udon import two_domains  # noqa: F401 (fixture)
+from ..recipes.test_unic import ROOT
+from ..recipes.test_unic import recipe as unic
+from ..recipes.test_unic import recipe_args as unic_args
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 

@@ -16,14 +16,14 @@ from hf_distill import ModuleTeacher
 from hf_distill.models.probed_teacher import ProbedTeacher
 from hf_distill.trainers.nonfinite import NonFiniteArguments, NonFiniteError, NonFiniteGuard, finite_rows
 
-from .test_task_distill import args as kd_args
-from .test_task_distill import recipe as kd_recipe
-from .test_task_distill import task  # noqa: F401 (fixture)
-from .test_udon import recipe as udon_recipe
-from .test_udon import recipe_args as udon_args
-from .test_udon import two_domains  # noqa: F401 (fixture)
+from ..recipes.test_task_distill import args as kd_args
+from ..recipes.test_task_distill import recipe as kd_recipe
+from ..recipes.test_task_distill import task  # noqa: F401 (fixture)
+from ..recipes.test_udon import recipe as udon_recipe
+from ..recipes.test_udon import recipe_args as udon_args
+from ..recipes.test_udon import two_domains  # noqa: F401 (fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("unic_recipe_nonfinite", ROOT / "recipes" / "unic.py")
 unic_recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(unic_recipe)

@@ -7,7 +7,7 @@ from transformers import AutoModel, ViTModel
 
 from hf_distill import UnicStudentConfig, UnicStudentModel
 
-from .conftest import tiny_dinov2_config, tiny_vit_config
+from ..conftest import tiny_dinov2_config, tiny_vit_config
 
 TEACHERS = [{"name": "a", "summary_dim": 48, "patch_dim": 48}, {"name": "b", "summary_dim": 16, "patch_dim": 24}]
 

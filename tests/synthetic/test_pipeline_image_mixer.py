@@ -329,6 +329,6 @@ def test_save_and_load_round_trip(tmp_path, images):
     assert reloaded.config.context_tokens == 3
     np.testing.assert_array_equal(generate(reloaded, mixes), expected)
 
-    # The generic loader runs the folder's code only when asked to (tests/test_image_mixer_hub.py loads it so).
+    # The generic loader runs the folder's code only when asked to (tests/synthetic/test_image_mixer_hub.py loads it so).
     with pytest.raises(ValueError, match="(?s)pipeline_image_mixer.py.*trust_remote_code=True"):
         DiffusionPipeline.from_pretrained(tmp_path)

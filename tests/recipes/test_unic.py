@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, ViTModel
 
-from .conftest import KillAt
+from ..conftest import KillAt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("unic_recipe", ROOT / "recipes" / "unic.py")
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)

@@ -13,9 +13,9 @@ from transformers import AutoModel, CLIPImageProcessorPil, ViTForImageClassifica
 from hf_distill.evaluation import extract_features, load_encoder
 from hf_distill.models import UdonConfig, UdonModel
 
-from .conftest import tiny_vit_config
+from ..conftest import tiny_vit_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("evaluate_recipe_exports", ROOT / "recipes" / "evaluate.py")
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)

@@ -15,9 +15,9 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Vi
 
 from hf_distill.trainers import KDTrainer
 
-from .conftest import KillAt, mnist_images, save_with_processor, tiny_vit_config
+from ..conftest import KillAt, mnist_images, save_with_processor, tiny_vit_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("task_distill_recipe", ROOT / "recipes" / "task_distill.py")
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)

@@ -7,7 +7,7 @@ from hf_distill import ModuleTeacher, TeacherConfig, TeacherModel, load_teacher,
 from hf_distill.models import TeacherNotFoundError
 from hf_distill.models.modeling_teacher import renormalize_pixels
 
-from .conftest import TINY, save_with_processor
+from ..conftest import TINY, save_with_processor
 
 STUDENT_MEAN = torch.tensor([0.485, 0.456, 0.406])
 STUDENT_STD = torch.tensor([0.229, 0.224, 0.225])
@@ -152,7 +152,7 @@ def test_plain_module_must_be_wrapped():
 
 
 def tiny_cnn_teacher():
-    """A factory for `py:tests.test_teachers:tiny_cnn_teacher`."""
+    """A factory for `py:tests.models.test_teachers:tiny_cnn_teacher`."""
     torch.manual_seed(0)
     return ModuleTeacher(TinyCNN(), image_mean=[0.5] * 3, image_std=[0.5] * 3, patch_size=4, name="cnn")
 
@@ -160,9 +160,9 @@ def tiny_cnn_teacher():
 def test_module_teacher_from_a_factory_spec():
     from hf_distill.models import teacher_name
 
-    spec = "py:tests.test_teachers:tiny_cnn_teacher"
+    spec = "py:tests.models.test_teachers:tiny_cnn_teacher"
     teacher = load_teacher(spec)
     assert isinstance(teacher, ModuleTeacher) and teacher.summary_dim == 24
     assert teacher_name(spec) == "tiny-cnn"
     with pytest.raises(TeacherNotFoundError, match="could not be imported"):
-        load_teacher("py:tests.test_teachers:no_such_factory")
+        load_teacher("py:tests.models.test_teachers:no_such_factory")

@@ -14,9 +14,9 @@ from PIL import Image
 from hf_distill.data.domains import load_domains
 from hf_distill.data.uned import UNED_DOMAINS
 
-from .conftest import mnist_images
+from ..conftest import mnist_images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_recipe(name):

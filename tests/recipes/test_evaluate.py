@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)
@@ -35,7 +35,7 @@ def test_evaluate_student_and_two_teachers(exported_student_dir, tiny_teachers, 
 def test_yaml_suite_with_retrieval(exported_student_dir, tmp_path):
     from datasets import Dataset
 
-    from .conftest import mnist_images
+    from ..conftest import mnist_images
 
     images, labels = mnist_images(40)
     domains = ["digits-a" if i % 2 else "digits-b" for i in range(40)]
@@ -68,8 +68,8 @@ def test_training_card_gets_the_evaluation(
     """Train -> card with teachers and loss plot; evaluate -> model-index with the printed numbers, teachers kept."""
     from huggingface_hub import ModelCard
 
-    from .test_recipe_unic import recipe as unic_recipe
-    from .test_recipe_unic import recipe_args
+    from .test_unic import recipe as unic_recipe
+    from .test_unic import recipe_args
 
     student_dir = tmp_path / "student"
     unic_recipe.main(recipe_args(tiny_teachers, image_dataset_dir, student_config_dir, student_dir))
@@ -104,7 +104,7 @@ def test_yaml_suite_with_segmentation(exported_student_dir, tmp_path):
     from datasets import Dataset, DatasetDict
     from PIL import Image
 
-    from .conftest import mnist_images
+    from ..conftest import mnist_images
 
     images, _ = mnist_images(24)
     masks = [Image.fromarray((np.asarray(image.convert("L")) > 127).astype(np.uint8)) for image in images]

@@ -17,7 +17,7 @@ from hf_distill.losses import distillation_loss, teacher_drop_coefficients
 from hf_distill.models import freeze_teacher
 from hf_distill.trainers.unic_trainer import standardize_targets, teacher_outputs
 
-from .conftest import TINY, tiny_vit_config
+from ..conftest import TINY, tiny_vit_config
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])
 STD = torch.tensor([0.229, 0.224, 0.225])

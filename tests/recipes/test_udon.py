@@ -16,9 +16,9 @@ from transformers import CLIPConfig, CLIPModel, TrainerCallback, ViTModel
 
 from hf_distill.models import UdonConfig, UdonModel
 
-from .conftest import TINY, KillAt, mnist_images, tiny_vit_config
+from ..conftest import TINY, KillAt, mnist_images, tiny_vit_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("udon_recipe", ROOT / "recipes" / "udon.py")
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)
