@@ -6,7 +6,7 @@ The published ImageMixer weights are a Stable Diffusion 1.x LatentDiffusion chec
 yaml's noise schedule, adds the CLIP image encoder and its processor, and writes the pipeline in safetensors:
 
 ```bash
-python -m hf_distill.synthetic.convert_image_mixer \
+python scripts/convert_image_mixer.py \
     --checkpoint_path image-mixer-pruned.ckpt --original_config_file image-mixer-config.yaml \
     --image_encoder openai/clip-vit-large-patch14 --output_dir outputs/image-mixer
 ```
@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,8 +45,9 @@ from diffusers.schedulers import SchedulerMixin
 from safetensors import safe_open
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from .pipeline_image_mixer import ImageMixerPipeline
-from .safe_checkpoint import UnsafeCheckpointError, safe_load, trusted_load
+from hf_distill.io_utils import atomic_folder
+from hf_distill.synthetic.pipeline_image_mixer import ImageMixerPipeline
+from hf_distill.synthetic.safe_checkpoint import UnsafeCheckpointError, safe_load, trusted_load
 
 __all__ = [
     "convert_unet_state_dict",
@@ -532,22 +531,8 @@ def save_pipeline_atomically(pipeline: ImageMixerPipeline, output_dir: str | os.
         output_dir (`str` or `os.PathLike`):
             The destination folder.
     """
-    output_dir = Path(output_dir).absolute()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex[:12]}.tmp"
-    staging.mkdir()  # a plain mkdir gives the usual permissions (0o777 less the umask); mkdtemp's would be 0o700
-    try:
+    with atomic_folder(output_dir) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
-        if output_dir.exists():
-            retired = staging.with_suffix(".old")
-            os.replace(output_dir, retired)
-            os.replace(staging, output_dir)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def convert(args: argparse.Namespace, model_params: dict) -> ImageMixerPipeline:

@@ -1,4 +1,4 @@
-"""Synthetic images for distillation: the ImageMixer pipeline (diffusers), its checkpoint converter and the
+"""Synthetic images for distillation: the ImageMixer pipeline (diffusers), its safe checkpoint loader and the
 synthesis stage (class-agnostic pairs mixed into a resumable parquet set).
 
 Needs the `diffusers` extra: `pip install "hf_distill[diffusers]"`. Reading a synthetic set does not:

@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -24,9 +25,16 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: E402
 
 from hf_distill.synthetic import ImageMixerPipeline  # noqa: E402
-from hf_distill.synthetic.convert_image_mixer import load_checkpoint, main  # noqa: E402
 
 from .test_safe_checkpoint import code_running_objects, lightning_checkpoint, throwaway_pytorch_lightning  # noqa: E402
+
+# The converter is a script outside the package (scripts/convert_image_mixer.py), as in diffusers: load it by path.
+_spec = importlib.util.spec_from_file_location(
+    "convert_image_mixer", pathlib.Path(__file__).resolve().parents[2] / "scripts" / "convert_image_mixer.py"
+)
+convert_image_mixer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(convert_image_mixer)
+load_checkpoint, main = convert_image_mixer.load_checkpoint, convert_image_mixer.main
 
 LAYERS = 1  # num_res_blocks of the tiny models
 
