@@ -47,7 +47,8 @@ def atomic_folder(path: str | os.PathLike, keep: Callable[[str], bool] | None = 
 
     Args:
         path (`str` or `os.PathLike`): the destination folder (its parent is created if missing).
-        keep (`Callable[[str], bool]`, *optional*): which entries of an existing folder to carry over (none by default).
+        keep (`Callable[[str], bool]`, *optional*):
+            which entries of an existing folder to carry over (none by default).
     """
     path = os.path.abspath(os.fspath(path))
     parent, base = os.path.split(path)

@@ -3,8 +3,8 @@
 A recipe leaves its export folder with the model (`config.json`, weights, `preprocessor_config.json`, and for a
 remote-code export such as UDON's its code files) next to training leftovers (`checkpoint-*/`, `trainer_state.json`,
 `training_args.bin`, ...). This package writes the model card (`README.md`, rendered from the packaged
-`hub/templates/model_card.md`; [`create_or_update_model_card`]), draws the figures under `plots/`, and pushes exactly the
-files of the model, never the leftovers ([`push_to_hub`]):
+`hub/templates/model_card.md`; [`create_or_update_model_card`]), draws the figures under `plots/`, and pushes exactly
+the files of the model, never the leftovers ([`push_to_hub`]):
 
 ```python
 from huggingface_hub import EvalResult

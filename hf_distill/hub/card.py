@@ -269,8 +269,8 @@ def create_or_update_model_card(
 
     The card is rendered from the packaged template `hf_distill/hub/templates/model_card.md` with
     [`huggingface_hub.ModelCard.from_template`]. Its metadata holds `library_name: transformers`, `pipeline_tag`, the
-    tags `hf_distill`, the method's tag (see [`METHODS`]) and `distillation` (plus `tags`), the training dataset when it is a Hub id,
-    `base_model` when given, and a `model-index` built from `eval_results` in which every protocol (task name: e.g.
+    tags `hf_distill`, the method's tag (see [`METHODS`]) and `distillation` (plus `tags`), the training dataset when
+    it is a Hub id, `base_model` when given, and a `model-index` built from `eval_results` in which every protocol (task name: e.g.
     "k-NN classification (k=10)", "Linear probe") is its own entry ([`model_index`]); it loads back unchanged with
     `ModelCard.load(path).data.eval_results`.
 
@@ -317,8 +317,8 @@ def create_or_update_model_card(
         measured_on: fingerprint of the weights `eval_results` were measured on (e.g. `weights_fingerprint` of the
             evaluated folder); a `ValueError` when it is not the weights in `output_dir`. Default: those weights.
 
-    `method`, `summary`, `teachers`, `training_data`, `settings`, `comparison` and `plots` are also recorded in the card's metadata (key
-    `hf_distill`), so a later update (e.g. by `recipes/evaluate.py`, which only knows the evaluation) may leave them
+    `method`, `summary`, `teachers`, `training_data`, `settings`, `comparison` and `plots` are also recorded in the
+    card's metadata (key `hf_distill`), so a later update (e.g. by `recipes/evaluate.py`, which only knows the evaluation) may leave them
     to `None` and keeps the recorded ones; plots accumulate.
 
     Returns:
