@@ -270,9 +270,9 @@ def create_or_update_model_card(
     The card is rendered from the packaged template `hf_distill/hub/templates/model_card.md` with
     [`huggingface_hub.ModelCard.from_template`]. Its metadata holds `library_name: transformers`, `pipeline_tag`, the
     tags `hf_distill`, the method's tag (see [`METHODS`]) and `distillation` (plus `tags`), the training dataset when
-    it is a Hub id, `base_model` when given, and a `model-index` built from `eval_results` in which every protocol (task name: e.g.
-    "k-NN classification (k=10)", "Linear probe") is its own entry ([`model_index`]); it loads back unchanged with
-    `ModelCard.load(path).data.eval_results`.
+    it is a Hub id, `base_model` when given, and a `model-index` built from `eval_results` in which every protocol
+    (task name: e.g. "k-NN classification (k=10)", "Linear probe") is its own entry ([`model_index`]); it loads back
+    unchanged with `ModelCard.load(path).data.eval_results`.
 
     Results belong to the weights they were measured on: the card records the fingerprint of the weights in
     `output_dir` ([`weights_fingerprint`], metadata key `hf_distill.weights`). When a later update finds other weights
@@ -318,8 +318,8 @@ def create_or_update_model_card(
             evaluated folder); a `ValueError` when it is not the weights in `output_dir`. Default: those weights.
 
     `method`, `summary`, `teachers`, `training_data`, `settings`, `comparison` and `plots` are also recorded in the
-    card's metadata (key `hf_distill`), so a later update (e.g. by `recipes/evaluate.py`, which only knows the evaluation) may leave them
-    to `None` and keeps the recorded ones; plots accumulate.
+    card's metadata (key `hf_distill`), so a later update (e.g. by `recipes/evaluate.py`, which only knows the
+    evaluation) may leave them to `None` and keeps the recorded ones; plots accumulate.
 
     Returns:
         The [`huggingface_hub.ModelCard`] written to `output_dir/README.md`.

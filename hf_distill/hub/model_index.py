@@ -71,7 +71,7 @@ def model_index(model_name: str, eval_results: list[EvalResult]) -> list[dict[st
 
 
 class ProtocolCardData(ModelCardData):
-    """[`huggingface_hub.ModelCardData`] whose `model-index` keeps every evaluation protocol apart ([`model_index`])."""
+    """[`huggingface_hub.ModelCardData`] whose `model-index` keeps every protocol apart ([`model_index`])."""
 
     def _to_dict(self, data_dict):
         super()._to_dict(data_dict)

@@ -60,8 +60,8 @@ def _published_config(output_dir: str) -> dict:
 def synthesis_card(output_dir: str, repo_id: str | None = None) -> DatasetCard:
     """The dataset card of the synthetic set in `output_dir`, rendered from the packaged template
     `hf_distill/hub/templates/synthetic_dataset_card.md`: its provenance (source dataset, pipeline and scheduler,
-    number of images, seed, weights distribution, denoising steps, guidance, size, dtype; also under `hf_distill:` in the
-    metadata), how to load it and a license note. Local paths appear as their folder names only.
+    number of images, seed, weights distribution, denoising steps, guidance, size, dtype; also under `hf_distill:` in
+    the metadata), how to load it and a license note. Local paths appear as their folder names only.
 
     Args:
         output_dir: a synthesis folder (`synthesis_config.json` + `data/`).
