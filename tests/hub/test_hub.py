@@ -226,6 +226,28 @@ def test_model_card_appends_block_to_card_without_markers(tmp_path):
     assert text.count(CARD_START_MARKER) == 1 and text.count("Written before hf_distill.") == 1
 
 
+def test_model_card_method_picks_tag_summary_and_citation_and_updates_keep_it(tmp_path):
+    """The card's method (not UNIC by default) gives its tag, its summary and its citation, and an update that only
+    knows the evaluation (as `recipes/evaluate.py` makes) keeps them."""
+    udon = tmp_path / "udon"
+    create_or_update_model_card(udon, model_name="udon-tiny", method="udon", summary="A UDON student.")
+    create_or_update_model_card(udon, eval_results=[knn(0.5)])
+    text = (udon / "README.md").read_text()
+    assert "A UDON student." in text
+    assert "@inproceedings{ypsilantis2024udon," in text and "sariyildiz2024unic" not in text
+    tags = metadata_load(udon / "README.md")["tags"]
+    assert "udon" in tags and "unic" not in tags
+
+    task = tmp_path / "task"
+    teachers = [{"name": "dinov2-small", "source": "facebook/dinov2-small"}]
+    create_or_update_model_card(task, model_name="kd-tiny", teachers=teachers, method="task")
+    text = (task / "README.md").read_text()
+    assert "An image classifier distilled with hf_distill's implementation of task-specific distillation" in text
+    assert "from 1 teacher: dinov2-small." in text
+    assert "@article{marrie2024taskspecific," in text and "sariyildiz2024unic" not in text
+    assert metadata_load(task / "README.md")["tags"] == ["hf_distill", "task-specific-distillation", "distillation"]
+
+
 def synthetic_log_history(steps=10, teachers=("vit-p4", "dinov2-p7")):
     history = []
     for step in range(1, steps + 1):
