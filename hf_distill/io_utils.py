@@ -1,9 +1,15 @@
-"""Atomic file writes: a file is either absent, the old one, or the complete new one, never half-written."""
+"""Atomic writes: a file or folder is either absent, the old one, or the complete new one, never half-written.
+
+[`atomic_path`] stages one file, [`atomic_folder`] one folder; both write next to the destination and rename into
+place. Every "write to a staging place, then rename" of hf_distill goes through them.
+"""
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -27,6 +33,57 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> Iterator[str]:
+    """Yield a new, empty staging folder next to `path` (a hidden sibling `.NAME.XXXX.tmp`, with the permissions of
+    any new folder: `0o777` less the umask). On success it takes the place of `path` in one rename; on error it is
+    removed and `path` is left as it was.
+
+    A folder already at `path` is first renamed to a hidden sibling `.NAME.XXXX.old` (renamed back if the swap
+    fails). Its entries that the new folder lacks and for which `keep(entry_name)` is true are then moved into the new
+    folder; the rest of it is deleted.
+
+    Args:
+        path (`str` or `os.PathLike`): the destination folder (its parent is created if missing).
+        keep (`Callable[[str], bool]`, *optional*):
+            which entries of an existing folder to carry over (none by default).
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent, base = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
+    os.mkdir(staging)  # not mkdtemp: its folders are 0o700
+    try:
+        yield staging
+        previous = _swap_in(staging, path)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+    if previous is not None:
+        written = set(os.listdir(path))
+        for entry in os.listdir(previous):
+            if entry not in written and keep is not None and keep(entry):
+                os.replace(os.path.join(previous, entry), os.path.join(path, entry))
+        shutil.rmtree(previous)
+
+
+def _swap_in(staging: str, target: str) -> str | None:
+    """Rename the folder `staging` to `target`. An existing `target` is first renamed to a hidden sibling, returned
+    (restored on failure); `None` when there was none."""
+    if not os.path.lexists(target):
+        os.replace(staging, target)
+        return None
+    parent, base = os.path.split(target)
+    previous = os.path.join(parent, f".{base}.{uuid.uuid4().hex[:12]}.old")
+    os.replace(target, previous)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        os.replace(previous, target)
+        raise
+    return previous
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

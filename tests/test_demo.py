@@ -116,7 +116,7 @@ def test_short_demo_run_with_both_kinds_of_teachers(tmp_path, image_dataset_dir)
     """recipes/unic.py with the demo config: a converted Dinov2 folder and the EfficientNet factory, cached."""
     from transformers import AutoModel, ViTConfig, ViTModel
 
-    from .test_recipe_unic import recipe
+    from .recipes.test_unic import recipe
 
     export_tiny_dinov2(tmp_path / "tiny.onnx")
     dinov2 = convert_onnx_to_dinov2(str(tmp_path / "tiny.onnx"), str(tmp_path / "dinov2"), num_heads=2)

@@ -143,26 +143,23 @@ def random_resized_crop(
     continuous (sub-pixel) rather than integers, and the resampling is a single bicubic `F.grid_sample` (border
     padding, no antialiasing when the crop is shrunk) with the flip folded into the same affine transform.
 
-    Parameters
-    ----------
-    images : torch.Tensor
-        `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
-    size : int
-        Output side length.
-    generator : torch.Generator
-        Source of all randomness; must be on the images' device.
-    scale : tuple of float
-        Range of the crop area as a fraction of the image area.
-    ratio : tuple of float
-        Range of the crop aspect ratio (width / height), sampled log-uniformly.
-    flip_prob : float
-        Probability of a horizontal flip, per sample.
+    Args:
+        images (`torch.Tensor`):
+            `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
+        size (`int`):
+            Output side length.
+        generator (`torch.Generator`):
+            Source of all randomness; must be on the images' device.
+        scale (`tuple[float, float]`):
+            Range of the crop area as a fraction of the image area.
+        ratio (`tuple[float, float]`):
+            Range of the crop aspect ratio (width / height), sampled log-uniformly.
+        flip_prob (`float`):
+            Probability of a horizontal flip, per sample.
 
-    Returns
-    -------
-    torch.Tensor
-        `[B, 3, size, size]` images clamped to [0, 1]. With `scale=(1, 1)`, a ratio that makes the crop the full
-        image, `flip_prob=0` and `size == H == W` this is the identity (up to float rounding).
+    Returns:
+        `torch.Tensor`: `[B, 3, size, size]` images clamped to [0, 1]. With `scale=(1, 1)`, a ratio that makes the crop
+        the full image, `flip_prob=0` and `size == H == W` this is the identity (up to float rounding).
     """
     images = _to_float(images)
     batch, _, height, width = images.shape
@@ -211,23 +208,20 @@ def color_jitter(
     adjustments on every call, the order here is fixed: brightness, contrast, saturation, hue. A strength of 0
     skips that adjustment exactly.
 
-    Parameters
-    ----------
-    images : torch.Tensor
-        `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
-    generator : torch.Generator
-        Source of all randomness; must be on the images' device.
-    brightness, contrast, saturation : float
-        Jitter strengths `x` (non-negative).
-    hue : float
-        Maximum hue shift in turns, in [0, 0.5].
-    p : float
-        Probability of jittering each sample.
+    Args:
+        images (`torch.Tensor`):
+            `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
+        generator (`torch.Generator`):
+            Source of all randomness; must be on the images' device.
+        brightness, contrast, saturation (`float`):
+            Jitter strengths `x` (non-negative).
+        hue (`float`):
+            Maximum hue shift in turns, in [0, 0.5].
+        p (`float`):
+            Probability of jittering each sample.
 
-    Returns
-    -------
-    torch.Tensor
-        `[B, 3, H, W]` images in [0, 1]; samples not selected are returned unchanged.
+    Returns:
+        `torch.Tensor`: `[B, 3, H, W]` images in [0, 1]; samples not selected are returned unchanged.
     """
     images = _to_float(images)
     if p <= 0 or (brightness == 0 and contrast == 0 and saturation == 0 and hue == 0):
@@ -257,19 +251,16 @@ def color_jitter(
 def random_grayscale(images: torch.Tensor, generator: torch.Generator, p: float = 0.2) -> torch.Tensor:
     """Convert each sample to 3-channel grayscale with probability `p` (`torchvision.transforms.RandomGrayscale`).
 
-    Parameters
-    ----------
-    images : torch.Tensor
-        `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
-    generator : torch.Generator
-        Source of all randomness; must be on the images' device.
-    p : float
-        Probability of converting each sample.
+    Args:
+        images (`torch.Tensor`):
+            `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
+        generator (`torch.Generator`):
+            Source of all randomness; must be on the images' device.
+        p (`float`):
+            Probability of converting each sample.
 
-    Returns
-    -------
-    torch.Tensor
-        `[B, 3, H, W]`; selected samples have three equal channels `0.299 R + 0.587 G + 0.114 B`.
+    Returns:
+        `torch.Tensor`: `[B, 3, H, W]`; selected samples have three equal channels `0.299 R + 0.587 G + 0.114 B`.
     """
     images = _to_float(images)
     if p <= 0:
@@ -294,21 +285,18 @@ def gaussian_blur(
     with reflection as in torchvision. The whole batch is blurred with one separable pair of grouped convolutions
     (`[1, B * 3, H, W]` input, `groups=B * 3`, one normalized 1-D kernel per sample and channel).
 
-    Parameters
-    ----------
-    images : torch.Tensor
-        `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
-    generator : torch.Generator
-        Source of all randomness; must be on the images' device.
-    p : float
-        Probability of blurring each sample.
-    sigma : tuple of float
-        Range of the Gaussian standard deviation, in pixels (positive).
+    Args:
+        images (`torch.Tensor`):
+            `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
+        generator (`torch.Generator`):
+            Source of all randomness; must be on the images' device.
+        p (`float`):
+            Probability of blurring each sample.
+        sigma (`tuple[float, float]`):
+            Range of the Gaussian standard deviation, in pixels (positive).
 
-    Returns
-    -------
-    torch.Tensor
-        `[B, 3, H, W]` images in [0, 1]; samples not selected are returned unchanged.
+    Returns:
+        `torch.Tensor`: `[B, 3, H, W]` images in [0, 1]; samples not selected are returned unchanged.
     """
     images = _to_float(images)
     if p <= 0:
@@ -338,21 +326,18 @@ def solarize(images: torch.Tensor, generator: torch.Generator, p: float = 0.2, t
     Batched version of `torchvision.transforms.RandomSolarize(threshold, p)` for images in [0, 1] (DINO uses PIL's
     `ImageOps.solarize` with threshold 128 of 255).
 
-    Parameters
-    ----------
-    images : torch.Tensor
-        `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
-    generator : torch.Generator
-        Source of all randomness; must be on the images' device.
-    p : float
-        Probability of solarizing each sample.
-    threshold : float
-        Values at or above it are inverted.
+    Args:
+        images (`torch.Tensor`):
+            `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
+        generator (`torch.Generator`):
+            Source of all randomness; must be on the images' device.
+        p (`float`):
+            Probability of solarizing each sample.
+        threshold (`float`):
+            Values at or above it are inverted.
 
-    Returns
-    -------
-    torch.Tensor
-        `[B, 3, H, W]` images in [0, 1]; samples not selected are returned unchanged.
+    Returns:
+        `torch.Tensor`: `[B, 3, H, W]` images in [0, 1]; samples not selected are returned unchanged.
     """
     images = _to_float(images)
     if p <= 0:
@@ -371,12 +356,14 @@ class UnicAugmentation:
     given generator. The defaults follow DINO's global-crop recipe (`main_dino.py`, `DataAugmentationDINO`) with
     blur and solarization probabilities of 0.2. A probability of 0 skips that op exactly.
 
-    Examples
-    --------
+    Example:
+
+    ```python
     >>> augment = UnicAugmentation()
     >>> generator = torch.Generator().manual_seed(0)
     >>> augment(torch.rand(4, 3, 64, 64), 32, generator).shape
     torch.Size([4, 3, 32, 32])
+    ```
     """
 
     scale: tuple[float, float] = (0.08, 1.0)
@@ -396,19 +383,16 @@ class UnicAugmentation:
     def __call__(self, images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
         """Augment a batch.
 
-        Parameters
-        ----------
-        images : torch.Tensor
-            `[B, 3, H, W]` float images in [0, 1] or `uint8` images in [0, 255].
-        size : int
-            Output side length.
-        generator : torch.Generator
-            Source of all randomness; must be on the images' device.
+        Args:
+            images (`torch.Tensor`):
+                `[B, 3, H, W]` float images in [0, 1] or `uint8` images in [0, 255].
+            size (`int`):
+                Output side length.
+            generator (`torch.Generator`):
+                Source of all randomness; must be on the images' device.
 
-        Returns
-        -------
-        torch.Tensor
-            `[B, 3, size, size]` float images in [0, 1].
+        Returns:
+            `torch.Tensor`: `[B, 3, size, size]` float images in [0, 1].
         """
         images = _to_float(images)
         images = random_resized_crop(images, size, generator, self.scale, self.ratio, self.flip_prob)
@@ -426,17 +410,14 @@ def resize_center(images: torch.Tensor, size: int) -> torch.Tensor:
     Tensor equivalent of `torchvision.transforms.Compose([Resize(size, BICUBIC, antialias=True), CenterCrop(size)])`
     (and of `_to_square_uint8` in `image_datasets.py`), using `F.interpolate(mode="bicubic", antialias=True)`.
 
-    Parameters
-    ----------
-    images : torch.Tensor
-        `[B, 3, H, W]` float images in [0, 1] or `uint8` images.
-    size : int
-        Output side length.
+    Args:
+        images (`torch.Tensor`):
+            `[B, 3, H, W]` float images in [0, 1] or `uint8` images.
+        size (`int`):
+            Output side length.
 
-    Returns
-    -------
-    torch.Tensor
-        `[B, 3, size, size]` float images clamped to [0, 1].
+    Returns:
+        `torch.Tensor`: `[B, 3, size, size]` float images clamped to [0, 1].
     """
     images = _to_float(images)
     height, width = images.shape[-2:]

@@ -12,11 +12,12 @@ by Hub id.
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
+
+from ..io_utils import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -132,11 +133,8 @@ def prepare_uned(
                     for split in splits
                 }
             )
-            partial = folder + ".partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            dataset.save_to_disk(partial)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(partial, folder)
+            with atomic_folder(folder) as staging:
+                dataset.save_to_disk(staging)
             logger.info("%s: %s", domain, ", ".join(f"{split} {len(dataset[split])}" for split in splits))
         if hub_prefix:
             repo_id = f"{hub_prefix}{domain}"

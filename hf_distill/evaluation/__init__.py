@@ -6,12 +6,12 @@ The metrics are also shipped as `evaluate` modules that load offline by path:
 
 import os
 
-from .benchmark import EvalDataset, evaluate_encoder
 from .features import FeatureSet, extract_features, load_encoder
 from .knn import knn_accuracy, knn_predict
 from .linear_probe import linear_probe
-from .retrieval import retrieval_metrics
+from .retrieval import multi_domain_retrieval, retrieval_metrics
 from .segmentation import dense_linear_probe, mean_iou
+from .suite import EvalDataset, evaluate_encoder
 
 METRICS = ("knn_accuracy", "linear_probe", "retrieval", "mean_iou")
 
@@ -35,6 +35,7 @@ __all__ = [
     "linear_probe",
     "load_encoder",
     "mean_iou",
+    "multi_domain_retrieval",
     "metric_path",
     "retrieval_metrics",
 ]

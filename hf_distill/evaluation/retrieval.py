@@ -2,12 +2,17 @@
 
 All items of all domains form ONE index. Each query searches the whole index by exact cosine similarity, its own item
 excluded; a retrieved item is correct iff it has the same label AND the same domain as the query. Metrics are averaged
-over the queries of each domain, then over domains.
+over the queries of each domain, then over domains. [`multi_domain_retrieval`] runs the protocol for an embedding
+model over several domains' evaluation sets.
 """
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
+from ..data.augmentations import resize_center
+from ..data.image_datasets import ImageCollator
 from .knn import _check_features, _check_labels
 
 
@@ -122,3 +127,36 @@ def retrieval_metrics(
     else:
         mean = {"R@1": float("nan"), metric: float("nan")}
     return {"per_domain": per_domain, "mean": mean, "skipped_queries": skipped}
+
+
+@torch.inference_mode()
+def embed_images(model, dataset, image_size: int, mean, std, batch_size: int = 64, device=None, description=None):
+    """`model(pixel_values).image_embeds` for every image of `dataset` (resized, center-cropped, normalized)."""
+    device = torch.device(device or next(model.parameters()).device)
+    mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=ImageCollator(image_size))
+    embeddings = []
+    for batch in tqdm(loader, desc=description or "Embedding", unit="batch", leave=False):
+        pixels = (resize_center(batch["pixel_values"].to(device), image_size) - mean) / std
+        embeddings.append(model(pixel_values=pixels).image_embeds.float().cpu())
+    return torch.cat(embeddings)
+
+
+def multi_domain_retrieval(
+    model, eval_sets: dict, image_size: int, mean, std, batch_size: int = 64, k: int = 5
+) -> dict:
+    """Embed every domain's eval set, merge them into one index and compute R@1 / mMP@k per domain and averaged.
+
+    `eval_sets` maps domain name -> dataset with `image` and `label` columns (labels in the domain's own space).
+    """
+    features, labels, domains = [], [], []
+    for index, (name, dataset) in enumerate(eval_sets.items()):
+        features.append(
+            embed_images(model, dataset, image_size, mean, std, batch_size, description=f"Embedding {name}")
+        )
+        labels.append(torch.tensor(dataset["label"], dtype=torch.long))
+        domains.append(torch.full((len(dataset),), index, dtype=torch.long))
+    return retrieval_metrics(
+        torch.cat(features), torch.cat(labels), torch.cat(domains), k=k, domain_names=list(eval_sets)
+    )

@@ -3,8 +3,8 @@
 A recipe leaves its export folder with the model (`config.json`, weights, `preprocessor_config.json`, and for a
 remote-code export such as UDON's its code files) next to training leftovers (`checkpoint-*/`, `trainer_state.json`,
 `training_args.bin`, ...). This package writes the model card (`README.md`, rendered from the packaged
-`templates/model_card.md`; [`create_or_update_model_card`]), draws the figures under `plots/`, and pushes exactly the
-files of the model, never the leftovers ([`push_to_hub`]):
+`hub/templates/model_card.md`; [`create_or_update_model_card`]), draws the figures under `plots/`, and pushes exactly
+the files of the model, never the leftovers ([`push_to_hub`]):
 
 ```python
 from huggingface_hub import EvalResult
@@ -21,6 +21,7 @@ create_or_update_model_card(
                              dataset_name="ImageNet-1K", metric_type="accuracy", metric_value=0.78)],
     plots=[plot],
     repo_id="me/unic-vitb16-in1k",
+    method="unic",
 )
 push_to_hub("outputs/unic", "me/unic-vitb16-in1k")
 ```
@@ -28,14 +29,8 @@ push_to_hub("outputs/unic", "me/unic-vitb16-in1k")
 
 from huggingface_hub import EvalResult
 
-from .card import (
-    CARD_END_MARKER,
-    CARD_START_MARKER,
-    ProtocolCardData,
-    create_or_update_model_card,
-    model_index,
-    validate_card_metadata,
-)
+from .card import CARD_END_MARKER, CARD_START_MARKER, METHODS, create_or_update_model_card
+from .model_index import ProtocolCardData, model_index, validate_card_metadata
 from .plots import (
     plot_domain_retrieval,
     plot_eval_comparison,
@@ -60,6 +55,7 @@ __all__ = [
     "CARD_START_MARKER",
     "UPLOAD_PATTERNS",
     "EvalResult",
+    "METHODS",
     "HubOptions",
     "HubTokenNotPickled",
     "ProtocolCardData",

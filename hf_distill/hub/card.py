@@ -4,7 +4,6 @@ measured on."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import importlib.resources
 import json
@@ -13,15 +12,14 @@ import math
 import numbers
 import os
 import re
-from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+from huggingface_hub import EvalResult, ModelCard
 
 from ..io_utils import write_text_atomically
+from .model_index import ProtocolCardData, merge_eval_results, yaml_value
 from .provenance import is_hub_id, publishable_name, scrub_local_paths, weights_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -30,17 +28,40 @@ CARD_START_MARKER = "<!-- hf_distill:card:start -->"
 CARD_END_MARKER = "<!-- hf_distill:card:end -->"
 _CARD_BLOCK = re.compile(re.escape(CARD_START_MARKER) + r".*?" + re.escape(CARD_END_MARKER), re.DOTALL)
 
-DEFAULT_TAGS = ("hf_distill", "unic", "distillation")
 FRAMEWORKS = ("hf_distill", "transformers", "torch", "accelerate", "datasets")
-METHODS = ("unic", "udon", "task")
+
+# The methods a card describes: its Hub tag and the card's opening paragraph when none is given ({teachers}: how many
+# teachers, and their names). The template picks the usage snippet and the citation by method.
+METHODS = {
+    "unic": (
+        "unic",
+        "A student image encoder distilled with hf_distill's implementation of UNIC (multi-teacher distillation, "
+        "Sariyildiz et al., ECCV 2024) from {teachers}. It is trained to reproduce the summary token and the patch "
+        "tokens of every teacher at once, and ships as a stock transformers model for image feature extraction.",
+    ),
+    "udon": (
+        "udon",
+        "A universal image embedding model distilled with hf_distill's implementation of UDON (Ypsilantis et al., "
+        "NeurIPS 2024) from {teachers}. It ships with its code: load it with `trust_remote_code=True`.",
+    ),
+    "task": (
+        "task-specific-distillation",
+        "An image classifier distilled with hf_distill's implementation of task-specific distillation (Marrie et "
+        "al., TMLR 2024) from {teachers}. It ships as a stock transformers image classifier.",
+    ),
+}
 
 
 # ----------------------------------------------------------------------------------------------------- model card
 
 
 def _template_text() -> str:
-    """Text of the packaged Jinja template `hf_distill/templates/model_card.md`."""
-    return importlib.resources.files("hf_distill").joinpath("templates", "model_card.md").read_text(encoding="utf-8")
+    """Text of the packaged Jinja template `hf_distill/hub/templates/model_card.md`."""
+    return (
+        importlib.resources.files("hf_distill")
+        .joinpath("hub", "templates", "model_card.md")
+        .read_text(encoding="utf-8")
+    )
 
 
 def _framework_versions() -> dict[str, str]:
@@ -84,101 +105,6 @@ def _format_number(value: float) -> str:
     if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
         return f"{value:.3g}"
     return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1 else f"{value:.2f}"
-
-
-def _plain_number(value: Any) -> Any:
-    """Numpy / torch scalars as Python numbers, so that the YAML metadata stays loadable."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if hasattr(value, "item"):
-        return value.item()
-    return value
-
-
-def _yaml_value(value: Any) -> Any:
-    """A value that YAML metadata can hold: containers recursively, numbers as Python numbers, others as text."""
-    if isinstance(value, dict):
-        return {str(key): _yaml_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_yaml_value(item) for item in value]
-    value = _plain_number(value)
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-
-
-def _result_key(result: EvalResult) -> tuple:
-    """What makes two results "the same measurement": protocol (task type and name), dataset (type, config, split,
-    revision) and metric."""
-    return (result.task_name, *result.unique_identifier, result.metric_type, result.metric_name, result.metric_config)
-
-
-def _publishable_result(result: EvalResult) -> EvalResult:
-    """`result` with a plain-number value and no local path in its dataset type / name."""
-    return dataclasses.replace(
-        result,
-        metric_value=_plain_number(result.metric_value),
-        dataset_type=publishable_name(result.dataset_type),
-        dataset_name=publishable_name(result.dataset_name),
-    )
-
-
-def model_index(model_name: str, eval_results: list[EvalResult]) -> list[dict[str, Any]]:
-    """The `model-index` of `eval_results`, with one entry per protocol: results are grouped by task name as well as
-    by huggingface_hub's own key (task type, dataset type, config, split, revision).
-
-    [`huggingface_hub.repocard_data.eval_results_to_model_index`] groups by that key only, so k-NN and linear-probe
-    accuracies on one dataset split would land under the first one's task name; each group here goes through it on
-    its own, and [`huggingface_hub.repocard_data.model_index_to_eval_results`] reads the result back unchanged.
-    """
-    groups: dict[tuple, list[EvalResult]] = defaultdict(list)
-    for result in eval_results:
-        groups[(result.task_name, *result.unique_identifier)].append(result)
-    entries = [eval_results_to_model_index(model_name, results)[0]["results"][0] for results in groups.values()]
-    return [{"name": model_name, "results": entries}]
-
-
-class ProtocolCardData(ModelCardData):
-    """[`huggingface_hub.ModelCardData`] whose `model-index` keeps every evaluation protocol apart ([`model_index`])."""
-
-    def _to_dict(self, data_dict):
-        super()._to_dict(data_dict)
-        if self.eval_results is not None:
-            data_dict["model-index"] = model_index(self.model_name, self.eval_results)
-
-
-def validate_card_metadata(card: ModelCard | str | os.PathLike) -> list[EvalResult]:
-    """Check a written model card with huggingface_hub's own (offline) metadata checks; returns its results.
-
-    The YAML must parse and load into [`huggingface_hub.ModelCardData`] without errors (`ignore_metadata_errors=False`:
-    an invalid `model-index` raises), every `EvalResult` must pass huggingface_hub's checks (required task, dataset and
-    metric fields, `model_name` set), and the `model-index` must round-trip exactly through
-    `model_index_to_eval_results`. [`huggingface_hub.ModelCard.validate`] needs the Hub's `/api/validate-yaml`; this is
-    what can be checked without it.
-    """
-    if not isinstance(card, ModelCard):
-        card = ModelCard.load(card, ignore_metadata_errors=False)
-    data = card.data.to_dict()
-    results = list(card.data.eval_results or [])
-    if "model-index" in data or results:
-        name, parsed = model_index_to_eval_results(model_index(card.data.model_name, results))
-        if name != card.data.model_name or parsed != results:
-            raise ValueError("The model-index does not round-trip through huggingface_hub.")
-        ModelCardData(model_name=name, eval_results=parsed, ignore_metadata_errors=False)
-    return results
-
-
-def _merge_eval_results(old: Iterable[EvalResult] | None, new: Iterable[EvalResult] | None) -> list[EvalResult]:
-    """`old` updated with `new`: a result measuring the same thing replaces the old one in place, others are kept."""
-    merged: dict[tuple, EvalResult] = {}
-    for result in [*(old or []), *(new or [])]:
-        if not isinstance(result, EvalResult):
-            raise TypeError(f"eval_results must hold huggingface_hub.EvalResult objects, got {type(result)}.")
-        result = _publishable_result(result)
-        merged[_result_key(result)] = result
-    return list(merged.values())
 
 
 def _eval_table(eval_results: list[EvalResult], comparison: list[dict] | None) -> dict[str, list]:
@@ -335,18 +261,18 @@ def create_or_update_model_card(
     datasets: str | list[str] | None = None,
     summary: str | None = None,
     pipeline_tag: str = "image-feature-extraction",
-    method_tag: str = "unic",
     method: str | None = None,
+    method_tag: str | None = None,
     measured_on: str | None = None,
 ) -> ModelCard:
     """Write (or update) `output_dir/README.md`, the model card of a distilled student.
 
-    The card is rendered from the packaged template `hf_distill/templates/model_card.md` with
+    The card is rendered from the packaged template `hf_distill/hub/templates/model_card.md` with
     [`huggingface_hub.ModelCard.from_template`]. Its metadata holds `library_name: transformers`, `pipeline_tag`, the
-    tags `hf_distill`, the method's tag and `distillation` (plus `tags`), the training dataset when it is a Hub id,
-    `base_model` when given, and a `model-index` built from `eval_results` in which every protocol (task name: e.g.
-    "k-NN classification (k=10)", "Linear probe") is its own entry ([`model_index`]); it loads back unchanged with
-    `ModelCard.load(path).data.eval_results`.
+    tags `hf_distill`, the method's tag (see [`METHODS`]) and `distillation` (plus `tags`), the training dataset when
+    it is a Hub id, `base_model` when given, and a `model-index` built from `eval_results` in which every protocol
+    (task name: e.g. "k-NN classification (k=10)", "Linear probe") is its own entry ([`model_index`]); it loads back
+    unchanged with `ModelCard.load(path).data.eval_results`.
 
     Results belong to the weights they were measured on: the card records the fingerprint of the weights in
     `output_dir` ([`weights_fingerprint`], metadata key `hf_distill.weights`). When a later update finds other weights
@@ -381,29 +307,32 @@ def create_or_update_model_card(
         tags: extra tags.
         repo_id: Hub repo id used in the usage snippet (defaults to the folder's name).
         datasets: Hub dataset id(s) of the training data (defaults to `training_data` when it is a Hub id).
-        summary: the card's opening paragraph (default: the UNIC description).
+        summary: the card's opening paragraph (default: the existing card's, else the method's own from [`METHODS`]).
         pipeline_tag: `image-feature-extraction` (encoders) or `image-classification` (task-specific students).
-        method_tag: the method's tag, in place of `unic`.
-        method: `unic`, `udon` (embedding model with remote code: `trust_remote_code` usage, UDON citation) or
-            `task` (classifier); defaults to `task` for `image-classification`, else `unic`.
+        method: a key of [`METHODS`]: `unic` (stock transformers encoder), `udon` (embedding model with remote code:
+            `trust_remote_code` usage) or `task` (classifier); it picks the tag, the default summary, the usage snippet
+            and the citation. Default: the existing card's method; for a new card, `task` for an
+            `image-classification` pipeline, else `unic`.
+        method_tag: the Hub tag of the method, in place of its own from [`METHODS`].
         measured_on: fingerprint of the weights `eval_results` were measured on (e.g. `weights_fingerprint` of the
             evaluated folder); a `ValueError` when it is not the weights in `output_dir`. Default: those weights.
 
-    `teachers`, `training_data`, `settings`, `comparison` and `plots` are also recorded in the card's metadata (key
-    `hf_distill`), so a later update (e.g. by `recipes/evaluate.py`, which only knows the evaluation) may leave them
-    to `None` and keeps the recorded ones; plots accumulate.
+    `method`, `summary`, `teachers`, `training_data`, `settings`, `comparison` and `plots` are also recorded in the
+    card's metadata (key `hf_distill`), so a later update (e.g. by `recipes/evaluate.py`, which only knows the
+    evaluation) may leave them to `None` and keeps the recorded ones; plots accumulate.
 
     Returns:
         The [`huggingface_hub.ModelCard`] written to `output_dir/README.md`.
     """
-    method = method or ("task" if pipeline_tag == "image-classification" else "unic")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if method is not None and method not in METHODS:
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}.")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     readme = output_dir / "README.md"
     existing = ModelCard.load(readme) if readme.is_file() else None
     recorded = dict(getattr(existing.data, "hf_distill", None) or {}) if existing is not None else {}
+    method = method or recorded.get("method") or ("task" if pipeline_tag == "image-classification" else "unic")
+    summary = summary if summary is not None else recorded.get("summary")
     model_name = (
         model_name or (existing.data.model_name if existing is not None else None) or output_dir.resolve().name
     )
@@ -438,8 +367,10 @@ def create_or_update_model_card(
     if eval_results:
         result_plots = _unique([*result_plots, *plot_paths])
     plots = _unique([*recorded.get("plots", []), *plot_paths])
-    record = _yaml_value(
+    record = yaml_value(
         {
+            "method": method,
+            "summary": summary,
             "teachers": teachers,
             "training_data": training_data,
             "settings": settings,
@@ -450,13 +381,13 @@ def create_or_update_model_card(
         }
     )
 
-    merged_results = _merge_eval_results(old_results, eval_results)
+    merged_results = merge_eval_results(old_results, eval_results)
     dataset_ids = _as_list(datasets) or ([training_data] if is_hub_id(training_data) else [])
     card_data = ProtocolCardData(
         model_name=model_name,
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        tags=_unique([*(method_tag if tag == "unic" else tag for tag in DEFAULT_TAGS), *(tags or [])]),
+        tags=_unique(["hf_distill", method_tag or METHODS[method][0], "distillation", *(tags or [])]),
         datasets=dataset_ids or None,
         base_model=base_model,
         eval_results=merged_results or None,
@@ -465,12 +396,8 @@ def create_or_update_model_card(
 
     teacher_rows = _teacher_rows(teachers)
     names = [row["name"] for row in teacher_rows]
-    summary = summary or (
-        f"A student image encoder distilled with hf_distill's implementation of UNIC (multi-teacher distillation, "
-        f"Sariyildiz et al., ECCV 2024) from {len(names)} teacher{'s' if len(names) != 1 else ''}: "
-        f"{', '.join(names) or '-'}. It is trained to reproduce the summary token and the patch tokens of every "
-        "teacher at once, and ships as a stock transformers model for image feature extraction."
-    )
+    teachers_text = f"{len(names)} teacher{'s' if len(names) != 1 else ''}: {', '.join(names) or '-'}"
+    summary = summary or METHODS[method][1].format(teachers=teachers_text)
     rendered = ModelCard.from_template(
         card_data,
         template_str=_template_text(),

@@ -6,8 +6,6 @@ Only the backbone and the student head are exported ([`UdonModel.save_embedding_
 """
 
 import os
-import shutil
-import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -18,6 +16,7 @@ from transformers import AutoConfig, AutoModel, CLIPImageProcessorPil, CLIPVisio
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from ..io_utils import atomic_folder
 from ..losses.udon import class_cosines, udon_loss
 from .configuration_udon import UdonModelConfig
 from .configuration_udon_embedding import POOLER_MODEL_TYPES, UdonEmbeddingConfig, check_backbone_config
@@ -244,59 +243,24 @@ class UdonModel(UdonPreTrainedModel):
 
         The export is written to a staging folder, then renamed into place. An existing `output_dir` is swapped for
         the new one and its other entries (checkpoints, logs, model card) are moved into it; nothing of them is
-        deleted on any error (at worst they remain in the hidden `.<name>.old-*` folder next to it).
+        deleted on any error (at worst they remain in the hidden `.<name>.*.old` folder next to it).
 
         Args:
             output_dir (`str` or `os.PathLike`): the export folder.
             image_size (`int`): side of the images the processor produces (the training crop size).
             kwargs: passed to `save_pretrained` (e.g. `safe_serialization`, `max_shard_size`).
         """
-        output_dir = os.path.abspath(os.fspath(output_dir))
-        parent, base = os.path.split(output_dir)
-        os.makedirs(parent, exist_ok=True)
         model = self.embedding_model()
         UdonEmbeddingConfig.register_for_auto_class()
         UdonEmbeddingModel.register_for_auto_class("AutoModel")
-        staging = tempfile.mkdtemp(dir=parent, prefix=f".{base}.new-")
-        try:
+        with atomic_folder(output_dir, keep=lambda name: not _is_weight_file(name)) as staging:
             model.save_pretrained(staging, **kwargs)
             self.image_processor(image_size).save_pretrained(staging)
-            written = set(os.listdir(staging))
-            previous = _swap_in(staging, output_dir)
-        finally:
-            if os.path.isdir(staging):  # only our own export files are ever in there
-                shutil.rmtree(staging)
-        if previous is not None:
-            for entry in os.listdir(previous):
-                if entry not in written and not _is_weight_file(entry):
-                    os.replace(os.path.join(previous, entry), os.path.join(output_dir, entry))
-            shutil.rmtree(previous)
 
 
 def _is_weight_file(name: str) -> bool:
     """Weights of an earlier export, replaced by a new export (an earlier sharded save must not linger)."""
     return name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin", ".index.json"))
-
-
-def _swap_in(staging: str, target: str) -> str | None:
-    """Rename the folder `staging` to `target`. An existing `target` is first renamed to a hidden sibling folder,
-    returned (restored on failure); `None` when there was none."""
-    if not os.path.isdir(target):
-        os.replace(staging, target)
-        return None
-    parent, base = os.path.split(target)
-    previous = tempfile.mkdtemp(dir=parent, prefix=f".{base}.old-")
-    try:
-        os.replace(target, previous)  # a folder renamed onto an empty folder: one atomic rename
-    except OSError:
-        os.rmdir(previous)
-        raise
-    try:
-        os.replace(staging, target)
-    except OSError:
-        os.replace(previous, target)
-        raise
-    return previous
 
 
 __all__ = ["UdonModel", "UdonOutput", "UdonPreTrainedModel"]

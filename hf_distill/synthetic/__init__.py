@@ -1,4 +1,4 @@
-"""Synthetic images for distillation: the ImageMixer pipeline (diffusers), its checkpoint converter and the
+"""Synthetic images for distillation: the ImageMixer pipeline (diffusers), its safe checkpoint loader and the
 synthesis stage (class-agnostic pairs mixed into a resumable parquet set).
 
 Needs the `diffusers` extra: `pip install "hf_distill[diffusers]"`. Reading a synthetic set does not:
@@ -13,6 +13,7 @@ except ImportError as error:
     ) from error
 
 from .pipeline_image_mixer import ImageMixerPipeline, ImageMixerPipelineOutput, build_mix_context
+from .publishing import dataset_file_list, push_synthetic_dataset, synthesis_card, write_dataset_card
 from .synthesis import (
     FEATURES,
     TORCH_DTYPES,
@@ -23,10 +24,7 @@ from .synthesis import (
     missing_shards,
     mix_plan,
     noise_generators,
-    push_synthetic_dataset,
-    synthesis_card,
     synthesize,
-    write_dataset_card,
 )
 
 __all__ = [
@@ -38,6 +36,7 @@ __all__ = [
     "build_mix_context",
     "check_output_dir",
     "check_sources",
+    "dataset_file_list",
     "load_synthetic_dataset",
     "missing_shards",
     "mix_plan",

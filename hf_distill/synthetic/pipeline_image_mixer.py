@@ -29,7 +29,7 @@ embeddings = pipe.encode_images([cat, bread])  # or precompute the embeddings an
 images = pipe([[(embeddings[0], 0.5), (embeddings[1], 1.5)]]).images
 ```
 
-The folder written by `save_pretrained` (or by `python -m hf_distill.synthetic.convert_image_mixer`) holds a copy of
+The folder written by `save_pretrained` (or by `python scripts/convert_image_mixer.py`) holds a copy of
 this file, `pipeline_image_mixer.py`, and its `model_index.json` names it the way diffusers custom pipelines do:
 `"_class_name": ["pipeline_image_mixer", "ImageMixerPipeline"]`. So `DiffusionPipeline.from_pretrained(folder or Hub
 id, trust_remote_code=True)` loads it anywhere diffusers and transformers are installed (this file imports nothing

@@ -9,7 +9,14 @@ shards.
 
 ```python
 from hf_distill.data.image_datasets import load_image_dataset
-from hf_distill.synthetic import ImageMixerPipeline, SynthesisSettings, load_synthetic_dataset, synthesize
+from hf_distill.synthetic import (
+    ImageMixerPipeline,
+    SynthesisSettings,
+    load_synthetic_dataset,
+    push_synthetic_dataset,
+    synthesize,
+    write_dataset_card,
+)
 
 settings = SynthesisSettings(source_dataset="outputs/data/fashion-mnist", pipeline="outputs/image-mixer", num_images=64)
 sources = load_image_dataset(settings.source_dataset, settings.image_column, settings.split)
@@ -21,24 +28,20 @@ push_synthetic_dataset("outputs/synthetic/mixes", "me/fashion-mnist-mixes")  # s
 ```
 
 Published names: a Hub id is recorded as it is, a local path only as its folder name (`/data/me/mnist` -> `mnist`),
-in the rows, the card and the uploaded `synthesis_config.json`; no absolute path of this machine is uploaded.
+in the rows, the card and the uploaded `synthesis_config.json`; no absolute path of this machine is uploaded. The card
+and the upload: `hf_distill/synthetic/publishing.py`.
 """
 
-import importlib.resources
-import json
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from datasets import Dataset, Features, Sequence, Value
 from datasets import Image as ImageFeature
 from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, HfApi
 from tqdm.auto import tqdm
 
 from ..data.image_datasets import to_rgb
@@ -52,14 +55,12 @@ from ..data.synthetic_dataset import (
     read_synthesis_config,
     shard_name,
 )
-from ..hub.provenance import is_hub_id, is_local_path, publishable_name, scrub_local_paths
-from ..hub.push import _check_no_secret
-from ..io_utils import atomic_path, write_json_atomically, write_text_atomically
+from ..hub.provenance import publishable_name
+from ..io_utils import atomic_path, write_json_atomically
 from ..precision import DTYPES
 from .pipeline_image_mixer import ImageMixerPipeline
 
 __all__ = [
-    "CARD_FILE",
     "FEATURES",
     "TORCH_DTYPES",
     "SynthesisSettings",
@@ -69,11 +70,7 @@ __all__ = [
     "missing_shards",
     "mix_plan",
     "noise_generators",
-    "push_synthetic_dataset",
-    "synthesis_card",
     "synthesize",
-    "dataset_file_list",
-    "write_dataset_card",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,7 +93,6 @@ FEATURES = Features(
 )
 """The columns of a synthetic set: the PNG image, its index, its provenance and the generation settings (`pipeline`
 and `source_dataset` as published names: a Hub id, or the folder name of a local path)."""
-CARD_FILE = "README.md"
 
 
 @dataclass
@@ -356,157 +352,3 @@ def synthesize(
     if generated:
         logger.info("Generated %d images at %.2f img/s", generated, generated / (time.perf_counter() - started))
     return paths
-
-
-def _size_category(n: int) -> str:
-    """The Hub's `size_categories` value for `n` examples."""
-    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
-        if n < bound:
-            return name
-    return "1M<n<10M" if n < 10_000_000 else "n>10M"
-
-
-def _scheduler_name(pipeline: str) -> str | None:
-    """The scheduler class of a local pipeline folder (its `model_index.json`), `None` when it cannot be read."""
-    try:
-        with open(os.path.join(pipeline, "model_index.json"), encoding="utf-8") as handle:
-            entry = json.load(handle).get("scheduler")
-    except (OSError, ValueError):
-        return None
-    return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-
-
-def _published_config(output_dir: str) -> dict:
-    """`synthesis_config.json` as it is published: local paths replaced by their folder names."""
-    config = read_synthesis_config(output_dir)
-    for key in ("source_dataset", "pipeline"):
-        config[key] = publishable_name(config[key])
-    return scrub_local_paths(config)
-
-
-def synthesis_card(output_dir: str, repo_id: str | None = None) -> DatasetCard:
-    """The dataset card of the synthetic set in `output_dir`, rendered from the packaged template
-    `hf_distill/templates/synthetic_dataset_card.md`: its provenance (source dataset, pipeline and scheduler, number of
-    images, seed, weights distribution, denoising steps, guidance, size, dtype; also under `hf_distill:` in the
-    metadata), how to load it and a license note. Local paths appear as their folder names only.
-
-    Args:
-        output_dir: a synthesis folder (`synthesis_config.json` + `data/`).
-        repo_id: the Hub dataset id the set is (or will be) pushed to, for the loading example.
-    """
-    config = _published_config(output_dir)
-    settings = SynthesisSettings(**{key: config[key] for key in SynthesisSettings.__dataclass_fields__})
-    low, high = settings.weights
-    if settings.random_weights:
-        weights = f"random per image: `w ~ U({low}, {high})` for the first source, `1 - w` for the second"
-    else:
-        weights = f"fixed: {low} for the first source, {high} for the second"
-    size = (
-        "the pipeline's default"
-        if settings.height is None and settings.width is None
-        else (f"{settings.height or 'default'} x {settings.width or 'default'} (height x width)")
-    )
-    source = settings.source_dataset
-    title = f"ImageMixer mixes of {source}"
-    scheduler = _scheduler_name(read_synthesis_config(output_dir)["pipeline"])
-    card_data = DatasetCardData(
-        pretty_name=title,
-        license="other",
-        size_categories=[_size_category(settings.num_images)],
-        source_datasets=[source] if is_hub_id(source) else None,
-        tags=["synthetic", "image-mixer", "knowledge-distillation", "hf_distill"],
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": f"{DATA_DIR}/*.parquet"}]}],
-        hf_distill={"synthesis": {**config, **({"scheduler": scheduler} if scheduler else {})}},
-    )
-    template = importlib.resources.files("hf_distill").joinpath("templates", "synthetic_dataset_card.md")
-    return DatasetCard.from_template(
-        card_data,
-        template_str=template.read_text(encoding="utf-8"),
-        pretty_name=title,
-        source_dataset=source,
-        pipeline=settings.pipeline,
-        scheduler=scheduler,
-        split=settings.split,
-        image_column=settings.image_column,
-        num_source_images=config.get("num_source_images", "?"),
-        num_images=settings.num_images,
-        num_shards=len(expected_shards(settings.num_images, settings.shard_size)),
-        shard_size=settings.shard_size,
-        weights=weights,
-        seed=settings.seed,
-        num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale,
-        size=size,
-        torch_dtype=settings.torch_dtype,
-        repo_id=repo_id or f"<user>/{os.path.basename(os.path.abspath(output_dir))}",
-    )
-
-
-def write_dataset_card(output_dir: str, repo_id: str | None = None) -> str:
-    """Write [`synthesis_card`] to `output_dir/README.md` atomically; returns its path."""
-    path = os.path.join(output_dir, CARD_FILE)
-    write_text_atomically(path, str(synthesis_card(output_dir, repo_id)))
-    return path
-
-
-def dataset_file_list(output_dir: str) -> list[str]:
-    """What a push of the synthesis folder uploads: `README.md`, `synthesis_config.json` (as published: see
-    [`synthesis_card`]) and the data shards of the complete set, nothing else (no temporary or stray file). Raises a
-    `ValueError` when the set is incomplete, has no card, or its rows record a local path."""
-    if not is_synthesis_folder(output_dir):
-        raise ValueError(f"{output_dir} is not a synthesis folder (no {CONFIG_FILE}): write one with synthesize.")
-    missing = missing_shards(output_dir)
-    if missing:
-        raise ValueError(
-            f"{output_dir} is incomplete ({len(missing)} shard(s) missing): run the same recipes/synthesize.py "
-            "command again to complete it before pushing."
-        )
-    if not os.path.isfile(os.path.join(output_dir, CARD_FILE)):
-        raise ValueError(f"{output_dir} has no {CARD_FILE}: write it with write_dataset_card first.")
-    config = read_synthesis_config(output_dir)
-    shards = [
-        f"{DATA_DIR}/{shard_name(start, stop)}"
-        for start, stop in expected_shards(config["num_images"], config["shard_size"])
-    ]
-    for shard in shards:  # sets made before the rows recorded published names
-        table = pq.read_table(os.path.join(output_dir, shard), columns=["pipeline", "source_dataset"])
-        local = sorted({value for column in table.columns for value in column.to_pylist() if is_local_path(value)})
-        if local:
-            raise ValueError(
-                f"{shard} of {output_dir} records local paths ({', '.join(local)}): regenerate the set into a new "
-                "folder (rows now record published names) before pushing it."
-            )
-    return [CARD_FILE, CONFIG_FILE, *shards]
-
-
-def push_synthetic_dataset(
-    output_dir: str,
-    repo_id: str,
-    *,
-    token: str | None = None,
-    private: bool | None = None,
-    revision: str | None = None,
-    commit_message: str = "Upload synthetic ImageMixer set with hf_distill",
-) -> str:
-    """Push the complete synthetic set of `output_dir` to the Hub dataset repo `repo_id` (created if needed), in one
-    commit of exactly [`dataset_file_list`]: the card, the published `synthesis_config.json` and the data shards.
-    Everything is checked before any network call (complete set, card, no local path, no Hub token in a file).
-    Returns the URL of the commit."""
-    files = dataset_file_list(output_dir)
-    config = (json.dumps(_published_config(output_dir), indent=2) + "\n").encode()
-    _check_no_secret(Path(output_dir), [name for name in files if name != CONFIG_FILE], token)
-    api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private)
-    if revision is not None and not revision.startswith("refs/"):
-        api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
-    operations = [
-        CommitOperationAdd(
-            path_in_repo=name, path_or_fileobj=config if name == CONFIG_FILE else os.path.join(output_dir, name)
-        )
-        for name in files
-    ]
-    commit = api.create_commit(
-        repo_id, operations, commit_message=commit_message, repo_type="dataset", revision=revision
-    )
-    logger.info("Pushed %d files of %s to the dataset repo %s", len(files), output_dir, repo_id)
-    return commit.commit_url
