@@ -14,14 +14,14 @@ import torch
 
 from hf_distill.trainers.base import DistillationTrainer
 
-from .test_task_distill import args as kd_args
-from .test_task_distill import recipe as kd_recipe
-from .test_task_distill import task  # noqa: F401 (fixture)
-from .test_udon import recipe as udon_recipe
-from .test_udon import recipe_args as udon_args
-from .test_udon import two_domains  # noqa: F401 (fixture)
+from ..recipes.test_task_distill import args as kd_args
+from ..recipes.test_task_distill import recipe as kd_recipe
+from ..recipes.test_task_distill import task  # noqa: F401 (fixture)
+from ..recipes.test_udon import recipe as udon_recipe
+from ..recipes.test_udon import recipe_args as udon_args
+from ..recipes.test_udon import two_domains  # noqa: F401 (fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_recipe(name, data, output_dir, *extra):
