@@ -31,7 +31,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from hf_distill import hub
-from hf_distill.cli import ALLOW_CODE_FLAG, check_code_specs
+from hf_distill.recipe_utils import ALLOW_CODE_FLAG, check_code_specs
 from hf_distill.evaluation.benchmark import EvalDataset, card_results, evaluate_encoder
 from hf_distill.evaluation.features import check_remote_code
 from hf_distill.io_utils import write_json_atomically

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from datasets import Dataset
 
-from hf_distill.cli import parse_with_yaml
+from hf_distill.recipe_utils import parse_with_yaml
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.data.synthetic_dataset import is_synthesis_folder
 from hf_distill.precision import resolve_dtype

@@ -34,7 +34,7 @@ from transformers import (
     set_seed,
 )
 
-from hf_distill.cli import exit_cleanly, parse_with_yaml, setup_logging
+from hf_distill.recipe_utils import exit_cleanly, parse_with_yaml, setup_logging
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.data.image_verification import verify_images
 from hf_distill.evaluation.features import encoder_fingerprint, extract_features

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, set_seed
 
-from hf_distill.cli import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
+from hf_distill.recipe_utils import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.data.domains import DomainSpec, load_domains
 from hf_distill.data.image_verification import verify_domain_images
 from hf_distill.evaluation.embedding_retrieval import multi_domain_retrieval

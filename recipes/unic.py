@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from transformers import AutoConfig, set_seed
 
-from hf_distill.cli import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
+from hf_distill.recipe_utils import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.data.image_verification import verify_images
 from hf_distill.data.teacher_cache import TeacherOutputCache

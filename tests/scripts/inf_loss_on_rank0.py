@@ -12,7 +12,7 @@ import sys
 
 from safetensors.torch import save_file
 
-from hf_distill.cli import exit_cleanly
+from hf_distill.recipe_utils import exit_cleanly
 from hf_distill.trainers import unic_trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -10,7 +10,7 @@ import time
 
 from transformers import TrainerCallback
 
-from hf_distill.cli import exit_cleanly
+from hf_distill.recipe_utils import exit_cleanly
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 name, seconds, recipe_args = sys.argv[1], float(sys.argv[2]), sys.argv[3:]

@@ -1,4 +1,5 @@
-"""What every recipe shares: YAML defaults under command-line options, logging, resuming, profiling, a clean exit."""
+"""Recipe plumbing shared by recipes/*.py: YAML defaults under command-line options, logging, resuming, profiling,
+a clean exit."""
 
 import logging
 import os
