@@ -116,8 +116,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
     train, evaluation, names = load_task_data(script_args)  # data problems surface here
     synthetic = None
     if script_args.synthetic_dataset and training_args.synthetic_ratio:  # no label: only in the distillation term
-        synthetic = unlabelled_images(script_args.synthetic_dataset, script_args.synthetic_split,
-                                      script_args.synthetic_image_column, script_args.max_synthetic_samples)  # fmt: skip
+        synthetic = unlabelled_images(
+            script_args.synthetic_dataset,
+            script_args.synthetic_split,
+            script_args.synthetic_image_column,
+            script_args.max_synthetic_samples,
+        )
     checked = verify_images({"train": train, "eval": evaluation, "synthetic": synthetic}, training_args)
     train, evaluation, synthetic = checked["train"], checked["eval"], checked["synthetic"]  # all images readable
     teacher_options = {"summary": script_args.teacher_summary, "image_size": script_args.teacher_image_size}
