@@ -1,14 +1,16 @@
 """The export of each distillation method beside its saved model: `eval_results.json` tied to the exported weights,
-plots, and the model card with the method's settings and results ([`create_or_update_model_card`])."""
+plots, and the model card with the method's settings and results ([`create_or_update_model_card`]); and the results of
+`recipes/evaluate.py` added to an exported student's card ([`add_evaluation_to_card`])."""
 
 import os
+import shutil
 
 from huggingface_hub import EvalResult
 
 from ..io_utils import write_json_atomically
 from .card import create_or_update_model_card
 from .plots import plot_domain_retrieval, plot_loss_terms, plot_sampler_weights
-from .provenance import is_hub_id, publishable_name, weights_fingerprint
+from .provenance import is_hub_id, publishable_name, scrub_local_paths, weights_fingerprint
 
 
 def write_task_distill_card(
@@ -161,3 +163,36 @@ def write_udon_card(
         tags=["image-retrieval", "universal-embedding"],
         repo_id=repo_id,
     )
+
+
+def add_evaluation_to_card(
+    card_dir: str,
+    eval_results: list[EvalResult],
+    comparison: list[dict],
+    chart: str,
+    payload: dict,
+    model: str | None = None,
+):
+    """Add evaluation results (`model-index`), the other models' values (`comparison`) and the comparison `chart` to
+    the card of the exported student in `card_dir`; `payload` (all results) is also written there as
+    `eval_results.json`, local paths as folder names, with the fingerprint of the weights. `model` is the evaluated
+    student: when it is a folder, its weights must be the ones in `card_dir`.
+
+    Returns:
+        The updated `ModelCard`.
+    """
+    measured_on = weights_fingerprint(model) if model is not None and os.path.isdir(model) else None
+    plot_path = os.path.join(card_dir, "plots", "eval_comparison.png")
+    if os.path.abspath(chart) != os.path.abspath(plot_path):
+        os.makedirs(os.path.dirname(plot_path), exist_ok=True)
+        shutil.copyfile(chart, plot_path)
+    card = create_or_update_model_card(
+        card_dir,
+        eval_results=eval_results,
+        comparison=comparison,
+        plots=["plots/eval_comparison.png"],
+        measured_on=measured_on,
+    )
+    published = {**scrub_local_paths(payload), "weights": weights_fingerprint(card_dir)}
+    write_json_atomically(os.path.join(card_dir, "eval_results.json"), published)
+    return card
