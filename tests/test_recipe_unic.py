@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import shutil
@@ -11,12 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, ViTModel
 
-from .conftest import KillAt
+from .conftest import KillAt, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("unic_recipe", ROOT / "recipes" / "unic.py")
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
+recipe = load_recipe("unic")
 
 
 def recipe_args(tiny_teachers, image_dataset_dir, student_config_dir, output_dir, *extra):

@@ -2,7 +2,6 @@
 pairs, per-image noise independent of N and of the batching, resume after a kill (exactly N distinct indices, the same
 bytes), settings checks, reading the set back."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -15,13 +14,11 @@ from diffusers import DDPMScheduler
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.synthetic import ImageMixerPipeline, SynthesisSettings, load_synthetic_dataset, mix_plan
 
-from .conftest import mnist_images
+from .conftest import load_recipe, mnist_images
 from .test_image_mixer import make_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("synthesize_recipe", ROOT / "recipes" / "synthesize.py")
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
+recipe = load_recipe("synthesize")
 
 SHARDS = ["shard-00000000-00000004.parquet", "shard-00000004-00000008.parquet", "shard-00000008-00000010.parquet"]
 

@@ -1,7 +1,6 @@
 """recipes/task_distill.py end to end on tiny models and real MNIST digits: probe (cached), KD on real + synthetic
 images, export as a stock transformers image classifier with its processor and card, resume, bad input."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -15,12 +14,10 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Vi
 
 from hf_distill.trainers import KDTrainer
 
-from .conftest import KillAt, mnist_images, save_with_processor, tiny_vit_config
+from .conftest import KillAt, load_recipe, mnist_images, save_with_processor, tiny_vit_config
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("task_distill_recipe", ROOT / "recipes" / "task_distill.py")
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
+recipe = load_recipe("task_distill")
 
 
 @pytest.fixture(scope="module")
