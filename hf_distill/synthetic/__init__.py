@@ -12,6 +12,7 @@ except ImportError as error:
         "`hf_distill.synthetic` needs diffusers: install it with `pip install 'hf_distill[diffusers]'`."
     ) from error
 
+from ..data.synthetic_dataset import load_synthetic_dataset
 from .pipeline_image_mixer import ImageMixerPipeline, ImageMixerPipelineOutput, build_mix_context
 from .synthesis import (
     FEATURES,
@@ -19,7 +20,6 @@ from .synthesis import (
     SynthesisSettings,
     check_output_dir,
     check_sources,
-    load_synthetic_dataset,
     missing_shards,
     mix_plan,
     noise_generators,

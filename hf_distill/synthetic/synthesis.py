@@ -47,7 +47,6 @@ from ..data.synthetic_dataset import (
     DATA_DIR,
     expected_shards,
     is_synthesis_folder,
-    load_synthetic_dataset,
     missing_shards,
     read_synthesis_config,
     shard_name,
@@ -57,24 +56,6 @@ from ..hub.push import _check_no_secret
 from ..io_utils import atomic_path, write_json_atomically, write_text_atomically
 from ..precision import DTYPES
 from .pipeline_image_mixer import ImageMixerPipeline
-
-__all__ = [
-    "CARD_FILE",
-    "FEATURES",
-    "TORCH_DTYPES",
-    "SynthesisSettings",
-    "check_output_dir",
-    "check_sources",
-    "load_synthetic_dataset",
-    "missing_shards",
-    "mix_plan",
-    "noise_generators",
-    "push_synthetic_dataset",
-    "synthesis_card",
-    "synthesize",
-    "dataset_file_list",
-    "write_dataset_card",
-]
 
 logger = logging.getLogger(__name__)
 
