@@ -15,7 +15,7 @@ from hf_distill.recipe_utils import exit_cleanly
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from hf_distill.trainers import unic_trainer
-from tests.conftest import load_recipe  # noqa: E402 (the one recipe loader of the tests)
+from tests.conftest import load_recipe  # the one recipe loader of the tests
 
 record_dir, recipe_args = sys.argv[1], sys.argv[2:]
 recipe = load_recipe("unic")

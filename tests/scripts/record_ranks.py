@@ -14,7 +14,7 @@ from hf_distill.recipe_utils import exit_cleanly
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from hf_distill.trainers import KDTrainer, UdonTrainer, UnicTrainer
-from tests.conftest import load_recipe  # noqa: E402 (the one recipe loader of the tests)
+from tests.conftest import load_recipe  # the one recipe loader of the tests
 
 name, record_dir, recipe_args = sys.argv[1], sys.argv[2], sys.argv[3:]
 recipe = load_recipe(name)

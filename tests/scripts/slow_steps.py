@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from hf_distill.recipe_utils import exit_cleanly
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from tests.conftest import load_recipe  # noqa: E402 (the one recipe loader of the tests)
+from tests.conftest import load_recipe  # the one recipe loader of the tests
 
 name, seconds, recipe_args = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
 recipe = load_recipe(name)
