@@ -82,6 +82,11 @@ def test_unknown_yaml_key_is_rejected(tmp_path):
     config.write_text("teachers: [a]\nlearning_rat: 0.1\n")
     with pytest.raises(ValueError, match="Unknown options.*learning_rat"):
         recipe.parse_args(["--config", str(config)])
+    config.write_text("teachers: [a]\nno_use_ladder: true\n")  # a command-line negation, not a YAML key
+    with pytest.raises(ValueError, match=r"Unknown options.*\['no_use_ladder'\]"):
+        recipe.parse_args(["--config", str(config)])
+    config.write_text("teachers: [a]\nuse-ladder: false\nstudent_config: s\ntrain_data: d\n")  # option spelling
+    assert recipe.parse_args(["--config", str(config)])[0].use_ladder is False
 
 
 @pytest.mark.distributed
