@@ -23,18 +23,14 @@ features under `--cache_dir` (a second evaluation of the same model on the same 
 
 import logging
 import os
-import shutil
-import sys
 from dataclasses import dataclass, field
 
-import yaml
-from transformers import HfArgumentParser
-
 from hf_distill import hub
-from hf_distill.cli import ALLOW_CODE_FLAG, check_code_specs
-from hf_distill.evaluation.benchmark import EvalDataset, card_results, evaluate_encoder
 from hf_distill.evaluation.features import check_remote_code
+from hf_distill.evaluation.suite import EvalDataset, card_results, evaluate_encoder
+from hf_distill.hub.method_cards import add_evaluation_to_card
 from hf_distill.io_utils import write_json_atomically
+from hf_distill.recipe_utils import parse_with_yaml
 
 logger = logging.getLogger("hf_distill.recipes.evaluate")
 
@@ -78,26 +74,8 @@ class EvaluateArguments:
 
 def parse_args(argv: list[str] | None = None) -> tuple[EvaluateArguments, list[EvalDataset]]:
     """CLI options with an optional `--config` YAML as defaults; the YAML's `datasets:` list defines the suite."""
-    parser = HfArgumentParser(EvaluateArguments)
-    parser.add_argument("--config", default=None, help="YAML file: option defaults and a `datasets:` list.")
-    parser.add_argument(ALLOW_CODE_FLAG, action="store_true", help="Accept `py:module:function` models from the YAML.")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    known, _ = parser.parse_known_args(argv)
-    suite_specs = []
-    if known.config is not None:
-        with open(known.config) as handle:
-            defaults = yaml.safe_load(handle) or {}
-        suite_specs = defaults.pop("datasets", [])
-        unknown = sorted(
-            set(defaults) - {action.dest for action in parser._actions} | {"allow_code_teachers"} & set(defaults)
-        )
-        if unknown:
-            raise ValueError(f"Unknown options in {known.config}: {unknown}.")
-        parser.set_defaults(**defaults)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)[:1]
-    if not known.allow_code_teachers:  # a `py:` model runs code when loaded: from a YAML only with the flag
-        check_code_specs([args.models], argv, known.config)
-    suite = [EvalDataset(**spec) for spec in suite_specs]
+    (args,), extra = parse_with_yaml((EvaluateArguments,), argv, list_keys=("datasets",))
+    suite = [EvalDataset(**spec) for spec in extra.get("datasets", [])]
     for item in args.dataset or []:
         name, separator, path = item.partition("=")
         if not separator or not name or not path:
@@ -171,25 +149,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 def update_model_card(
     card_dir: str, results, suite, student: str, chart: str, payload: dict, model: str | None = None
 ) -> None:
-    """Add the student's results (model-index), the other models' values and the comparison chart to the card of
-    the exported student in `card_dir`; the results are also written there as `eval_results.json` (local paths as
-    folder names, with the fingerprint of the weights). `model` is the evaluated student: when it is a folder, its
-    weights must be the ones in `card_dir`."""
+    """Add the student's results, the other models' values and the comparison chart to the card of the exported
+    student in `card_dir` (see [`add_evaluation_to_card`])."""
     eval_results, comparison = card_results(results, suite, student)
-    measured_on = hub.weights_fingerprint(model) if model is not None and os.path.isdir(model) else None
-    plot_path = os.path.join(card_dir, "plots", "eval_comparison.png")
-    if os.path.abspath(chart) != os.path.abspath(plot_path):
-        os.makedirs(os.path.dirname(plot_path), exist_ok=True)
-        shutil.copyfile(chart, plot_path)
-    card = hub.create_or_update_model_card(
-        card_dir,
-        eval_results=eval_results,
-        comparison=comparison,
-        plots=["plots/eval_comparison.png"],
-        measured_on=measured_on,
-    )
-    published = {**hub.scrub_local_paths(payload), "weights": hub.weights_fingerprint(card_dir)}
-    write_json_atomically(os.path.join(card_dir, "eval_results.json"), published)
+    card = add_evaluation_to_card(card_dir, eval_results, comparison, chart, payload, model=model)
     logger.info("Updated the model card %s (%d results)", os.path.join(card_dir, "README.md"), len(eval_results))
     return card
 

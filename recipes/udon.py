@@ -17,30 +17,21 @@ last checkpoint with the same command.
 """
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, set_seed
+from transformers import set_seed
 
-from hf_distill.cli import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.data.domains import DomainSpec, load_domains
 from hf_distill.data.image_verification import verify_domain_images
-from hf_distill.evaluation.embedding_retrieval import multi_domain_retrieval
-from hf_distill.hub import (
-    EvalResult,
-    create_or_update_model_card,
-    is_hub_id,
-    plot_domain_retrieval,
-    plot_sampler_weights,
-    publishable_name,
-    take_hub_options,
-    weights_fingerprint,
-)
-from hf_distill.io_utils import write_json_atomically
+from hf_distill.evaluation.retrieval import multi_domain_retrieval
+from hf_distill.hub import publishable_name, take_hub_options
+from hf_distill.hub.method_cards import write_udon_card
 from hf_distill.losses.udon import MARGIN_TYPES
 from hf_distill.models import UdonModel, UdonModelConfig
+from hf_distill.models.builders import build_udon_model
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
+from hf_distill.recipe_utils import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.restarts import start_run
 from hf_distill.trainers import UdonConfig, UdonTrainer
 
@@ -119,14 +110,7 @@ def build_model(script_args: ScriptArguments, domains: list[dict], image_size: i
         image_mean=script_args.image_mean,
         image_std=script_args.image_std,
     )
-    if not script_args.random_init:
-        return UdonModel.from_backbone(script_args.backbone, config)
-    backbone_config = AutoConfig.from_pretrained(script_args.backbone)
-    if backbone_config.model_type == "clip":
-        backbone_config = backbone_config.vision_config
-    backbone_config.image_size = image_size
-    config.backbone_config = backbone_config
-    return UdonModel(config)
+    return build_udon_model(script_args.backbone, config, image_size, script_args.random_init)
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[UdonTrainer, dict]:
@@ -187,85 +171,29 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
     return trainer, results
 
 
-def retrieval_eval_results(results: dict, specs: list[DomainSpec]) -> list[EvalResult]:
-    """R@1 and mMP@5 of every domain and of their mean, as `model-index` results: one retrieval task (one index merged
-    over all domains) per domain dataset and one for the mean."""
-    task = {"task_type": "image-retrieval", "task_name": "Universal retrieval (merged index)"}
-    datasets = {
-        spec.name: {
-            "dataset_type": publishable_name(spec.path),
-            "dataset_name": spec.name,
-            "dataset_split": spec.eval_split or f"{spec.train_split} (held-out {spec.eval_fraction:g})",
-        }
-        for spec in specs
-    }
-    datasets["mean"] = {
-        "dataset_type": "+".join(datasets[name]["dataset_type"] for name in results["per_domain"]),
-        "dataset_name": f"Mean over {len(results['per_domain'])} domains",
-    }
-    groups = {**results["per_domain"], "mean": results["mean"]}
-    return [
-        EvalResult(
-            **task,
-            **datasets[name],
-            metric_type=metric.lower().replace("@", "_at_"),
-            metric_name=metric,
-            metric_value=round(float(values[metric]), 2),
-        )
-        for name, values in groups.items()
-        for metric in ("R@1", "mMP@5")
-    ]
-
-
 def export(trainer, script_args, training_args, domain_specs, results: dict) -> None:
     """`eval_results.json` (tied to the exported weights), plots (retrieval per domain, sampler weights) and the model
     card beside the exported embedding model in `output_dir`."""
-    output_dir = training_args.output_dir
-    specs = [DomainSpec.parse(spec) for spec in domain_specs]
-    weights = weights_fingerprint(output_dir)
-    write_json_atomically(os.path.join(output_dir, "eval_results.json"), {**results, "weights": weights})
-    plots = [plot_domain_retrieval(results, os.path.join(output_dir, "plots", "retrieval_per_domain.png"))]
-    plots.append(plot_sampler_weights(trainer.state.log_history, os.path.join(output_dir, "plots", "sampler.png")))
     config = trainer.udon_model.config
     backbone = publishable_name(script_args.backbone)
-    create_or_update_model_card(
-        output_dir,
-        teachers=[],
-        training_data=", ".join(f"{spec.name} ({publishable_name(spec.path)})" for spec in specs),
-        datasets=[spec.path for spec in specs if is_hub_id(spec.path)],
-        settings={
-            "method": script_args.method.upper(),
-            "backbone": f"{backbone}{' (random init)' if script_args.random_init else ''}",
-            "embedding dim": config.embedding_dim,
-            "teacher dim": config.teacher_dim if script_args.method == "udon" else "-",
-            "domain sampling": training_args.sampling,
-            "image size": training_args.image_size,
-            "training steps": trainer.state.global_step,
-            "batch size (one domain per step)": training_args.per_device_train_batch_size * training_args.world_size,
-            "learning rate (heads / backbone)": f"{training_args.learning_rate:g} / "
-            f"{training_args.backbone_learning_rate:g}",
-        },
-        eval_results=retrieval_eval_results(results, specs),
-        measured_on=weights,
-        plots=[os.path.relpath(plot, output_dir) for plot in plots if plot is not None],
-        summary=(
-            f"A universal image embedding ({config.embedding_dim}-d, L2-normalized) over {len(specs)} domains, "
-            f"trained with hf_distill's implementation of {script_args.method.upper()}"
-            + (
-                " (Ypsilantis et al., NeurIPS 2024): one shared backbone with online per-domain teacher heads "
-                "distilled into the universal head, and a dynamic domain sampler"
-                if script_args.method == "udon"
-                else ", the USCRR baseline (one shared backbone and head trained with per-domain classifiers)"
-            )
-            + ". Only the embedding model ships: backbone, universal head and L2 norm."
-        ),
-        base_model=script_args.backbone if is_hub_id(script_args.backbone) and not script_args.random_init else None,
-        pipeline_tag="image-feature-extraction",
-        method_tag="udon",
-        method="udon",
-        tags=["image-retrieval", "universal-embedding"],
+    settings = {
+        "method": script_args.method.upper(),
+        "backbone": f"{backbone}{' (random init)' if script_args.random_init else ''}",
+        "embedding dim": config.embedding_dim,
+        "teacher dim": config.teacher_dim if script_args.method == "udon" else "-",
+        "domain sampling": training_args.sampling,
+        "image size": training_args.image_size,
+        "training steps": trainer.state.global_step,
+        "batch size (one domain per step)": training_args.per_device_train_batch_size * training_args.world_size,
+        "learning rate (heads / backbone)": f"{training_args.learning_rate:g} / "
+        f"{training_args.backbone_learning_rate:g}",
+    }
+    write_udon_card(
+        training_args.output_dir, results, [DomainSpec.parse(spec) for spec in domain_specs],
+        method=script_args.method, backbone=script_args.backbone, random_init=script_args.random_init,
+        settings=settings, log_history=trainer.state.log_history, embedding_dim=config.embedding_dim,
         repo_id=training_args.hub_model_id,
-    )
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,16 +24,17 @@ student encoder as a stock transformers model: `AutoModel.from_pretrained(output
 import logging
 from dataclasses import dataclass, field
 
-from transformers import AutoConfig, set_seed
+from transformers import set_seed
 
-from hf_distill.cli import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.data.image_verification import verify_images
 from hf_distill.hub import take_hub_options
 from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher, load_teacher_config
+from hf_distill.models.builders import load_student_backbone_config
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from hf_distill.models.standardization import STANDARDIZATION_MODES
 from hf_distill.models.teacher_loading import is_factory_spec
+from hf_distill.recipe_utils import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.restarts import start_run
 from hf_distill.trainers import UnicConfig, UnicTrainer, teacher_spec, unique_teacher_names
 from hf_distill.trainers.teacher_cache import TeacherOutputCache
@@ -118,27 +119,6 @@ def load_eval_dataset(script_args: ScriptArguments):
     if script_args.max_eval_samples is not None:
         dataset = dataset.select(range(min(script_args.max_eval_samples, len(dataset))))
     return dataset
-
-
-def load_student_backbone_config(source: str, image_size: int):
-    """The student's transformers config, checked to be a ViT-family config whose patch size divides `image_size`."""
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"Could not load the student config {source!r} (a Hub id, a folder or a config.json): {error}"
-        ) from error
-    if not (hasattr(config, "patch_size") and hasattr(config, "hidden_size")):
-        raise ValueError(f"--student_config {source!r} ({config.model_type}) is not a ViT-family config.")
-    patch_size = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-    if image_size % patch_size:
-        raise ValueError(
-            f"--image_size {image_size} is not divisible by the student's patch size {patch_size}: use a multiple of "
-            f"{patch_size}, e.g. {image_size // patch_size * patch_size or patch_size} or "
-            f"{(image_size // patch_size + 1) * patch_size}."
-        )
-    config.image_size = image_size
-    return config
 
 
 def build_teacher_cache(training_args, teacher_sources, names, train_dataset, script_args, student) -> None:

@@ -1,6 +1,10 @@
 """Shared fixtures: tiny models built in code (hidden 32, 2 layers) and a small real image dataset, all offline."""
 
+import functools
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -22,6 +26,20 @@ from transformers import (  # noqa: E402
     ViTImageProcessor,
     ViTModel,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def load_recipe(name: str):
+    """The module of `recipes/{name}.py` (recipes are scripts, not a package), imported once as `recipes_{name}`: its
+    `main(argv)` and `parse_args(argv)` run the recipe in the test process."""
+    spec = importlib.util.spec_from_file_location(f"recipes_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 

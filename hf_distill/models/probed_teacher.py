@@ -6,7 +6,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..evaluation.linear_probe import LinearProbeFit
 from ..io_utils import save_safetensors_atomically
 
 HEAD_FILE = "linear_head.safetensors"
@@ -18,7 +17,8 @@ class ProbedTeacher(nn.Module):
     Args:
         teacher: the wrapped backbone; its summary feature is what the head reads.
         weight (`torch.Tensor` of shape `(D, C)`), bias (`(C,)`), mean and std (`(D,)`): the probe, as returned by
-            [`fit_linear_probe`].
+            [`~hf_distill.evaluation.linear_probe.fit_linear_probe`]
+            ([`~hf_distill.probing.probe_teacher`] fits and caches one).
     """
 
     def __init__(self, teacher: nn.Module, weight: torch.Tensor, bias: torch.Tensor, mean, std):
@@ -31,10 +31,6 @@ class ProbedTeacher(nn.Module):
         self.head.requires_grad_(False)
         self.register_buffer("feature_mean", torch.as_tensor(mean).float().clone())
         self.register_buffer("feature_std", torch.as_tensor(std).float().clone())
-
-    @classmethod
-    def from_fit(cls, teacher: nn.Module, fit: LinearProbeFit) -> "ProbedTeacher":
-        return cls(teacher, fit.weight, fit.bias, fit.mean, fit.std)
 
     @property
     def num_labels(self) -> int:

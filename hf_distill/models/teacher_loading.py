@@ -94,7 +94,7 @@ def is_factory_spec(teacher) -> bool:
 
     Loading such a teacher imports that module and calls the function: it runs arbitrary Python code. The recipes
     accept one read from a `--config` YAML only with `--allow_code_teachers` on the command line
-    ([`hf_distill.cli.parse_with_yaml`]); one typed on the command line is explicit."""
+    ([`hf_distill.recipe_utils.parse_with_yaml`]); one typed on the command line is explicit."""
     return isinstance(teacher, str) and teacher.startswith(FACTORY_PREFIX)
 
 

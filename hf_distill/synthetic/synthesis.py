@@ -35,7 +35,7 @@ and the upload: `hf_distill/synthetic/publishing.py`.
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -50,8 +50,6 @@ from ..data.synthetic_dataset import (
     DATA_DIR,
     expected_shards,
     is_synthesis_folder,
-    load_synthetic_dataset,
-    missing_shards,
     read_synthesis_config,
     shard_name,
 )
@@ -59,19 +57,6 @@ from ..hub.provenance import publishable_name
 from ..io_utils import atomic_path, write_json_atomically
 from ..precision import DTYPES
 from .pipeline_image_mixer import ImageMixerPipeline
-
-__all__ = [
-    "FEATURES",
-    "TORCH_DTYPES",
-    "SynthesisSettings",
-    "check_output_dir",
-    "check_sources",
-    "load_synthetic_dataset",
-    "missing_shards",
-    "mix_plan",
-    "noise_generators",
-    "synthesize",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -115,21 +100,45 @@ class SynthesisSettings:
         torch_dtype: dtype of the pipeline (one of `TORCH_DTYPES`): it changes the pixels, so a set is made in one.
     """
 
-    source_dataset: str
-    pipeline: str
-    num_images: int
-    split: str = "train"
-    image_column: str = "image"
-    label_column: str | None = "label"
-    seed: int = 0
-    num_inference_steps: int = 30
-    guidance_scale: float = 3.0
-    height: int | None = None
-    width: int | None = None
-    weights: tuple[float, float] = (1.0, 1.0)
-    random_weights: bool = False
-    shard_size: int = 256
-    torch_dtype: str = "float32"
+    source_dataset: str = field(
+        metadata={
+            "help": "Labelled source images: Hub id, image folder or save_to_disk folder.",
+            "aliases": ["--dataset"],
+        }
+    )
+    pipeline: str = field(
+        metadata={"help": "ImageMixer pipeline: a converted folder (convert_image_mixer) or Hub id."}
+    )
+    num_images: int = field(metadata={"help": "Number of synthetic images N (indices 0..N-1)."})
+    split: str = field(
+        default="train", metadata={"help": "Split of the source dataset.", "aliases": ["--dataset_split"]}
+    )
+    image_column: str = field(default="image", metadata={"help": "Image column of the source dataset."})
+    label_column: str | None = field(
+        default="label", metadata={"help": "Label column, recorded as provenance only ('' for none)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the pairs, weights and noise (image i: (seed, i))."})
+    num_inference_steps: int = field(default=30, metadata={"help": "Denoising steps (DDIM 30-40 in ImageMixer)."})
+    guidance_scale: float = field(
+        default=3.0, metadata={"help": "Classifier-free guidance scale (ImageMixer: 3-3.5)."}
+    )
+    height: int | None = field(default=None, metadata={"help": "Image height (default: the pipeline's)."})
+    width: int | None = field(default=None, metadata={"help": "Image width (default: the pipeline's)."})
+    weights: list[float] = field(
+        default_factory=lambda: (1.0, 1.0),
+        metadata={"help": "Fixed weights of the two sources, or with --random_weights the [low, high] range of the "
+                  "first one's weight w (the second gets 1 - w); stored as a tuple."},
+    )  # fmt: skip
+    random_weights: bool = field(default=False, metadata={"help": "Draw the weights per image: w ~ U(low, high)."})
+    shard_size: int = field(default=256, metadata={"help": "Images per output shard (the unit of resuming)."})
+    torch_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": f"Pipeline dtype, one of {list(TORCH_DTYPES)}, or (in recipes/synthesize.py) auto: bfloat16 "
+            "where the device runs it natively (CUDA with bf16, CPUs with AVX512-BF16 / AMX), else float32; "
+            "resolved before it is recorded in the set."
+        },
+    )
 
     def __post_init__(self):
         self.weights = tuple(float(w) for w in self.weights)

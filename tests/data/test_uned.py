@@ -1,6 +1,5 @@
 """UnED preparation (info files + images -> one `datasets` folder per domain) and the UnED UDON config."""
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -14,16 +13,9 @@ from PIL import Image
 from hf_distill.data.domains import load_domains
 from hf_distill.data.uned import UNED_DOMAINS
 
-from ..conftest import mnist_images
+from ..conftest import load_recipe, mnist_images
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

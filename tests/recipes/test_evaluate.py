@@ -1,13 +1,12 @@
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from ..conftest import load_recipe
+
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
+recipe = load_recipe("evaluate")
 
 
 def test_evaluate_student_and_two_teachers(exported_student_dir, tiny_teachers, mnist_splits_dir, tmp_path, capsys):

@@ -1,7 +1,6 @@
 """recipes/evaluate.py on every export hf_distill makes: a UNIC encoder (stock ViTModel), a UDON embedding model (its
 own code: needs --trust_remote_code) and a task_distill image classifier (stock ViTForImageClassification)."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,10 @@ from transformers import AutoModel, CLIPImageProcessorPil, ViTForImageClassifica
 from hf_distill.evaluation import extract_features, load_encoder
 from hf_distill.models import UdonModel, UdonModelConfig
 
-from ..conftest import tiny_vit_config
+from ..conftest import load_recipe, tiny_vit_config
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("evaluate_recipe_exports", ROOT / "recipes" / "evaluate.py")
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
+recipe = load_recipe("evaluate")
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 

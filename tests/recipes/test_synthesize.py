@@ -2,7 +2,6 @@
 pairs, per-image noise independent of N and of the batching, resume after a kill (exactly N distinct indices, the same
 bytes), settings checks, reading the set back."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -15,13 +14,11 @@ from diffusers import DDPMScheduler
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.synthetic import ImageMixerPipeline, SynthesisSettings, load_synthetic_dataset, mix_plan
 
-from ..conftest import mnist_images
+from ..conftest import load_recipe, mnist_images
 from ..synthetic.test_pipeline_image_mixer import make_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("synthesize_recipe", ROOT / "recipes" / "synthesize.py")
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
+recipe = load_recipe("synthesize")
 
 SHARDS = ["shard-00000000-00000004.parquet", "shard-00000004-00000008.parquet", "shard-00000008-00000010.parquet"]
 
@@ -240,3 +237,20 @@ def test_the_image_mixer_config_parses_with_the_demo_settings():
     generation = (settings.num_inference_steps, settings.guidance_scale, settings.height, settings.width)
     assert generation == (30, 3.0, 640, 640)
     assert settings.weights == (1.0, 1.0) and not settings.random_weights and settings.torch_dtype == "float16"
+
+
+def test_the_settings_are_parsed_from_their_dataclass_under_the_recipes_option_names(tmp_path):
+    """`SynthesisSettings` is parsed directly: `--dataset` / `--dataset_split` (command line and YAML keys) set its
+    `source_dataset` / `split`; a YAML key that is no option is refused."""
+    config = tmp_path / "mixes.yaml"
+    config.write_text("dataset: data/cub\ndataset_split: validation\npipeline: mixer\noutput_dir: out\nseed: 5\n")
+    args, settings = recipe.parse_args(["--config", str(config), "--num_images", "12", "--weights", "0.5", "1"])
+    assert (settings.source_dataset, settings.split, settings.pipeline) == ("data/cub", "validation", "mixer")
+    assert settings.seed == 5 and settings.num_images == 12 and settings.weights == (0.5, 1.0)
+    assert args.output_dir == "out"
+    argv = ["--dataset", "d", "--dataset_split", "test", "--pipeline", "p", "--output_dir", "o"]
+    _, settings = recipe.parse_args(argv)
+    assert (settings.source_dataset, settings.split, settings.num_images) == ("d", "test", 1000)  # the recipe default
+    config.write_text("datasets: d\npipeline: p\noutput_dir: o\n")
+    with pytest.raises(ValueError, match=r"Unknown options.*\['datasets'\]"):
+        recipe.parse_args(["--config", str(config)])

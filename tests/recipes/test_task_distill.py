@@ -1,7 +1,6 @@
 """recipes/task_distill.py end to end on tiny models and real MNIST digits: probe (cached), KD on real + synthetic
 images, export as a stock transformers image classifier with its processor and card, resume, bad input."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,14 +12,13 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification, ViTModel
 
+from hf_distill import probing
 from hf_distill.trainers import KDTrainer
 
-from ..conftest import KillAt, mnist_images, save_with_processor, tiny_vit_config
+from ..conftest import KillAt, load_recipe, mnist_images, save_with_processor, tiny_vit_config
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("task_distill_recipe", ROOT / "recipes" / "task_distill.py")
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
+recipe = load_recipe("task_distill")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +106,7 @@ def test_probe_is_reused_and_killed_run_resumes_to_the_same_weights(task, tmp_pa
     def no_extraction(*a, **k):
         raise AssertionError("the teacher features were computed again")
 
-    monkeypatch.setattr(recipe, "extract_features", no_extraction)
+    monkeypatch.setattr(probing, "extract_features", no_extraction)  # the probe fitting of the recipe
     with caplog.at_level("INFO"):
         resumed, results = recipe.main(args(task, tmp_path / "killed"))
     assert "Reusing the probe" in caplog.text and resumed.state.global_step == 6

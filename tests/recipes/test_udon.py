@@ -1,6 +1,5 @@
 """UDON model, export, trainer and recipe on tiny models and two small real-image domains."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,12 +15,10 @@ from transformers import CLIPConfig, CLIPModel, TrainerCallback, ViTModel
 
 from hf_distill.models import UdonModel, UdonModelConfig
 
-from ..conftest import TINY, KillAt, mnist_images, tiny_vit_config
+from ..conftest import TINY, KillAt, load_recipe, mnist_images, tiny_vit_config
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("udon_recipe", ROOT / "recipes" / "udon.py")
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
+recipe = load_recipe("udon")
 DOMAINS = [{"name": "a", "num_classes": 3}, {"name": "b", "num_classes": 5}]
 
 

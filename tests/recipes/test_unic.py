@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import shutil
@@ -11,12 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, ViTModel
 
-from ..conftest import KillAt
+from ..conftest import KillAt, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("unic_recipe", ROOT / "recipes" / "unic.py")
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
+recipe = load_recipe("unic")
 
 
 def recipe_args(tiny_teachers, image_dataset_dir, student_config_dir, output_dir, *extra):
@@ -85,6 +82,11 @@ def test_unknown_yaml_key_is_rejected(tmp_path):
     config.write_text("teachers: [a]\nlearning_rat: 0.1\n")
     with pytest.raises(ValueError, match="Unknown options.*learning_rat"):
         recipe.parse_args(["--config", str(config)])
+    config.write_text("teachers: [a]\nno_use_ladder: true\n")  # a command-line negation, not a YAML key
+    with pytest.raises(ValueError, match=r"Unknown options.*\['no_use_ladder'\]"):
+        recipe.parse_args(["--config", str(config)])
+    config.write_text("teachers: [a]\nuse-ladder: false\nstudent_config: s\ntrain_data: d\n")  # option spelling
+    assert recipe.parse_args(["--config", str(config)])[0].use_ladder is False
 
 
 @pytest.mark.distributed

@@ -1,22 +1,15 @@
 """`--eval_data` of recipes/unic.py (evaluation loss on held-out images) and `--eval_strategy` in every recipe: it
 works where the recipe has an evaluation set, and is refused before any work where it has none."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from ..conftest import load_recipe
 from .test_unic import recipe, recipe_args
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_recipe_eval", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_eval_data_gives_the_distillation_loss_on_held_out_center_crops(

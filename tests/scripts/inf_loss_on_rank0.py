@@ -4,7 +4,6 @@ optimizer step 1, and record per rank the final student weights and the log hist
 Usage: accelerate launch ... tests/scripts/inf_loss_on_rank0.py RECORD_DIR [recipe arguments ...]
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -12,14 +11,14 @@ import sys
 
 from safetensors.torch import save_file
 
-from hf_distill.cli import exit_cleanly
-from hf_distill.trainers import unic_trainer
+from hf_distill.recipe_utils import exit_cleanly
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from hf_distill.trainers import unic_trainer
+from tests.conftest import load_recipe  # the one recipe loader of the tests
+
 record_dir, recipe_args = sys.argv[1], sys.argv[2:]
-spec = importlib.util.spec_from_file_location("unic_recipe", os.path.join(HERE, "..", "..", "recipes", "unic.py"))
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
+recipe = load_recipe("unic")
 distillation_loss = unic_trainer.distillation_loss
 calls = []
 

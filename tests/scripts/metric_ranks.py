@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from hf_distill.cli import exit_cleanly
+from hf_distill.recipe_utils import exit_cleanly
 from hf_distill.trainers import KDTrainer, UdonTrainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

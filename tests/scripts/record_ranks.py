@@ -4,23 +4,20 @@ fingerprint per raw image) and the final weights.
 Usage: accelerate launch ... tests/scripts/record_ranks.py {unic,udon,task_distill} RECORD_DIR [recipe arguments ...]
 """
 
-import importlib.util
 import json
 import os
 import sys
 
 from safetensors.torch import save_file
 
-from hf_distill.cli import exit_cleanly
-from hf_distill.trainers import KDTrainer, UdonTrainer, UnicTrainer
+from hf_distill.recipe_utils import exit_cleanly
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from hf_distill.trainers import KDTrainer, UdonTrainer, UnicTrainer
+from tests.conftest import load_recipe  # the one recipe loader of the tests
+
 name, record_dir, recipe_args = sys.argv[1], sys.argv[2], sys.argv[3:]
-spec = importlib.util.spec_from_file_location(
-    f"{name}_recipe", os.path.join(HERE, "..", "..", "recipes", f"{name}.py")
-)
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
+recipe = load_recipe(name)
 trainer_class = {"unic": UnicTrainer, "udon": UdonTrainer, "task_distill": KDTrainer}[name]
 batches = []
 compute_loss = trainer_class.compute_loss

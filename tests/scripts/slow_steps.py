@@ -3,22 +3,19 @@
 Usage: [accelerate launch ...] tests/scripts/slow_steps.py {unic,udon,task_distill} SECONDS [recipe arguments ...]
 """
 
-import importlib.util
 import os
 import sys
 import time
 
 from transformers import TrainerCallback
 
-from hf_distill.cli import exit_cleanly
+from hf_distill.recipe_utils import exit_cleanly
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from tests.conftest import load_recipe  # the one recipe loader of the tests
+
 name, seconds, recipe_args = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
-spec = importlib.util.spec_from_file_location(
-    f"{name}_recipe", os.path.join(HERE, "..", "..", "recipes", f"{name}.py")
-)
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
+recipe = load_recipe(name)
 
 
 class SlowSteps(TrainerCallback):

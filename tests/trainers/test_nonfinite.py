@@ -1,6 +1,5 @@
 """Non-finite teacher outputs, losses and gradients never reach the statistics or the weights (UNIC, UDON, KD)."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -16,6 +15,7 @@ from hf_distill import ModuleTeacher
 from hf_distill.models.probed_teacher import ProbedTeacher
 from hf_distill.trainers.nonfinite import NonFiniteArguments, NonFiniteError, NonFiniteGuard, finite_rows
 
+from ..conftest import load_recipe
 from ..recipes.test_task_distill import args as kd_args
 from ..recipes.test_task_distill import recipe as kd_recipe
 from ..recipes.test_task_distill import task  # noqa: F401 (fixture)
@@ -24,9 +24,7 @@ from ..recipes.test_udon import recipe_args as udon_args
 from ..recipes.test_udon import two_domains  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("unic_recipe_nonfinite", ROOT / "recipes" / "unic.py")
-unic_recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(unic_recipe)
+unic_recipe = load_recipe("unic")
 
 ONE_LOG = SimpleNamespace(num_processes=1)  # what `log_values` reads of an Accelerator in one process
 

@@ -1,5 +1,8 @@
-"""What every recipe shares: YAML defaults under command-line options, logging, resuming, profiling, a clean exit."""
+"""Recipe plumbing shared by recipes/*.py: YAML defaults under command-line options, logging, resuming, profiling,
+a clean exit."""
 
+import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -27,10 +30,38 @@ def parse_with_yaml(
     Returns:
         `(dataclass instances, {key: value for key in list_keys})`.
     """
+    namespace, argv, extra = parse_namespace_with_yaml(dataclass_types, argv, list_keys)
+    instances = tuple(dataclass_from_namespace(kind, namespace) for kind in dataclass_types)
+    for instance in instances:
+        if isinstance(instance, TrainingArguments):
+            instance.allow_config_change = list(namespace.allow_config_change)
+    if not namespace.allow_code_teachers:
+        for instance in instances:
+            check_code_specs(vars(instance).values(), argv, namespace.config)
+    return instances, extra
+
+
+def parse_namespace_with_yaml(
+    dataclass_types: tuple,
+    argv: list[str] | None = None,
+    list_keys: tuple[str, ...] = (),
+    defaults: dict | None = None,
+) -> tuple[argparse.Namespace, list[str], dict]:
+    """The options of `dataclass_types` parsed from `argv` into a namespace, without building the dataclasses (for a
+    recipe that checks or completes the values first, e.g. to resolve `auto`).
+
+    Defaults, from lowest to highest priority: the dataclass fields, `defaults`, the YAML file of `--config`, the
+    command line. A YAML key is an option name (the field, or one of its `aliases`). An option without default is
+    required on the command line unless `defaults` or the YAML set it. Keys in `list_keys` are taken out of the YAML
+    and returned.
+
+    Returns:
+        `(namespace, argv, {key: value for key in list_keys})`: the namespace also holds `config`,
+        `allow_code_teachers` and, when one of the types is a `TrainingArguments`, `allow_config_change`.
+    """
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", default=None, help="YAML file whose keys set the defaults of any option.")
-    trains = any(issubclass(kind, TrainingArguments) for kind in dataclass_types)
-    if trains:  # the option of hf_distill.restarts.start_run, set on the TrainingArguments
+    if any(issubclass(kind, TrainingArguments) for kind in dataclass_types):  # the option of restarts.start_run
         parser.add_argument(
             "--allow_config_change",
             nargs="+",
@@ -45,6 +76,11 @@ def parse_with_yaml(
         help="Accept `py:module:function` teachers read from the --config YAML: loading one imports that module and "
         "runs that function (arbitrary code). A `py:` teacher typed on the command line needs no flag.",
     )
+    defaults = dict(defaults or {})
+    parser.set_defaults(**defaults)
+    required = [action for action in parser._actions if action.required]
+    for action in required:  # until the YAML is read
+        action.required = False
     argv = sys.argv[1:] if argv is None else list(argv)
     known, _ = parser.parse_known_args(argv)
     extra = {}
@@ -52,27 +88,34 @@ def parse_with_yaml(
         if not os.path.isfile(known.config):
             raise FileNotFoundError(f"--config {known.config}: no such file.")
         with open(known.config) as handle:
-            defaults = yaml.safe_load(handle) or {}
-        extra = {key: defaults.pop(key) for key in list_keys if key in defaults}
-        if "allow_code_teachers" in defaults:
+            values = yaml.safe_load(handle) or {}
+        extra = {key: values.pop(key) for key in list_keys if key in values}
+        if "allow_code_teachers" in values:
             raise ValueError(
                 f"{known.config} sets allow_code_teachers: a config file cannot allow itself to run code; pass "
                 f"{ALLOW_CODE_FLAG} on the command line."
             )
-        unknown = sorted(set(defaults) - {action.dest for action in parser._actions})
+        actions = {key: parser._option_string_actions.get(f"--{key}") for key in values}
+        unknown = sorted(
+            key
+            for key, action in actions.items()  # `no_<flag>` is a negation on the command line only
+            if action is None or (action.dest != key and isinstance(action, argparse._StoreFalseAction))
+        )
         if unknown:
             raise ValueError(f"Unknown options in {known.config}: {unknown}. See the recipe's --help.")
+        defaults = {actions[key].dest: value for key, value in values.items()}
         parser.set_defaults(**defaults)
-    instances = parser.parse_args_into_dataclasses(args=argv)
-    namespace = next(instance for instance in instances if isinstance(instance, type(known)))
-    instances = tuple(instance for instance in instances if not isinstance(instance, type(known)))
-    for instance in instances:
-        if trains and isinstance(instance, TrainingArguments):
-            instance.allow_config_change = list(namespace.allow_config_change)
-    if not known.allow_code_teachers:
-        for instance in instances:
-            check_code_specs(vars(instance).values(), argv, known.config)
-    return instances, extra
+    for action in required:
+        action.required = action.dest not in defaults
+    namespace, remaining = parser.parse_known_args(argv)
+    if remaining:
+        raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {remaining}")
+    return namespace, argv, extra
+
+
+def dataclass_from_namespace(kind: type, namespace: argparse.Namespace):
+    """An instance of the dataclass `kind` from the values of its init fields in `namespace`."""
+    return kind(**{field.name: getattr(namespace, field.name) for field in dataclasses.fields(kind) if field.init})
 
 
 def check_code_specs(values, argv: list[str], source: str | None) -> None:
