@@ -12,7 +12,7 @@ except ImportError as error:
         "`hf_distill.synthetic` needs diffusers: install it with `pip install 'hf_distill[diffusers]'`."
     ) from error
 
-from ..data.synthetic_dataset import load_synthetic_dataset
+from ..data.synthetic_dataset import load_synthetic_dataset, missing_shards
 from .pipeline_image_mixer import ImageMixerPipeline, ImageMixerPipelineOutput, build_mix_context
 from .publishing import dataset_file_list, push_synthetic_dataset, synthesis_card, write_dataset_card
 from .synthesis import (
@@ -21,7 +21,6 @@ from .synthesis import (
     SynthesisSettings,
     check_output_dir,
     check_sources,
-    missing_shards,
     mix_plan,
     noise_generators,
     synthesize,
