@@ -17,7 +17,7 @@ import logging
 import os
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import xxhash
 from datasets import Dataset
@@ -30,6 +30,34 @@ from .domains import MultiDomainData
 from .image_datasets import DATASET_INDEX_COLUMN
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageCheckArguments:
+    r"""
+    The image check before training, shared by the UNIC, UDON and task-specific configurations.
+
+    Parameters:
+        verify_images (`bool`, defaults to `True`):
+            Decode every image once before training (in parallel, cached by dataset fingerprint) and stop with the
+            list of unreadable files; `False` skips the check.
+        skip_bad_images (`bool`, defaults to `False`):
+            Train without the unreadable images found by the check (each one is logged) instead of stopping.
+    """
+
+    verify_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every image once before training (parallel, cached by dataset fingerprint) and stop with "
+            "the list of unreadable files. False skips the check."
+        },
+    )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={"help": "Train without the unreadable images found by --verify_images (each one logged)."},
+    )
+
+
 CHUNK_SIZE = 256
 MAX_LISTED = 1000  # error messages list this many files; the cached JSON report lists all
 

@@ -4,13 +4,14 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..data.image_verification import ImageCheckArguments
 from ..hub.push import HubTokenNotPickled
 from .nonfinite import NonFiniteArguments
 from .view_config import ViewArguments, check_crop_scale
 
 
 @dataclass
-class KDConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, NonFiniteArguments):
+class KDConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, ImageCheckArguments, NonFiniteArguments):
     r"""
     Configuration of [`KDTrainer`]: all [`~transformers.TrainingArguments`] plus the distillation settings below.
     The loss is `(1 - alpha) * CE + alpha * temperature^2 * KL` on real images and the KL term alone on synthetic ones
@@ -29,13 +30,9 @@ class KDConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, NonFiniteAr
         color_jitter_prob, grayscale_prob, blur_prob, solarize_prob (`float`, default to 0): probabilities of the
             other DINO / UNIC augmentations ([`UnicAugmentation`]), applied after the crop; 0 skips the op exactly.
             Real and synthetic images get the same augmentations; the teacher sees the student's view.
-        max_nonfinite_fraction (`float`, defaults to 0.25), max_skipped_steps (`int`, defaults to 10):
-            Limits of the non-finite guard ([`~hf_distill.trainers.nonfinite.NonFiniteArguments`]): training stops
-            when more of a teacher's samples in a logging window, or more consecutive steps, are non-finite.
-        verify_images (`bool`, defaults to `True`): decode every image once before training (in parallel, cached
-            by dataset fingerprint) and stop with the list of unreadable files; `False` skips the check.
-        skip_bad_images (`bool`, defaults to `False`): train without the unreadable images found by the check
-            (each one is logged) instead of stopping.
+        Also the options of [`ViewArguments`], [`~hf_distill.data.image_verification.ImageCheckArguments`]
+            (`verify_images`, `skip_bad_images`) and [`~hf_distill.trainers.nonfinite.NonFiniteArguments`]
+            (`max_nonfinite_fraction`, `max_skipped_steps`).
     """
 
     alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term, in [0, 1]."})
@@ -49,18 +46,6 @@ class KDConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, NonFiniteAr
     blur_prob: float = field(default=0.0, metadata={"help": "Gaussian blur probability."})
     solarize_prob: float = field(default=0.0, metadata={"help": "Solarization probability."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image/label columns."})
-
-    verify_images: bool = field(
-        default=True,
-        metadata={
-            "help": "Decode every image once before training (parallel, cached by dataset fingerprint) and stop with "
-            "the list of unreadable files. False skips the check."
-        },
-    )
-    skip_bad_images: bool = field(
-        default=False,
-        metadata={"help": "Train without the unreadable images found by --verify_images (each one logged)."},
-    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -5,13 +5,14 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..data.domain_sampler import STRATEGIES
+from ..data.image_verification import ImageCheckArguments
 from ..hub.push import HubTokenNotPickled
 from .nonfinite import NonFiniteArguments
 from .view_config import ViewArguments
 
 
 @dataclass
-class UdonConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, NonFiniteArguments):
+class UdonConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, ImageCheckArguments, NonFiniteArguments):
     r"""
     Configuration of [`UdonTrainer`]: all [`~transformers.TrainingArguments`] plus the UDON settings below. Defaults
     follow the UDON code: heads and classifiers at `learning_rate` 1e-3, backbone at 1e-5 and frozen for the first 2
@@ -27,13 +28,9 @@ class UdonConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, NonFinite
         load_size (`int`, *optional*): side the images are resized (and center-cropped) to before cropping;
             defaults to `image_size * 8 // 7` (256 for 224).
         flip_prob (`float`, defaults to 0.5): horizontal flip probability.
-        max_nonfinite_fraction (`float`, defaults to 0.25), max_skipped_steps (`int`, defaults to 10):
-            Limits of the non-finite guard ([`~hf_distill.trainers.nonfinite.NonFiniteArguments`]): training stops
-            when more of a teacher's samples in a logging window, or more consecutive steps, are non-finite.
-        verify_images (`bool`, defaults to `True`): decode every image once before training (in parallel, cached
-            by dataset fingerprint) and stop with the list of unreadable files; `False` skips the check.
-        skip_bad_images (`bool`, defaults to `False`): train without the unreadable images found by the check
-            (each one is logged) instead of stopping.
+        Also the options of [`ViewArguments`], [`~hf_distill.data.image_verification.ImageCheckArguments`]
+            (`verify_images`, `skip_bad_images`) and [`~hf_distill.trainers.nonfinite.NonFiniteArguments`]
+            (`max_nonfinite_fraction`, `max_skipped_steps`).
     """
 
     sampling: str = field(default="dynamic", metadata={"help": f"Domain sampling strategy, one of {STRATEGIES}."})
@@ -47,18 +44,6 @@ class UdonConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, NonFinite
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image/label/domain columns."})
     ddp_find_unused_parameters: bool | None = field(
         default=True, metadata={"help": "Each batch uses one domain's heads, so DDP must expect unused parameters."}
-    )
-
-    verify_images: bool = field(
-        default=True,
-        metadata={
-            "help": "Decode every image once before training (parallel, cached by dataset fingerprint) and stop with "
-            "the list of unreadable files. False skips the check."
-        },
-    )
-    skip_bad_images: bool = field(
-        default=False,
-        metadata={"help": "Train without the unreadable images found by --verify_images (each one logged)."},
     )
 
     def __post_init__(self):

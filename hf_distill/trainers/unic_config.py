@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..data.image_verification import ImageCheckArguments
 from ..hub.push import HubTokenNotPickled
 from ..losses.unic import COEFFICIENT_NORMALIZATIONS
 from ..models.configuration_teacher import GRID_ALIGNMENTS, SUMMARY_TYPES
@@ -15,7 +16,7 @@ TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class UnicConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, NonFiniteArguments):
+class UnicConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, ImageCheckArguments, NonFiniteArguments):
     r"""
     Configuration of [`UnicTrainer`]: all [`~transformers.TrainingArguments`] plus the UNIC settings below. Defaults
     of the optimizer follow the UNIC code (AdamW betas (0.9, 0.99), weight decay 0.03 on >= 2-D weights only, cosine
@@ -58,14 +59,9 @@ class UnicConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, NonFinite
             once and read during training instead of running the teachers.
         teacher_cache_views (`int`, defaults to 2):
             Number of fixed views per image in the cache (1: center, 2: center and flip).
-        max_nonfinite_fraction (`float`, defaults to 0.25), max_skipped_steps (`int`, defaults to 10):
-            Limits of the non-finite guard ([`~hf_distill.trainers.nonfinite.NonFiniteArguments`]): training stops
-            when more of a teacher's samples in a logging window, or more consecutive steps, are non-finite.
-        verify_images (`bool`, defaults to `True`):
-            Decode every image once before training (in parallel, cached by dataset fingerprint) and stop with the
-            list of unreadable files; `False` skips the check.
-        skip_bad_images (`bool`, defaults to `False`):
-            Train without the unreadable images found by the check (each one is logged) instead of stopping.
+        Also the options of [`ViewArguments`], [`~hf_distill.data.image_verification.ImageCheckArguments`]
+            (`verify_images`, `skip_bad_images`) and [`~hf_distill.trainers.nonfinite.NonFiniteArguments`]
+            (`max_nonfinite_fraction`, `max_skipped_steps`).
 
     Speed: `--bf16` runs the student under bfloat16 autocast (a warning is logged where bfloat16 is emulated, e.g. an
     AVX2-only CPU); `teacher_dtype="auto"` keeps the teachers in bfloat16 where the hardware runs it natively;
@@ -130,18 +126,6 @@ class UnicConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, NonFinite
     )
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "The student has no unused trainable parameters (leave False)."}
-    )
-
-    verify_images: bool = field(
-        default=True,
-        metadata={
-            "help": "Decode every image once before training (parallel, cached by dataset fingerprint) and stop with "
-            "the list of unreadable files. False skips the check."
-        },
-    )
-    skip_bad_images: bool = field(
-        default=False,
-        metadata={"help": "Train without the unreadable images found by --verify_images (each one logged)."},
     )
 
     def __post_init__(self):
