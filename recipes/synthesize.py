@@ -1,10 +1,10 @@
 """Synthetic images for task-specific distillation: class-agnostic random pairs of training images mixed by ImageMixer
 (docs/methods.md section 3).
 
-    # once: the published ImageMixer checkpoint (ldm format, pickled: trusted source only) -> a diffusers folder
-    python -m hf_distill.synthetic.convert_image_mixer --checkpoint_path image-mixer-pruned.ckpt \
+    # once: the published ImageMixer checkpoint (pickled ldm format, read safely) -> a diffusers folder
+    python scripts/convert_image_mixer.py --checkpoint_path image-mixer-pruned.ckpt \
         --original_config_file image-mixer-config.yaml --image_encoder openai/clip-vit-large-patch14 \
-        --output_dir outputs/image-mixer --scheduler ddim --trust_pickled_checkpoint
+        --output_dir outputs/image-mixer --scheduler ddim
     python recipes/synthesize.py --config recipes/configs/synthesize_image_mixer.yaml
     python recipes/synthesize.py --dataset HUB_ID_OR_FOLDER --pipeline outputs/image-mixer --num_images 5000 \
         --output_dir outputs/synthetic/my-mixes --random_weights --weights 0.3 0.7   # w ~ U(0.3, 0.7), 1 - w
