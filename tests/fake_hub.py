@@ -145,6 +145,9 @@ class FakeHub:
         with self._lock:
             self.requests.append(Request(method, path, {k.lower(): v for k, v in handler.headers.items()}, body))
         parts = path.strip("/").split("/")
+        # POST /api/{models|datasets}/{namespace}/{name}/{action}/...: the repository endpoints
+        repo_call = method == "POST" and len(parts) >= 6 and parts[0] == "api" and parts[1] in REPO_TYPES
+        action, repo_id = (parts[4], f"{parts[2]}/{parts[3]}") if repo_call else (None, None)
         if method == "POST" and path == "/api/repos/create":
             payload = json.loads(body)
             self.created.append(payload)
@@ -154,22 +157,10 @@ class FakeHub:
             return self.reply(handler, 200, {"standardEnvVars": [], "harnesses": {}})
         if method == "POST" and path == "/api/validate-yaml":
             return self.reply(handler, 200, {"errors": [], "warnings": []})
-        if (
-            method == "POST"
-            and len(parts) == 6
-            and parts[0] == "api"
-            and parts[1] in REPO_TYPES
-            and parts[4] == "branch"
-        ):
-            self.branches.append((f"{parts[2]}/{parts[3]}", parts[5]))
+        if action == "branch" and len(parts) == 6:
+            self.branches.append((repo_id, parts[5]))
             return self.reply(handler, 200, {})
-        if (
-            method == "POST"
-            and len(parts) >= 6
-            and parts[0] == "api"
-            and parts[1] in REPO_TYPES
-            and parts[4] == "preupload"
-        ):
+        if action == "preupload":
             files = json.loads(body)["files"]
             modes = [
                 {
@@ -208,14 +199,8 @@ class FakeHub:
                 return self.reply(handler, 404, {"error": "object not uploaded"})
             self.verified.append(payload["oid"])
             return self.reply(handler, 200, {})
-        if (
-            method == "POST"
-            and len(parts) >= 6
-            and parts[0] == "api"
-            and parts[1] in REPO_TYPES
-            and parts[4] == "commit"
-        ):
-            return self.commit(handler, f"{parts[2]}/{parts[3]}", "/".join(parts[5:]), body)
+        if action == "commit":
+            return self.commit(handler, repo_id, "/".join(parts[5:]), body)
         self.unknown.append((method, path))
         return self.reply(handler, 404, {"error": f"fake hub: no {method} {path}"})
 
