@@ -13,8 +13,9 @@ import hashlib
 import json
 import os
 
-import torch
 from torch import nn
+
+from ..models.fingerprint import weights_fingerprint
 
 MANIFEST_FILE = "run_manifest.json"
 HARMLESS = frozenset(
@@ -34,15 +35,6 @@ NOT_ALLOWED = ("student_config",)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
 
 
-def _hash_module(module: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _hash_folder(folder: str) -> str:
     digest = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
@@ -60,7 +52,7 @@ def weights_entry(source, revision: str | None = None) -> dict:
     """`{"source", "revision", "fingerprint"}` of pretrained weights: a module (its state dict is hashed), a local
     folder (its weight and config files are hashed), or a Hub id (its resolved commit identifies the content)."""
     if isinstance(source, nn.Module):
-        return {"source": type(source).__name__, "revision": None, "fingerprint": _hash_module(source)}
+        return {"source": type(source).__name__, "revision": None, "fingerprint": weights_fingerprint(source)}
     source = str(source)
     if os.path.isdir(source):
         return {"source": source, "revision": revision, "fingerprint": _hash_folder(source)}
