@@ -143,7 +143,7 @@ def _check_pushable(output_dir: Path, files: list[str]) -> None:
         raise ValueError(f"Cannot push {output_dir}: it lacks {', '.join(missing)} (symbolic links are not uploaded).")
 
 
-def _check_no_secret(output_dir: Path, files: list[str], token: str | None) -> None:
+def check_no_secret(output_dir: Path, files: list[str], token: str | None) -> None:
     """Refuse to upload a file that holds the Hub token."""
     token = token or get_token()
     if not token:
@@ -190,7 +190,7 @@ def push_to_hub(
     output_dir = Path(output_dir)
     files = upload_file_list(output_dir) if output_dir.is_dir() else []
     _check_pushable(output_dir, files)
-    _check_no_secret(output_dir, files, token)
+    check_no_secret(output_dir, files, token)
 
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, exist_ok=True, private=private, token=token, repo_type="model")

@@ -20,7 +20,7 @@ from ..data.synthetic_dataset import (
     shard_name,
 )
 from ..hub.provenance import is_hub_id, is_local_path, publishable_name, scrub_local_paths
-from ..hub.push import _check_no_secret
+from ..hub.push import check_no_secret
 from ..io_utils import write_text_atomically
 from .synthesis import SynthesisSettings
 
@@ -167,7 +167,7 @@ def push_synthetic_dataset(
     Returns the URL of the commit."""
     files = dataset_file_list(output_dir)
     config = (json.dumps(_published_config(output_dir), indent=2) + "\n").encode()
-    _check_no_secret(Path(output_dir), [name for name in files if name != CONFIG_FILE], token)
+    check_no_secret(Path(output_dir), [name for name in files if name != CONFIG_FILE], token)
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private)
     if revision is not None and not revision.startswith("refs/"):
