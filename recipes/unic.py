@@ -33,6 +33,7 @@ from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher,
 from hf_distill.models.builders import load_student_backbone_config
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from hf_distill.models.standardization import STANDARDIZATION_MODES
+from hf_distill.models.student_backbones import describe_backbone, load_pretrained_backbone
 from hf_distill.models.teacher_loading import is_factory_spec
 from hf_distill.recipe_utils import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.restarts import start_run
@@ -49,10 +50,19 @@ class ScriptArguments:
     student_config: str | None = field(
         default=None,
         metadata={
-            "help": "Hub id, folder or config.json of a transformers ViT-family config; the student is "
-            "built from it with random weights."
+            "help": "Hub id, folder or config.json of a transformers ViT-family (ViT, DINOv2, ...) or feature-map "
+            "(ConvNeXt, ResNet, Swin) config; the student is built from it with random weights."
         },
     )
+    student_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or folder of a pretrained student encoder (same families as --student_config) whose "
+            "weights initialize the student; position embeddings are resized to --image_size. Recorded in the "
+            "model card. Exclusive with --student_config."
+        },
+    )
+    student_revision: str | None = field(default=None, metadata={"help": "Revision of --student_model."})
     train_data: str | None = field(
         default=None,
         metadata={"help": "Hub dataset id, local image folder, or folder written by datasets.save_to_disk."},
@@ -91,8 +101,19 @@ class ScriptArguments:
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, UnicConfig]:
     """Parse `argv`, with the YAML file of `--config` (if any) as defaults that the command line overrides."""
     (script_args, training_args), _ = parse_with_yaml((ScriptArguments, UnicConfig), argv)
-    if not script_args.student_config or not script_args.train_data:
-        raise ValueError("--student_config, --train_data and --teachers are required (on the command line or YAML).")
+    if script_args.student_config and script_args.student_model:
+        raise ValueError(
+            f"Both --student_config ({script_args.student_config}: random weights) and --student_model "
+            f"({script_args.student_model}: pretrained weights) were given: keep one (a YAML `student_config:` is "
+            "overridden on the command line with --student_config '' )."
+        )
+    if script_args.student_revision and not script_args.student_model:
+        raise ValueError("--student_revision selects a revision of --student_model: pass --student_model too.")
+    if not (script_args.student_config or script_args.student_model) or not script_args.train_data:
+        raise ValueError(
+            "--student_config (random weights) or --student_model (pretrained weights), --train_data and --teachers "
+            "are required (on the command line or YAML)."
+        )
     strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
     if strategy != "no" and not script_args.eval_data:
         raise ValueError(
@@ -171,7 +192,13 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         elif isinstance(teacher, str):
             teacher = load_teacher_config(teacher, **training_args.teacher_options(index))
         specs.append(teacher_spec(name, teacher))
-    backbone_config = load_student_backbone_config(script_args.student_config, training_args.image_size)
+    backbone_state = None
+    if script_args.student_model:
+        backbone_config, backbone_state = load_pretrained_backbone(
+            script_args.student_model, training_args.image_size, revision=script_args.student_revision
+        )
+    else:
+        backbone_config = load_student_backbone_config(script_args.student_config, training_args.image_size)
     train_dataset = load_image_dataset(script_args.train_data, script_args.image_column, script_args.dataset_split)
     if script_args.max_train_samples is not None:
         train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
@@ -186,12 +213,17 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         standardization=script_args.standardization,
         image_mean=script_args.student_image_mean,
         image_std=script_args.student_image_std,
+        backbone_source=script_args.student_model,
+        backbone_revision=script_args.student_revision,
     )
     student = UnicStudentModel(student_config)
+    if backbone_state is not None:
+        student.backbone.load_state_dict(backbone_state)
     encoder_parameters = student.backbone.num_parameters()
     logger.info(
-        "Student %s: %s encoder parameters + %s in expendable heads; teachers: %s; %d training images",
-        backbone_config.model_type,
+        "Student %s, %s: %s encoder parameters + %s in expendable heads; teachers: %s; %d training images",
+        describe_backbone(backbone_config),
+        f"weights of {script_args.student_model}" if script_args.student_model else "random weights",
         f"{encoder_parameters:,}",
         f"{student.num_parameters() - encoder_parameters:,}",
         ", ".join(names),

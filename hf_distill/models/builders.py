@@ -4,28 +4,19 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from .configuration_udon import UdonModelConfig
 from .modeling_udon import UdonModel
+from .student_backbones import check_student_backbone_config
 
 
 def load_student_backbone_config(source: str, image_size: int) -> PreTrainedConfig:
-    """The student's transformers config (Hub id, folder or config.json), checked to be a ViT-family config whose
-    patch size divides `image_size`, set to `image_size`."""
+    """The student's transformers config (Hub id, folder or config.json), checked to be a ViT-family or feature-map
+    backbone (ConvNeXt, ResNet, Swin) whose patch size / stride divides `image_size`, set to `image_size`."""
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ValueError(
             f"Could not load the student config {source!r} (a Hub id, a folder or a config.json): {error}"
         ) from error
-    if not (hasattr(config, "patch_size") and hasattr(config, "hidden_size")):
-        raise ValueError(f"--student_config {source!r} ({config.model_type}) is not a ViT-family config.")
-    patch_size = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-    if image_size % patch_size:
-        raise ValueError(
-            f"--image_size {image_size} is not divisible by the student's patch size {patch_size}: use a multiple of "
-            f"{patch_size}, e.g. {image_size // patch_size * patch_size or patch_size} or "
-            f"{(image_size // patch_size + 1) * patch_size}."
-        )
-    config.image_size = image_size
-    return config
+    return check_student_backbone_config(config, image_size, source)
 
 
 def build_udon_model(backbone: str, config: UdonModelConfig, image_size: int, random_init: bool = False) -> UdonModel:

@@ -1,10 +1,11 @@
-"""Configuration of the UNIC student: a ViT-family backbone plus expendable per-teacher projector heads."""
+"""Configuration of the UNIC student: a ViT-family or feature-map backbone plus expendable per-teacher heads."""
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from .standardization import STANDARDIZATION_MODES
+from .student_backbones import backbone_stride, num_ladder_blocks
 
 
 class UnicStudentConfig(PreTrainedConfig):
@@ -13,7 +14,8 @@ class UnicStudentConfig(PreTrainedConfig):
 
     Args:
         backbone_config (`dict` or `PreTrainedConfig`):
-            Config of the student encoder, any transformers ViT-family config (ViT, DINOv2, ...). This is what gets
+            Config of the student encoder: a transformers ViT-family config (ViT, DINOv2, ...) or a feature-map
+            backbone (ConvNeXt, ResNet, Swin; see [`~hf_distill.models.student_backbones`]). This is what gets
             exported: the heads below are expendable.
         teachers (`list[dict]`):
             One entry per teacher: `{"name": str, "summary_dim": int, "patch_dim": int}`.
@@ -21,7 +23,8 @@ class UnicStudentConfig(PreTrainedConfig):
             Ladder of projectors (UNIC eq. 3): the prediction for each teacher is the sum of one MLP per selected
             block. When `False` only the last-layer heads are used.
         ladder_layers (`list[int]`, *optional*):
-            1-based indices of the blocks that feed the ladder; the last block is always included. `None`: all blocks.
+            1-based indices of the blocks (stages of a feature-map backbone) that feed the ladder; the last one is
+            always included. `None`: all of them.
         head_hidden_ratio (`float`, defaults to 4.0):
             Hidden width of the last-layer heads, as a multiple of the student width (UNIC: 4d).
         ladder_hidden_ratio (`float`, defaults to 1.0):
@@ -39,6 +42,9 @@ class UnicStudentConfig(PreTrainedConfig):
             Pixel normalization of the student (saved with the exported image processor).
         initializer_range (`float`, defaults to 0.02):
             Std of the truncated normal initialization of the heads.
+        backbone_source (`str`, *optional*), backbone_revision (`str`, *optional*):
+            Where the backbone's initial weights came from (`--student_model` and its revision); `None`: random
+            initialization. Recorded for the model card and the run manifest; loading weights is the recipe's job.
     """
 
     model_type = "hf_distill_unic_student"
@@ -55,6 +61,8 @@ class UnicStudentConfig(PreTrainedConfig):
     image_mean: list[float] | tuple[float, ...] = IMAGENET_MEAN
     image_std: list[float] | tuple[float, ...] = IMAGENET_STD
     initializer_range: float = 0.02
+    backbone_source: str | None = None
+    backbone_revision: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -69,7 +77,7 @@ class UnicStudentConfig(PreTrainedConfig):
         if self.standardization not in STANDARDIZATION_MODES:
             raise ValueError(f"standardization must be one of {STANDARDIZATION_MODES}, got {self.standardization!r}.")
         if self.backbone_config is not None and self.ladder_layers is not None:
-            num_layers = self.backbone_config.num_hidden_layers
+            num_layers = num_ladder_blocks(self.backbone_config)
             bad = [layer for layer in self.ladder_layers if not 1 <= layer <= num_layers]
             if bad:
                 raise ValueError(
@@ -84,13 +92,13 @@ class UnicStudentConfig(PreTrainedConfig):
 
     @property
     def patch_size(self) -> int:
-        patch_size = self.backbone_config.patch_size
-        return patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
+        """Pixels per student token: the ViT patch size, or the last stage's stride of a feature-map backbone."""
+        return backbone_stride(self.backbone_config)
 
     @property
     def ladder_block_indices(self) -> list[int]:
-        """1-based blocks whose outputs feed the heads; the last block always does."""
-        num_layers = self.backbone_config.num_hidden_layers
+        """1-based blocks (stages) whose outputs feed the heads; the last one always does."""
+        num_layers = num_ladder_blocks(self.backbone_config)
         if not self.use_ladder:
             return [num_layers]
         layers = range(1, num_layers + 1) if self.ladder_layers is None else self.ladder_layers

@@ -1,9 +1,10 @@
-"""The UNIC student: a ViT-family encoder with expendable per-teacher projector heads (UNIC Sec. 3.3-3.4).
+"""The UNIC student: an encoder with expendable per-teacher projector heads (UNIC Sec. 3.3-3.4).
 
 Per teacher there are dedicated heads for the CLS token and for the patch tokens. With the ladder of projectors
 (UNIC eq. 3) each head is a sum of MLPs, one on the output of every selected block: hidden width `d` for blocks
 1..L-1 and `4d` for the last one. The last-layer MLP reads the encoder's *normed* final output (`last_hidden_state`),
-so the final LayerNorm is trained (the UNIC code skips it in training and leaves it untrained).
+so the final LayerNorm is trained (the UNIC code skips it in training and leaves it untrained). Feature-map students
+(ConvNeXt, ResNet, Swin) have one rung per stage, of the stage's input width ([`~hf_distill.models.student_backbones`]).
 
 The heads and the teacher-feature standardizers are part of this model (optimized, sharded and checkpointed with it);
 [`UnicStudentModel.save_encoder`] writes only the backbone as a stock transformers model.
@@ -21,6 +22,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_unic import UnicStudentConfig
 from .standardization import FeatureStandardizer
+from .student_backbones import feature_map_ladder_features, is_feature_map_config, ladder_widths, output_width
 
 # Backbone parameters that never get a gradient from UNIC's objective: frozen so DDP needs no unused-parameter search.
 _UNUSED_BACKBONE_PARAMETERS = ("pooler.", "embeddings.mask_token")
@@ -31,7 +33,7 @@ class UnicStudentOutput(ModelOutput):
     """
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
-            The encoder's normed final output.
+            The encoder's normed final output (a feature-map student: its last feature map flattened).
         cls_predictions (`tuple[torch.FloatTensor]`): per teacher (in `config.teacher_names` order), the predicted
             summary token `(batch_size, teacher_dim)`.
         patch_predictions (`tuple[torch.FloatTensor]`): per teacher, the predicted patch tokens
@@ -51,12 +53,14 @@ class ProjectorMLP(nn.Sequential):
 
 
 class LadderProjector(nn.Module):
-    """Sum over the selected blocks of one MLP per block (UNIC eq. 3); a single MLP when the ladder is off."""
+    """Sum over the selected blocks of one MLP per block (UNIC eq. 3); a single MLP when the ladder is off. `in_dim`
+    is the width of every rung's input, or one width per rung (the stages of a feature-map student)."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_rungs: int, ladder_hidden: int, last_hidden: int):
+    def __init__(self, in_dim: int | list[int], out_dim: int, num_rungs: int, ladder_hidden: int, last_hidden: int):
         super().__init__()
         hidden = [ladder_hidden] * (num_rungs - 1) + [last_hidden]
-        self.rungs = nn.ModuleList(ProjectorMLP(in_dim, h, out_dim) for h in hidden)
+        in_dims = [in_dim] * num_rungs if isinstance(in_dim, int) else list(in_dim)
+        self.rungs = nn.ModuleList(ProjectorMLP(d, h, out_dim) for d, h in zip(in_dims, hidden))
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         output = self.rungs[0](features[0])
@@ -154,8 +158,9 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
                 parameter.requires_grad_(False)
         self._no_split_modules = list(getattr(self.backbone, "_no_split_modules", None) or [])
 
-        width = config.backbone_config.hidden_size
-        num_rungs = len(config.ladder_block_indices)
+        width = output_width(config.backbone_config)
+        widths = ladder_widths(config.backbone_config, config.ladder_block_indices)
+        num_rungs = len(widths)
         ladder_hidden = int(config.ladder_hidden_ratio * width)
         last_hidden = int(config.head_hidden_ratio * width)
         self.cls_heads = nn.ModuleDict()
@@ -164,8 +169,8 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
         self.patch_standardizers = nn.ModuleDict()
         for teacher in config.teachers:
             name, summary_dim, patch_dim = teacher["name"], teacher["summary_dim"], teacher["patch_dim"]
-            self.cls_heads[name] = LadderProjector(width, summary_dim, num_rungs, ladder_hidden, last_hidden)
-            self.patch_heads[name] = LadderProjector(width, patch_dim, num_rungs, ladder_hidden, last_hidden)
+            self.cls_heads[name] = LadderProjector(widths, summary_dim, num_rungs, ladder_hidden, last_hidden)
+            self.patch_heads[name] = LadderProjector(widths, patch_dim, num_rungs, ladder_hidden, last_hidden)
             self.cls_standardizers[name] = FeatureStandardizer(summary_dim, config.standardization)
             self.patch_standardizers[name] = FeatureStandardizer(patch_dim, config.standardization)
         self.post_init()
@@ -182,6 +187,8 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor, return_predictions: bool = True) -> UnicStudentOutput:
         if not return_predictions:
+            if is_feature_map_config(self.config.backbone_config):  # the last feature map, flattened
+                return UnicStudentOutput(last_hidden_state=self.ladder_features(pixel_values)[0])
             self.grid_size(*pixel_values.shape[-2:])
             return UnicStudentOutput(last_hidden_state=self.backbone(pixel_values=pixel_values).last_hidden_state)
         last_hidden_state, cls_features, patch_features = self.ladder_features(pixel_values)
@@ -193,8 +200,12 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
 
     def ladder_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list, list]:
         """Run the encoder; return its normed output and, per selected block, the CLS `[B, d]` and patch `[B, N, d]`
-        tokens that feed the heads (the last block is read after the final LayerNorm)."""
+        tokens that feed the heads (the last block is read after the final LayerNorm). A feature-map student returns
+        its last feature map flattened and per stage its pooled vector and map ([`feature_map_ladder_features`])."""
         height, width = self.grid_size(*pixel_values.shape[-2:])
+        if is_feature_map_config(self.config.backbone_config):
+            blocks = self.config.ladder_block_indices
+            return feature_map_ladder_features(self.backbone, pixel_values, blocks, (height, width))
         outputs = self.backbone(pixel_values=pixel_values, output_hidden_states=True)
         # hidden_states = (embeddings, block 1, ..., block L); block L is replaced by the normed final output.
         num_layers = len(outputs.hidden_states) - 1

@@ -18,6 +18,7 @@ from ..data.image_datasets import ImageCollator
 from ..losses.unic import distillation_loss
 from ..models.modeling_unic import UnicStudentModel
 from ..models.standardization import ema_weight
+from ..models.student_backbones import describe_backbone
 from ..models.teacher_loading import load_teacher, teacher_outputs, teacher_source, teacher_spec
 from .base import DistillationTrainer
 from .nonfinite import assert_finite_weights, finite_rows
@@ -43,6 +44,14 @@ def standardize_targets(
         )
         for name, (summary, patch), rows in zip(student.config.teacher_names, outputs, valid)
     ]
+
+
+def _initialization(config) -> str:
+    """How the student's encoder was initialized, for the model card."""
+    if not config.backbone_source:
+        return "random weights"
+    revision = f" (revision {config.backbone_revision})" if config.backbone_revision else ""
+    return f"pretrained weights of {config.backbone_source}{revision}"
 
 
 class UnicTrainer(DistillationTrainer):
@@ -306,10 +315,9 @@ class UnicTrainer(DistillationTrainer):
                         "grid_alignment": teacher.grid_alignment,
                     }
                 )
-        backbone = student.config.backbone_config
         settings = {
-            "student": f"{backbone.model_type} ({backbone.num_hidden_layers} blocks, width {backbone.hidden_size}, "
-            f"patch {student.config.patch_size})",
+            "student": describe_backbone(student.config.backbone_config),
+            "student initialization": _initialization(student.config),
             "image size": self.args.image_size,
             "training steps": self.state.global_step,
             "global batch size": self.args.per_device_train_batch_size
