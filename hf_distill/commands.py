@@ -3,6 +3,7 @@
 
     hf-distill unic --config recipes/configs/unic_tiny.yaml
     hf-distill task-distill --help
+    hf-distill export-onnx outputs/unic-tiny
     accelerate launch $(which hf-distill) udon --config recipes/configs/udon_mnist_fashion_small.yaml
 
 The recipes are scripts beside the package, not part of it: a wheel install has none (run them from a checkout).
@@ -12,7 +13,7 @@ import os
 import runpy
 import sys
 
-RECIPES = ("unic", "udon", "task-distill", "synthesize", "evaluate", "prepare-uned")
+RECIPES = ("unic", "udon", "task-distill", "synthesize", "evaluate", "prepare-uned", "export-onnx")
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 
 
