@@ -7,7 +7,8 @@
 Works on every export of hf_distill (UNIC encoder, task-distilled classifier, UDON embedding model). The graph takes
 `pixel_values` `[batch, 3, S, S]` at the export's image size `S` (its image processor's) with a dynamic batch axis, and
 returns the model's outputs under their transformers names. A random batch is run through PyTorch and onnxruntime;
-a difference above `--atol` is an error and nothing is written. Needs `pip install 'hf_distill[onnx]'`.
+a difference above `--atol + --rtol x max|output|` (both 1e-4) is an error and nothing is written. Needs
+`pip install 'hf_distill[onnx]'`.
 """
 
 import logging
@@ -25,7 +26,12 @@ class ExportOnnxArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Folder of model.onnx (default MODEL_DIR/onnx)."})
     image_size: int | None = field(default=None, metadata={"help": "Input side (default: the export's own)."})
     opset: int = field(default=17, metadata={"help": "ONNX opset."})
-    atol: float = field(default=1e-4, metadata={"help": "Largest accepted |ONNX - PyTorch| on the check batch."})
+    atol: float = field(
+        default=1e-4, metadata={"help": "Accepted |ONNX - PyTorch|: atol + rtol * max|PyTorch output|."}
+    )
+    rtol: float = field(
+        default=1e-4, metadata={"help": "Part of the accepted difference relative to the output's scale."}
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Load a model that ships its own code (the UDON embedding model)."}
     )
@@ -45,6 +51,7 @@ def main(argv: list[str] | None = None):
         opset=args.opset,
         trust_remote_code=args.trust_remote_code,
         atol=args.atol,
+        rtol=args.rtol,
     )
     diffs = ", ".join(f"{name} {diff:.2e}" for name, diff in result.max_abs_diff.items())
     print(

@@ -22,6 +22,7 @@ student encoder as a stock transformers model: `AutoModel.from_pretrained(output
 """
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from transformers import set_seed
@@ -194,8 +195,12 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         specs.append(teacher_spec(name, teacher))
     backbone_state = None
     if script_args.student_model:
+        start = time.perf_counter()
         backbone_config, backbone_state = load_pretrained_backbone(
             script_args.student_model, training_args.image_size, revision=script_args.student_revision
+        )
+        logger.info(
+            "Loaded the student weights of %s in %.1f s", script_args.student_model, time.perf_counter() - start
         )
     else:
         backbone_config = load_student_backbone_config(script_args.student_config, training_args.image_size)
