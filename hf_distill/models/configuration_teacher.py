@@ -3,6 +3,8 @@
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .student_backbones import backbone_stride, output_width
+
 SUMMARY_TYPES = ("cls", "pooler", "mean_patch")
 GRID_ALIGNMENTS = ("resize", "interpolate")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -17,7 +19,9 @@ class TeacherConfig(PreTrainedConfig):
     Args:
         backbone_config (`dict` or `PreTrainedConfig`):
             Config of the wrapped vision backbone (ViT, DeiT, DINOv2 with or without registers, CLIP / SigLIP vision
-            towers, ...). For a CLIP- or SigLIP-style checkpoint this is its `vision_config`.
+            towers, ...; or a feature-map backbone, ConvNeXt / ResNet / Swin, whose last feature map gives the patch
+            tokens and `pooler_output` the summary). For a CLIP- or SigLIP-style checkpoint this is its
+            `vision_config`.
         source (`str`, *optional*):
             Hub id or local path the backbone weights were taken from.
         revision (`str`, *optional*):
@@ -66,9 +70,9 @@ class TeacherConfig(PreTrainedConfig):
     @property
     def hidden_size(self) -> int:
         """Width of the summary and patch tokens."""
-        return self.backbone_config.hidden_size
+        return output_width(self.backbone_config)
 
     @property
     def patch_size(self) -> int:
-        patch_size = self.backbone_config.patch_size
-        return patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
+        """Pixels per patch token (a feature-map backbone's last-stage stride)."""
+        return backbone_stride(self.backbone_config)

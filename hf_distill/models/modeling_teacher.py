@@ -17,6 +17,7 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_teacher import GRID_ALIGNMENTS, IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
+from .student_backbones import is_feature_map_config
 
 
 @dataclass
@@ -182,6 +183,12 @@ class TeacherModel(TeacherMixin, TeacherPreTrainedModel):
         outputs = self.backbone(pixel_values=pixels, **self._interpolate_kwargs)
         tokens = outputs.last_hidden_state
         height, width = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
+        if is_feature_map_config(self.config.backbone_config):  # ConvNeXt / ResNet: [B, C, h, w]; Swin: [B, h * w, C]
+            grid = tokens.permute(0, 2, 3, 1) if tokens.dim() == 4 else tokens.unflatten(1, (height, width))
+            if self.config.summary == "cls":
+                raise ValueError(f"Teacher {self.config.source!r} has no CLS token; set its summary to 'pooler'.")
+            summary = outputs.pooler_output.flatten(1) if self.config.summary == "pooler" else grid.mean(dim=(1, 2))
+            return summary, grid
         num_prefix = tokens.shape[1] - height * width
         if num_prefix < 0:
             raise ValueError(

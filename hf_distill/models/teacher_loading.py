@@ -14,6 +14,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from .configuration_teacher import GRID_ALIGNMENTS, IMAGENET_MEAN, IMAGENET_STD, SUMMARY_TYPES, TeacherConfig
 from .modeling_teacher import ModuleTeacher, TeacherModel, freeze_teacher
+from .student_backbones import is_feature_map_config
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +24,9 @@ class TeacherNotFoundError(ValueError):
 
 
 def _default_summary(backbone_config) -> str:
-    # SigLIP-style towers have no CLS token: their summary is the attention-pooled output.
-    return "pooler" if backbone_config.model_type.startswith("siglip") else "cls"
+    # SigLIP-style towers and feature-map backbones have no CLS token: their summary is the pooled output.
+    no_cls = backbone_config.model_type.startswith("siglip") or is_feature_map_config(backbone_config)
+    return "pooler" if no_cls else "cls"
 
 
 def _read_config(source: str, revision: str | None):
@@ -62,10 +64,12 @@ def load_teacher_config(
         return config
 
     backbone_config = getattr(config, "vision_config", None) or config
-    if not (hasattr(backbone_config, "patch_size") and hasattr(backbone_config, "hidden_size")):
+    vit_family = hasattr(backbone_config, "patch_size") and hasattr(backbone_config, "hidden_size")
+    if not (vit_family or is_feature_map_config(backbone_config)):
         raise ValueError(
             f"Teacher {source!r} ({config.model_type}) is not a ViT-family vision backbone (no patch_size / "
-            "hidden_size in its config). Wrap other networks in hf_distill.ModuleTeacher."
+            "hidden_size in its config) nor a ConvNeXt / ResNet / Swin. Wrap other networks in "
+            "hf_distill.ModuleTeacher."
         )
     try:
         processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(source, revision=revision)
@@ -167,12 +171,13 @@ def teacher_name(teacher: "str | nn.Module") -> str:
 def teacher_from_backbone(
     backbone: PreTrainedModel, summary: str | None = None, image_mean=None, image_std=None
 ) -> TeacherModel:
-    """A frozen [`TeacherModel`] around a ViT-family model object already in memory (for a classifier, pass its
-    `base_model`); its normalization defaults to ImageNet's and its summary to `cls`."""
+    """A frozen [`TeacherModel`] around a ViT-family or feature-map model object already in memory (for a classifier,
+    pass its `base_model`); its normalization defaults to ImageNet's and its summary to `cls` (`pooler` without a CLS
+    token)."""
     config = TeacherConfig(
         backbone_config=backbone.config,
         source=backbone.config.name_or_path or None,
-        summary=summary or "cls",
+        summary=summary or _default_summary(backbone.config),
         image_mean=list(image_mean or IMAGENET_MEAN),
         image_std=list(image_std or IMAGENET_STD),
     )

@@ -17,6 +17,7 @@ from transformers import (
 
 from hf_distill import UnicStudentConfig, UnicStudentModel
 from hf_distill.losses.unic import distillation_loss
+from hf_distill.models import load_teacher
 from hf_distill.models.student_backbones import (
     check_student_backbone_config,
     load_pretrained_backbone,
@@ -153,6 +154,13 @@ def test_feature_map_student_tokens_ladder_and_export(tmp_path, family):
         last = last.reshape(2, 32, grid * grid).transpose(0, 2, 1)
     np.testing.assert_allclose(tokens.numpy(), last, rtol=0, atol=1e-6)
     np.testing.assert_allclose(cls_features[-1].numpy(), out.pooler_output.reshape(2, -1).numpy(), rtol=0, atol=1e-6)
+    # the export is also a teacher / an encoder to evaluate (recipes/evaluate.py): the same summary and patch tokens
+    teacher = load_teacher(str(tmp_path / "export"))
+    assert (teacher.config.summary, teacher.patch_size, teacher.hidden_size) == ("pooler", stride, 32)
+    with torch.no_grad():
+        teacher_output = teacher(pixels)
+    torch.testing.assert_close(teacher_output.summary, cls_features[-1])
+    torch.testing.assert_close(teacher_output.patch_tokens, tokens)
 
     if family != "swin":  # an earlier stage's map, average-pooled to the final grid by hand (numpy)
         stage = reference.hidden_states[1].numpy()  # stage 1: [B, 8, 4 * grid, 4 * grid] for a /4 stage
