@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
     revisions = [training_args.teacher_options(index)["revision"] for index in range(len(names))]
     run = start_run(  # lock, complete checkpoint, manifest: a rerun resumes only the same run
         training_args, "unic", teachers={n: (t, r) for n, t, r in zip(names, teacher_sources, revisions)},
+        initial_weights={"student": (script_args.student_model, script_args.student_revision)}
+        if script_args.student_model else {},
         student_config=student_config, data={"train": train_dataset}, options=(script_args, training_args),
     )  # fmt: skip
     if training_args.teacher_cache is not None:

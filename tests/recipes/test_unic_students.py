@@ -38,6 +38,9 @@ def test_student_model_starts_from_the_pretrained_weights_and_the_card_says_so(
     )
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"| student initialization | pretrained weights of {tmp_path / 'pretrained'} |" in card
+    manifest = json.loads((tmp_path / "out" / "run_manifest.json").read_text())
+    assert manifest["initial_weights"]["student"]["source"] == str(tmp_path / "pretrained")
+    assert manifest["student_config"]["backbone_source"] == str(tmp_path / "pretrained")
 
 
 def test_student_model_and_student_config_together_are_refused(
