@@ -160,7 +160,7 @@ def load_pretrained_backbone(
             f"Could not load the student model {source!r} (a Hub id or a folder with config.json and weights): {error}"
         ) from error
     config = check_student_backbone_config(native_config, image_size, source)
-    model = AutoModel.from_pretrained(source, revision=revision)
+    model = AutoModel.from_pretrained(source, revision=revision, dtype=torch.float32)  # resized in float32
     if model.config.model_type != native_config.model_type:
         raise ValueError(
             f"--student_model {source!r} loads as {type(model).__name__}, not a {native_config.model_type} encoder: "

@@ -26,6 +26,14 @@ from hf_distill.models.student_backbones import (
 
 from ..conftest import tiny_dinov2_config, tiny_vit_config
 
+TINY_SWIN = {
+    "image_size": 32,
+    "patch_size": 2,
+    "embed_dim": 8,
+    "depths": [1, 1, 1],
+    "num_heads": [1, 1, 2],
+    "window_size": 4,
+}
 TEACHERS = [{"name": "a", "summary_dim": 12, "patch_dim": 12}, {"name": "b", "summary_dim": 20, "patch_dim": 20}]
 
 
@@ -74,7 +82,11 @@ def test_resize_position_embeddings_is_bicubic_and_keeps_the_prefix(old, new, pr
 
 @pytest.mark.parametrize(
     ("model_class", "config", "image_size"),
-    [(ViTModel, tiny_vit_config(image_size=32, patch_size=8), 48), (Dinov2Model, tiny_dinov2_config(), 42)],
+    [
+        (ViTModel, tiny_vit_config(image_size=32, patch_size=8), 48),
+        (Dinov2Model, tiny_dinov2_config(), 42),
+        (SwinModel, SwinConfig(**TINY_SWIN, use_absolute_embeddings=True), 48),  # absolute embeddings, no prefix
+    ],
 )
 def test_pretrained_student_runs_at_the_new_size_and_exports_without_flags(tmp_path, model_class, config, image_size):
     torch.manual_seed(0)
@@ -89,7 +101,7 @@ def test_pretrained_student_runs_at_the_new_size_and_exports_without_flags(tmp_p
     with torch.no_grad():
         training_tokens = student.ladder_features(pixels)[0]
         # transformers' own run-time interpolation of the original weights gives the same tokens
-        kwargs = {"interpolate_pos_encoding": True} if model_class is ViTModel else {}
+        kwargs = {} if model_class is Dinov2Model else {"interpolate_pos_encoding": True}  # DINOv2 always does
         reference = pretrained(pixel_values=pixels, **kwargs).last_hidden_state
     torch.testing.assert_close(training_tokens, reference, rtol=1e-4, atol=1e-5)
 
@@ -117,7 +129,7 @@ def tiny_resnet():
 
 
 def tiny_swin():
-    return SwinConfig(image_size=32, patch_size=2, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 1, 2], window_size=4)
+    return SwinConfig(**TINY_SWIN)
 
 
 FEATURE_MAP_STUDENTS = {
