@@ -204,3 +204,20 @@ def test_feature_map_student_learns_fixed_targets(family):
 def test_feature_map_student_needs_an_image_size_its_stride_divides():
     with pytest.raises(ValueError, match="--image_size 40 is not divisible by the student's total stride 16"):
         check_student_backbone_config(tiny_convnext(), 40, "convnext")
+
+
+def test_grouped_heads_match_per_teacher_heads_with_one_width_per_stage():
+    torch.manual_seed(0)
+    per_teacher = UnicStudentModel(
+        UnicStudentConfig(backbone_config=tiny_convnext(), teachers=TEACHERS, grouped_heads=False)
+    ).eval()
+    grouped = UnicStudentModel(
+        UnicStudentConfig(backbone_config=tiny_convnext(), teachers=TEACHERS, grouped_heads=True)
+    )
+    grouped.load_state_dict(per_teacher.state_dict())
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = per_teacher(pixels), grouped.eval()(pixels)
+    for name in ("cls_predictions", "patch_predictions"):
+        for a, b in zip(expected[name], got[name]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
