@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig
 
 logger = logging.getLogger(__name__)
 
-# Feature-map backbones: model type -> how to read the width and the stride (pixels per token) of each stage.
+# Feature-map backbones: `feature_map_stages` reads the width and stride (pixels per token) of each of their stages.
 FEATURE_MAP_MODEL_TYPES = ("convnext", "convnextv2", "resnet", "swin")
 
 
