@@ -122,25 +122,28 @@ def test_streaming_needs_max_steps(tiny_teachers, student_config_dir, tmp_path):
 
 
 def test_killed_tar_stream_resumes_exactly_where_it_stopped(tiny_teachers, student_config_dir, tmp_path, monkeypatch):
-    """One process, tar shards: a run killed at step 3 (last checkpoint: step 2, mid-epoch) and rerun sees the images
-    of an uninterrupted run, in the same order, each once per epoch (12 images, 3 steps of 4 per epoch, 2 epochs)."""
-    data = write_shards(tmp_path / "tar", "tar", 12, 2)
+    """One process, 2 data-loader workers, 4 tar shards of 4 images (2 per worker): a run killed at step 4 (last
+    checkpoint: step 3, mid-epoch, before the turn of worker 1) and rerun trains on the batches of an uninterrupted
+    run, in the same order, each image once per epoch (4 steps of 4 images per epoch, 2 epochs)."""
+    data = write_shards(tmp_path / "tar", "tar", 16, 4)
+    extra = ("--dataloader_num_workers", "2", "--max_steps", "8", "--save_steps", "3")
     reference = RecordIds(monkeypatch)
-    unic.main(streaming_args(tiny_teachers, student_config_dir, data, tmp_path / "reference"))
-    assert_each_epoch_once(reference.steps, 12, 3)
+    unic.main(streaming_args(tiny_teachers, student_config_dir, data, tmp_path / "reference", *extra))
+    assert_each_epoch_once(reference.steps, 16, 4)
 
     monkeypatch.undo()
     killed = RecordIds(monkeypatch)
-    args = streaming_args(tiny_teachers, student_config_dir, data, tmp_path / "run")
+    args = streaming_args(tiny_teachers, student_config_dir, data, tmp_path / "run", *extra)
     with pytest.raises(KeyboardInterrupt):
-        unic.main(args, callbacks=[KillAt(3)])
-    state = json.loads((tmp_path / "run" / "checkpoint-2" / "stream_state_0.json").read_text())
-    assert state["positions"] == {"0": [0, 8]}  # epoch 0, 2 steps x 4 images taken
+        unic.main(args, callbacks=[KillAt(4)])
+    state = json.loads((tmp_path / "run" / "checkpoint-3" / "stream_state_0.json").read_text())
+    # worker 0 gave steps 1 and 3 (its 8 images of epoch 0), worker 1 step 2 (4 images): worker 1 comes next
+    assert state["positions"] == {"0": [0, 8], "1": [0, 4]} and state["next_worker"] == 1
     monkeypatch.undo()
     resumed = RecordIds(monkeypatch)
     trainer = unic.main(args)
-    assert trainer.state.global_step == 6 and min(resumed.steps) == 3
-    stitched = {step: ids for step, ids in killed.steps.items() if step <= 2} | resumed.steps
+    assert trainer.state.global_step == 8 and min(resumed.steps) == 4
+    stitched = {step: ids for step, ids in killed.steps.items() if step <= 3} | resumed.steps
     assert stitched == reference.steps
 
 
@@ -149,7 +152,7 @@ def test_two_processes_killed_mid_epoch_see_every_parquet_image_once_per_epoch(
     tiny_teachers, student_config_dir, tmp_path
 ):
     """2 processes (gloo, CPU, `accelerate launch`), 2 data-loader workers each, 4 parquet shards of 4 images (one
-    per worker): both processes are killed (SIGKILL) in step 2, the same command resumes from checkpoint-1, mid-epoch
+    per worker): both processes are killed (SIGKILL) in step 4, the same command resumes from checkpoint-3, mid-epoch
     and before the turn of worker 1; over both processes each epoch (2 steps of 2 x 4 images) holds each of the 16
     images exactly once."""
     data = write_shards(tmp_path / "parquet", "parquet", 16, 4)
@@ -160,23 +163,23 @@ def test_two_processes_killed_mid_epoch_see_every_parquet_image_once_per_epoch(
         "--dynamo_backend", "no", "--main_process_port", "29561",
         str(ROOT / "tests" / "scripts" / "record_stream.py"), str(record),
         *streaming_args(tiny_teachers, student_config_dir, data, output_dir, "--use_cpu", "true",
-                        "--dataloader_num_workers", "2", "--max_steps", "4", "--save_steps", "1"),
+                        "--dataloader_num_workers", "2", "--max_steps", "4", "--save_steps", "3"),
     ]  # fmt: skip
 
     def run(kill_at: int, name: str) -> subprocess.CompletedProcess:
         env = {**ENV, "RECORD_STREAM_KILL_AT": str(kill_at), "RECORD_STREAM_RUN": name}
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=150)
 
-    killed = run(2, "killed")
+    killed = run(4, "killed")
     assert killed.returncode != 0, killed.stdout[-2000:] + killed.stderr[-3000:]
-    assert (output_dir / "checkpoint-1").is_dir() and not (output_dir / "checkpoint-2").exists()
+    assert (output_dir / "checkpoint-3").is_dir() and not (output_dir / "model.safetensors").exists()
     resumed = run(0, "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (output_dir / "model.safetensors").exists()
 
     steps = {}
     for rank in (0, 1):
-        for name, keep in (("killed", lambda step: step <= 1), ("resumed", lambda step: step > 1)):
+        for name, keep in (("killed", lambda step: step <= 3), ("resumed", lambda step: step > 3)):
             for line in (record / f"{name}-{rank}.jsonl").read_text().splitlines():
                 entry = json.loads(line)
                 if keep(entry["step"]):
