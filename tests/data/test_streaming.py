@@ -19,7 +19,7 @@ from datasets import Dataset
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from hf_distill.data.streaming import load_streaming_dataset
+from hf_distill.data.streaming import StreamingImageDataset, load_streaming_dataset
 
 from ..conftest import KillAt
 from ..recipes.test_unic import ROOT
@@ -186,3 +186,19 @@ def test_two_processes_killed_mid_epoch_see_every_parquet_image_once_per_epoch(
                     steps.setdefault(entry["step"], []).extend(entry["ids"])
     assert sorted(steps) == list(range(1, 5))
     assert_each_epoch_once(steps, 16, 2)
+
+
+def test_resuming_with_other_stream_settings_is_refused(tmp_path):
+    stream = load_streaming_dataset(write_shards(tmp_path / "tar", "tar", 8, 2), image_column="png")
+    saved = StreamingImageDataset(stream, seed=0, shuffle_buffer_size=8, rank=0, world_size=1)
+    saved.num_workers, saved.position, saved.next_worker = 2, {0: [1, 3]}, 1
+    saved.save_state(str(tmp_path))
+    with pytest.raises(ValueError, match="num_workers 2 -> 0.*same --dataloader_num_workers"):
+        StreamingImageDataset(stream, 0, 8, 0, 1).load_state(str(tmp_path), num_workers=0)
+    with pytest.raises(ValueError, match="shuffle_buffer_size 8 -> 16"):
+        StreamingImageDataset(stream, 0, 16, 0, 1).load_state(str(tmp_path), num_workers=2)
+    resumed = StreamingImageDataset(stream, 0, 8, 0, 1)
+    resumed.load_state(str(tmp_path), num_workers=2)
+    assert resumed.start == {0: (1, 3)} and resumed.next_worker == 1
+    with pytest.raises(ValueError, match="stream_state_0.json: it was not written by a streaming run"):
+        resumed.load_state(str(tmp_path / "tar"), num_workers=2)
