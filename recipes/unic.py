@@ -29,6 +29,7 @@ from transformers import set_seed
 
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.data.image_verification import verify_images
+from hf_distill.data.streaming import load_streaming_train_dataset
 from hf_distill.hub import take_hub_options
 from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher, load_teacher_config
 from hf_distill.models.builders import load_student_backbone_config
@@ -66,7 +67,20 @@ class ScriptArguments:
     student_revision: str | None = field(default=None, metadata={"help": "Revision of --student_model."})
     train_data: str | None = field(
         default=None,
-        metadata={"help": "Hub dataset id, local image folder, or folder written by datasets.save_to_disk."},
+        metadata={
+            "help": "Hub dataset id, local image folder, or folder written by datasets.save_to_disk; with --streaming "
+            "a Hub dataset id or a folder / glob pattern of parquet or WebDataset tar shards."
+        },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream --train_data shard by shard instead of loading it (web-scale data): split over processes "
+            "and workers, shuffled with a buffer, resumed exactly; needs --max_steps."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=1000, metadata={"help": "Examples in the shuffle buffer of --streaming (0: shards read in order)."}
     )
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     dataset_split: str = field(default="train", metadata={"help": "Split of --train_data to train on."})
@@ -121,6 +135,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, UnicConf
             f"--eval_strategy {strategy} needs held-out images: pass --eval_data (same formats as --train_data; the "
             "evaluation loss is the distillation loss on their center crops, without teacher dropping), or leave "
             "--eval_strategy no."
+        )
+    if script_args.streaming and training_args.teacher_cache:
+        raise ValueError(
+            "--teacher_cache indexes the outputs by row of a map-style dataset; with --streaming the teachers run "
+            "online (see README 'Data at web scale' for teacher outputs precomputed as WebDataset shards)."
         )
     if script_args.eval_data and training_args.teacher_cache:
         raise ValueError(
@@ -204,10 +223,16 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         )
     else:
         backbone_config = load_student_backbone_config(script_args.student_config, training_args.image_size)
-    train_dataset = load_image_dataset(script_args.train_data, script_args.image_column, script_args.dataset_split)
-    if script_args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
-    train_dataset = verify_images(train_dataset, training_args, script_args.image_column)  # lists unreadable files
+    if script_args.streaming:  # read shard by shard, never materialized (images are not verified ahead)
+        train_dataset = load_streaming_train_dataset(
+            script_args.train_data, script_args.image_column, script_args.dataset_split, training_args,
+            script_args.shuffle_buffer_size, script_args.max_train_samples,
+        )  # fmt: skip
+    else:
+        train_dataset = load_image_dataset(script_args.train_data, script_args.image_column, script_args.dataset_split)
+        if script_args.max_train_samples is not None:
+            train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
+        train_dataset = verify_images(train_dataset, training_args, script_args.image_column)  # lists unreadable files
     eval_dataset = load_eval_dataset(script_args)
 
     student_config = UnicStudentConfig(
@@ -226,13 +251,13 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         student.backbone.load_state_dict(backbone_state)
     encoder_parameters = student.backbone.num_parameters()
     logger.info(
-        "Student %s, %s: %s encoder parameters + %s in expendable heads; teachers: %s; %d training images",
+        "Student %s, %s: %s encoder parameters + %s in expendable heads; teachers: %s; %s training images",
         describe_backbone(backbone_config),
         f"weights of {script_args.student_model}" if script_args.student_model else "random weights",
         f"{encoder_parameters:,}",
         f"{student.num_parameters() - encoder_parameters:,}",
         ", ".join(names),
-        len(train_dataset),
+        "streamed" if script_args.streaming else len(train_dataset),
     )
 
     revisions = [training_args.teacher_options(index)["revision"] for index in range(len(names))]
@@ -242,6 +267,8 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         if script_args.student_model else {},
         student_config=student_config, data={"train": train_dataset}, options=(script_args, training_args),
     )  # fmt: skip
+    if script_args.streaming and run.checkpoint is not None:  # continue each worker's stream where it stopped
+        train_dataset.load_state(run.checkpoint, training_args.dataloader_num_workers)
     if training_args.teacher_cache is not None:
         with training_args.main_process_first(desc="teacher-output cache"):
             build_teacher_cache(training_args, teacher_sources, names, train_dataset, script_args, student)

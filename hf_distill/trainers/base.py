@@ -26,6 +26,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..data.augmentations import resize_center
+from ..data.streaming import StreamingImageDataset, StreamStateCallback, streaming_train_dataloader
 from ..hub.push import PushExportMixin
 from ..precision import warn_if_emulated_autocast
 from .nonfinite import NonFiniteGuard
@@ -58,6 +59,14 @@ class DistillationTrainer(PushExportMixin, Trainer):
         self._generator = None
         self._rng_position = (-1, 0)  # (global step, micro-batch within the step) of the last random draw
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if isinstance(self.train_dataset, StreamingImageDataset):  # resumed from its saved position, not by skipping
+            self.args.ignore_data_skip = True
+            self.add_callback(StreamStateCallback(self.train_dataset))
+
+    def get_train_dataloader(self):
+        if isinstance(self.train_dataset, StreamingImageDataset):
+            return streaming_train_dataloader(self)
+        return super().get_train_dataloader()
 
     # ------------------------------------------------------------------ randomness and views
 

@@ -1,0 +1,314 @@
+"""Teacher outputs precomputed as WebDataset shards, for streaming data (as Theia stores its teachers' features).
+
+The map-style [`TeacherOutputCache`] indexes outputs by row of a dataset it holds in memory; a web-scale stream has no
+rows to index. Here every sample is written with its outputs into tar shards that the `webdataset` builder of
+`datasets` streams like any other WebDataset (`load_dataset("webdataset", data_files=..., streaming=True)`, or
+`--train_data DIR --streaming` with [`~hf_distill.data.streaming.load_streaming_dataset`]):
+
+    DIR/shard-00000.tar     000000000.png                  the sample's encoded image, as read
+                            000000000.{teacher}.summary.npy  [V, D] summary token of each fixed view
+                            000000000.{teacher}.patch.npy    [V, h * w, D] patch tokens of each fixed view
+                            000000001.png ...
+    DIR/shard-00000.json    its cache key, samples, size and XXH3-128 checksum (written atomically after the shard)
+    DIR/cache.json          written last: teachers, sizes, grid, views, dtype, and every shard with its checksum
+
+The fixed views are those of [`TeacherOutputCache`] (view 0: the resized center crop, view 1: its horizontal flip)
+and the cache key covers the same things (teacher weights fingerprints and options, sizes, normalization, grid,
+views, storage dtype, the data's fingerprint and image column, the shard size). A build that is stopped and started
+again keeps every shard whose record names this key and whose checksum matches, and writes the others.
+"""
+
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.image_datasets import ImageCollator
+from ..io_utils import atomic_path, write_json_atomically
+from ..models.fingerprint import teacher_identity
+from .teacher_cache import CACHE_INDEX, checksum, file_checksum, fixed_views
+
+logger = logging.getLogger(__name__)
+SHARDS_FORMAT = "webdataset-1"
+_NOT_KEYED = ("source", "revision")
+_SHARD = re.compile(r"shard-(\d{5})\.(tar|json)$")
+_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+
+
+def _image_bytes(image) -> tuple[bytes, str]:
+    """The encoded bytes and extension of an undecoded image (`{"bytes", "path"}`, as streamed), or of a PIL image
+    (re-encoded as PNG)."""
+    if isinstance(image, dict):
+        path = image.get("path") or ""
+        extension = os.path.splitext(path)[1].lstrip(".").lower()
+        data = image.get("bytes")
+        if data is None:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        return data, extension if extension in _IMAGE_EXTENSIONS else "png"
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), "png"
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            payload = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _first_sample(path: str) -> dict[str, np.ndarray]:
+    """`{"{teacher}.summary" | "{teacher}.patch": array}` of the first sample of a shard."""
+    arrays, key = {}, None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            sample_key, field = member.name.split(".", 1)
+            if key is not None and sample_key != key:
+                break
+            key = sample_key
+            if field.endswith(".npy"):
+                arrays[field.removesuffix(".npy")] = np.load(tar.extractfile(member), allow_pickle=False)
+    return arrays
+
+
+class TeacherOutputShards:
+    """Teacher outputs stored in WebDataset tar shards (see the module docstring).
+
+    Opening checks the index and the size of every shard; [`~TeacherOutputShards.verify`] reads every shard and checks
+    its checksum. Problems are `ValueError`s naming the file and saying how to rebuild.
+    """
+
+    def __init__(self, directory: str):
+        rebuild = f"Build it again with TeacherOutputShards.build({directory!r}, ...): intact shards are kept."
+        info = _read_json(os.path.join(directory, CACHE_INDEX))
+        if info is None:
+            raise ValueError(
+                f"{directory} holds no complete teacher-output shards ({CACHE_INDEX} is missing or unreadable: the "
+                f"build did not finish). {rebuild}"
+            )
+        if info.get("format") != SHARDS_FORMAT:
+            raise ValueError(f"{directory} is not a WebDataset teacher-output cache ({info.get('format')}). {rebuild}")
+        for shard in info["shards"]:
+            path = os.path.join(directory, shard["file"])
+            if not os.path.isfile(path) or os.path.getsize(path) != shard["bytes"]:
+                raise ValueError(
+                    f"Shard {path} is missing or does not have the {shard['bytes']} bytes written. {rebuild}"
+                )
+        self.directory, self.info, self._rebuild = directory, info, rebuild
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return [teacher["name"] for teacher in self.info["teachers"]]
+
+    @property
+    def files(self) -> list[str]:
+        """The shard paths, in order (e.g. for `--train_data` or `load_dataset("webdataset", data_files=...)`)."""
+        return [os.path.join(self.directory, shard["file"]) for shard in self.info["shards"]]
+
+    def verify(self) -> None:
+        """Read every shard and compare its checksum with the one written with it."""
+        for shard, path in zip(self.info["shards"], self.files):
+            if file_checksum(path) != shard["xxh3_128"]:
+                raise ValueError(
+                    f"Shard {path} is corrupt (its checksum differs from the one written). {self._rebuild}"
+                )
+
+    def examples(self) -> Iterator[dict]:
+        """Every sample in order: `{"__key__", "image": bytes, "{teacher}.summary": [V, D], "{teacher}.patch":
+        [V, h * w, D]}` (numpy arrays in the stored dtype)."""
+        for path in self.files:
+            sample = {}
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    key, field = member.name.split(".", 1)
+                    if sample and key != sample["__key__"]:
+                        yield sample
+                        sample = {}
+                    data = tar.extractfile(member).read()
+                    sample["__key__"] = key
+                    if field.endswith(".npy"):
+                        sample[field.removesuffix(".npy")] = np.load(io.BytesIO(data), allow_pickle=False)
+                    else:
+                        sample["image"] = data
+            if sample:
+                yield sample
+
+    @classmethod
+    @torch.inference_mode()
+    def build(
+        cls,
+        directory: str,
+        teachers: list[tuple[str, torch.nn.Module]],
+        examples: Iterable[dict],
+        image_column: str,
+        image_size: int,
+        load_size: int,
+        student_mean: list[float],
+        student_std: list[float],
+        grid_size: tuple[int, int],
+        num_views: int = 2,
+        batch_size: int = 64,
+        samples_per_shard: int = 1000,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str = "cpu",
+        data_fingerprint: str | None = None,
+    ) -> "TeacherOutputShards":
+        """Run `teachers` (`(name, module)` pairs) on the fixed views of every example of `examples` (a streamed or
+        map-style dataset, read once in order) and write them, with the images, as shards of `samples_per_shard`.
+
+        `data_fingerprint` identifies the data in the cache key (default: the dataset's own fingerprint). Shards of an
+        earlier build with the same key that pass their checksum are kept without running the teachers.
+        """
+        if num_views not in (1, 2):
+            raise ValueError(f"num_views must be 1 (center) or 2 (center + flip), got {num_views}.")
+        for name, _ in teachers:
+            if "/" in name:
+                raise ValueError(f"Teacher name {name!r}: a '/' cannot be part of a file name in a tar shard.")
+        if data_fingerprint is None:
+            data_fingerprint = getattr(examples, "_fingerprint", None) or getattr(
+                examples, "_hf_distill_fingerprint", None
+            )
+        os.makedirs(directory, exist_ok=True)
+        identities = [{"name": name, **teacher_identity(teacher)} for name, teacher in teachers]
+        description = {
+            "format": SHARDS_FORMAT,
+            "teachers": [{k: v for k, v in identity.items() if k not in _NOT_KEYED} for identity in identities],
+            "data_fingerprint": data_fingerprint,
+            "image_column": image_column,
+            "image_size": image_size,
+            "load_size": load_size,
+            "student_mean": [float(v) for v in student_mean],
+            "student_std": [float(v) for v in student_std],
+            "grid_size": list(grid_size),
+            "num_views": num_views,
+            "samples_per_shard": samples_per_shard,
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+        key = checksum(json.dumps(description, sort_keys=True).encode())
+        index_path = os.path.join(directory, CACHE_INDEX)
+        collate = ImageCollator(load_size, image_column=image_column)
+        device = torch.device(device)
+        mean = torch.tensor(student_mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(student_std, device=device).view(1, -1, 1, 1)
+
+        def outputs_of(chunk: list[dict]) -> dict[str, np.ndarray]:
+            found: dict[str, list[torch.Tensor]] = {}
+            for start in range(0, len(chunk), batch_size):
+                pixels = collate(chunk[start : start + batch_size])["pixel_values"].to(device)
+                per_view: dict[str, list[torch.Tensor]] = {}
+                for view in range(num_views):
+                    views = torch.full((pixels.shape[0],), view, device=device)
+                    normalized = (fixed_views(pixels, image_size, views) - mean) / std
+                    for name, teacher in teachers:
+                        result = teacher(normalized, mean.flatten(), std.flatten(), grid_size=grid_size)
+                        per_view.setdefault(f"{name}.summary", []).append(result.summary.to(dtype).cpu())
+                        per_view.setdefault(f"{name}.patch", []).append(result.patch_tokens.to(dtype).cpu())
+                for field, values in per_view.items():
+                    found.setdefault(field, []).append(torch.stack(values, dim=1))  # [b, V, ...]
+            return {field: torch.cat(values).numpy() for field, values in found.items()}
+
+        records, written, number, first = [], 0, 0, 0
+        progress = tqdm(desc="Caching teacher outputs as shards", unit="img")
+        chunk: list[dict] = []
+        iterator = iter(examples)
+        while True:
+            example = next(iterator, None)
+            if example is not None:
+                chunk.append(example)
+                if len(chunk) < samples_per_shard:
+                    continue
+            if not chunk:
+                break
+            name = f"shard-{number:05d}.tar"
+            path, record_path = os.path.join(directory, name), os.path.join(directory, f"shard-{number:05d}.json")
+            record = _read_json(record_path)
+            intact = (
+                record is not None
+                and record.get("key") == key
+                and record.get("samples") == len(chunk)
+                and os.path.isfile(path)
+                and os.path.getsize(path) == record.get("bytes")
+                and file_checksum(path) == record.get("xxh3_128")
+            )
+            if not intact:
+                if os.path.exists(index_path):
+                    os.remove(index_path)  # a build stopped from here on leaves no index naming a mix of shards
+                outputs = outputs_of(chunk)
+                with atomic_path(path) as temporary:
+                    with tarfile.open(temporary, "w") as tar:
+                        for row, sample in enumerate(chunk):
+                            sample_key = f"{first + row:09d}"
+                            data, extension = _image_bytes(sample[image_column])
+                            _add(tar, f"{sample_key}.{extension}", data)
+                            for field, values in outputs.items():
+                                _add(tar, f"{sample_key}.{field}.npy", _npy(values[row]))
+                    with open(temporary, "rb+") as handle:
+                        os.fsync(handle.fileno())
+                record = {"file": name, "key": key, "first": first, "samples": len(chunk)}
+                record.update(bytes=os.path.getsize(path), xxh3_128=file_checksum(path))
+                write_json_atomically(record_path, record)  # after the shard: a shard without its record is rewritten
+                written += 1
+                dims = {field: values.shape[-1] for field, values in outputs.items()}
+            records.append(record)
+            progress.update(len(chunk))
+            first, number, chunk = first + len(chunk), number + 1, []
+            if example is None:
+                break
+        progress.close()
+        if not records:
+            raise ValueError("Cannot build teacher-output shards of an empty dataset.")
+        for entry in os.listdir(directory):  # shards of a longer, older build
+            match = _SHARD.match(entry)
+            if match and int(match.group(1)) >= len(records):
+                os.remove(os.path.join(directory, entry))
+        if written == 0:  # every shard kept: read the dimensions from the first one
+            sample = _first_sample(os.path.join(directory, records[0]["file"]))
+            dims = {field: values.shape[-1] for field, values in sample.items()}
+        info = {
+            "format": SHARDS_FORMAT,
+            "key": key,
+            "content": description,
+            "teachers": [
+                {
+                    **identity,
+                    "summary_dim": dims[f"{identity['name']}.summary"],
+                    "patch_dim": dims[f"{identity['name']}.patch"],
+                }
+                for identity in identities
+            ],
+            "num_samples": first,
+            "num_views": num_views,
+            "image_size": image_size,
+            "load_size": load_size,
+            "grid_size": list(grid_size),
+            "dtype": description["dtype"],
+            "shards": records,
+        }
+        write_json_atomically(index_path, info)
+        logger.info(
+            "Teacher-output shards in %s: %d images in %d shards (%d written, %d kept after checking their checksums)",
+            directory, first, len(records), written, len(records) - written,
+        )  # fmt: skip
+        return cls(directory)
