@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EFFICIENTNET = "py:demo.teachers:efficientnet_lite0_teacher"
 STUDENT_IMAGE_SIZE = 56
 EFFICIENTNET_CLASSIFIER = "py:demo.teachers:efficientnet_lite0_classifier"
+EMULATION_SAMPLES = 500  # test images per dataset for the teacher emulation (both teachers run again on each)
 
 
 def student_config() -> ViTConfig:
@@ -56,6 +57,7 @@ def emulation_args(student_dir: str, teachers: list[str]) -> list[str]:
         "--trust_remote_code", "--adaptors", os.path.join(student_dir, ADAPTORS_FOLDER),
         "--emulation_teachers", *[f"{name}={teacher}" for name, teacher in zip(names, teachers)],
         "--emulation_heads", f"{names[teachers.index(EFFICIENTNET)]}={EFFICIENTNET_CLASSIFIER}",
+        "--emulation_max_samples", str(EMULATION_SAMPLES),
     ]  # fmt: skip
 
 

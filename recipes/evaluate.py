@@ -98,6 +98,10 @@ class EvaluateArguments:
             "nargs": "+",
         },
     )
+    emulation_max_samples: int | None = field(
+        default=None,
+        metadata={"help": "Teacher emulation on at most N test images per dataset (default: all that are evaluated)."},
+    )
     model_card_dir: str | None = field(
         default=None, metadata={"help": "Exported student folder whose model card gets the first model's results."}
     )
@@ -197,7 +201,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             scores = evaluate_emulation(
                 args.adaptors,
                 emulation_teachers,
-                spec.load(spec.test_split, spec.max_test_samples),
+                spec.load(
+                    spec.test_split,
+                    min(filter(None, (spec.max_test_samples, args.emulation_max_samples)), default=None),
+                ),
                 image_column=spec.image_column,
                 heads=emulation_heads,
                 batch_size=args.batch_size,
