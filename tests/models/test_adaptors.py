@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModel
 
 from hf_distill import UnicStudentConfig, UnicStudentModel
+from hf_distill.hub import upload_file_list
 
 from ..conftest import tiny_dinov2_config, tiny_vit_config
 
@@ -140,6 +141,9 @@ def test_export_loads_without_hf_distill(tmp_path):
             if line.startswith(("import ", "from "))
         }
         assert not any("hf_distill" in module for module in imports), imports
+    published = {f"adaptors/{name}" for name in ("config.json", "model.safetensors", "preprocessor_config.json",
+                                                  "configuration_unic_adaptors.py", "modeling_unic_adaptors.py")}  # fmt: skip
+    assert published == set(upload_file_list(tmp_path))  # a push of the student's folder uploads the adaptors too
     pixels = torch.randn(2, 3, 32, 32)
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     with torch.no_grad():
