@@ -272,16 +272,17 @@ class PhiSStandardizer(nn.Module):
                 f"and shape {list(valid.shape)}."
             )
         features = features.float()
-        if ema_weight is not None:
-            frozen, updates = self._host_progress()
-            if not frozen:
-                self._accumulate(features, valid)
-                self._progress = (False, updates + 1)
-                if updates + 1 >= self.warmup_steps:
-                    self.freeze()
-                else:
-                    self._set_isotropic()
-        with torch.no_grad():
+        # fp32 matrix products even under the student's bf16 / fp16 autocast: targets and statistics keep full precision
+        with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
+            if ema_weight is not None:
+                frozen, updates = self._host_progress()
+                if not frozen:
+                    self._accumulate(features, valid)
+                    self._progress = (False, updates + 1)
+                    if updates + 1 >= self.warmup_steps:
+                        self.freeze()
+                    else:
+                        self._set_isotropic()
             out = (features - self.mean) @ self.transform.T
         if valid is not None:
             out = torch.where(valid.to(out.device).view(-1, *([1] * (out.dim() - 1))), out, 0.0)

@@ -175,3 +175,14 @@ def test_statistics_are_over_the_global_batch_across_processes():
     for rank in (0, 1):
         for key, value in single.state_dict().items():
             torch.testing.assert_close(results[rank][key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_full_precision_under_the_students_bf16_autocast():
+    data = correlated_features(200, 12, seed=7)
+    reference, autocast = PhiSStandardizer(12, warmup_steps=1), PhiSStandardizer(12, warmup_steps=1)
+    expected = reference(data, ema_weight=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = autocast(data, ema_weight=1.0)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(autocast.transform, reference.transform, rtol=1e-6, atol=1e-6)
