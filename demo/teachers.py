@@ -29,6 +29,13 @@ def efficientnet_lite0():
     return model.eval()
 
 
+def efficientnet_lite0_classifier():
+    """EfficientNet-Lite0's own ImageNet classifier (`Linear(1280, 1000)`), which reads the pooled feature map, i.e.
+    the teacher's summary: `py:demo.teachers:efficientnet_lite0_classifier` is the head of the demo's top-1 agreement
+    between the teacher and the student's EfficientNet adaptor (dropout, before it, is off in evaluation)."""
+    return efficientnet_lite0()._fc
+
+
 def efficientnet_lite0_teacher(image_size: int | None = 224) -> ModuleTeacher:
     """EfficientNet-Lite0 as a teacher: 1280-d summary (pooled features) and 1280-d patch tokens (stride 32), run at
     `image_size` px (its training resolution, 224, by default) and interpolated to the student's grid."""

@@ -16,6 +16,14 @@ task_distill classifier, without its head), and the `image_embeds` of a model wi
 L2-normalized universal embedding; else its `pooler_output`). Models with their own code load only with
 `--trust_remote_code`; every model is checked before any evaluation starts.
 
+Teacher emulation (`--adaptors`, the adaptor export of recipes/unic.py `--export_adaptors true`): every adaptor is
+scored against its real teacher on every dataset's test split (cosine similarity and R^2 of summary and patch
+tokens; top-1 agreement through a teacher head given with `--emulation_heads`), reported with the first model:
+
+    python recipes/evaluate.py --models outputs/unic-tiny --dataset mnist=path/to/mnist --trust_remote_code \
+        --adaptors outputs/unic-tiny/adaptors --emulation_teachers dinov2-small=facebook/dinov2-small \
+        --output_dir eval
+
 Prints a comparison table, writes `eval_results.json` and `plots/eval_comparison.png` to `--output_dir`, caches
 features under `--cache_dir` (a second evaluation of the same model on the same data reads them back), and with
 `--model_card_dir` adds the first model's results to the model card (`model-index`) of that exported student.
@@ -26,6 +34,7 @@ import os
 from dataclasses import dataclass, field
 
 from hf_distill import hub
+from hf_distill.evaluation.emulation import evaluate_emulation
 from hf_distill.evaluation.features import check_remote_code
 from hf_distill.evaluation.suite import EvalDataset, card_results, evaluate_encoder
 from hf_distill.hub.method_cards import add_evaluation_to_card
@@ -67,6 +76,32 @@ class EvaluateArguments:
             "for sources you trust."
         },
     )
+    adaptors: str | None = field(
+        default=None,
+        metadata={
+            "help": "Adaptor export of the first model (recipes/unic.py --export_adaptors true): its teacher emulation "
+            "is scored on each dataset's test split and reported with the first model. Needs --trust_remote_code."
+        },
+    )
+    emulation_teachers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "NAME=SOURCE per adaptor to score: the adaptor's teacher (Hub id, folder or py: factory).",
+            "nargs": "+",
+        },
+    )
+    emulation_heads: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "NAME=py:module:function returning a head (classifier / projection) that reads that teacher's "
+            "summary: adds the top-1 agreement of teacher+head and adaptor+head.",
+            "nargs": "+",
+        },
+    )
+    emulation_max_samples: int | None = field(
+        default=None,
+        metadata={"help": "Teacher emulation on at most N test images per dataset (default: all that are evaluated)."},
+    )
     model_card_dir: str | None = field(
         default=None, metadata={"help": "Exported student folder whose model card gets the first model's results."}
     )
@@ -89,7 +124,34 @@ def parse_args(argv: list[str] | None = None) -> tuple[EvaluateArguments, list[E
         raise ValueError(f"--image_size takes one value or one per model ({len(args.models)}).")
     if args.model_names is not None and len(args.model_names) != len(args.models):
         raise ValueError(f"--model_names has {len(args.model_names)} names for {len(args.models)} models.")
+    emulation_options(args)  # fails on a malformed NAME=SOURCE before any work
     return args, suite
+
+
+def _named(items: list[str] | None, option: str) -> dict[str, str]:
+    named = {}
+    for item in items or []:
+        name, separator, value = item.partition("=")
+        if not separator or not name or not value:
+            raise ValueError(f"{option} takes NAME=VALUE items (NAME: the adaptor / teacher name), got {item!r}.")
+        named[name] = value
+    return named
+
+
+def emulation_options(args: EvaluateArguments) -> tuple[dict[str, str], dict[str, str]]:
+    """`(teachers, heads)` of the teacher-emulation options, checked: `{name: source}`, `{name: py: spec}`."""
+    teachers = _named(args.emulation_teachers, "--emulation_teachers")
+    heads = _named(args.emulation_heads, "--emulation_heads")
+    if args.adaptors is None:
+        if teachers or heads:
+            raise ValueError("--emulation_teachers / --emulation_heads score an adaptor export: pass --adaptors.")
+        return teachers, heads
+    if not teachers:
+        raise ValueError("--adaptors needs --emulation_teachers NAME=SOURCE (the teacher of each adaptor to score).")
+    headless = sorted(set(heads) - set(teachers))
+    if headless:
+        raise ValueError(f"--emulation_heads for {headless}, which have no --emulation_teachers entry.")
+    return teachers, heads
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -98,7 +160,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     metrics = list(dict.fromkeys(metric for values in results.values() for metric in values))
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for metric in metrics:
-        cells = [f"{results[name][metric]:.2f}" if metric in results[name] else "-" for name in names]
+        digits = 3 if "/emulation/" in metric and not metric.endswith("agreement") else 2  # cosines and R^2 in [0, 1]
+        cells = [f"{results[name][metric]:.{digits}f}" if metric in results[name] else "-" for name in names]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -114,6 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     dense = any("segmentation" in spec.protocols for spec in suite)
     for model in args.models:  # config files only: a model that cannot be evaluated fails before any work
         check_remote_code(model, args.trust_remote_code, patch_tokens=dense)
+    emulation_teachers, emulation_heads = emulation_options(args)
+    if args.adaptors is not None and not check_remote_code(args.adaptors, args.trust_remote_code):
+        raise ValueError(f"--adaptors {args.adaptors!r} is not an adaptor export (no auto_map in its config.json).")
     results = {}
     for name, model, image_size in zip(names, args.models, sizes):
         logger.info("Evaluating %s (%s) on %s", name, model, ", ".join(spec.name for spec in suite))
@@ -129,11 +195,31 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             name=name,
             trust_remote_code=args.trust_remote_code,
         )
+    if args.adaptors is not None:
+        for spec in suite:
+            logger.info("Teacher emulation of %s on %s", args.adaptors, spec.name)
+            scores = evaluate_emulation(
+                args.adaptors,
+                emulation_teachers,
+                spec.load(
+                    spec.test_split,
+                    min(filter(None, (spec.max_test_samples, args.emulation_max_samples)), default=None),
+                ),
+                image_column=spec.image_column,
+                heads=emulation_heads,
+                batch_size=args.batch_size,
+                device=args.device,
+                trust_remote_code=True,
+                description=f"emulation | {spec.name}/{spec.test_split}",
+            )
+            results[names[0]].update({f"{spec.name}/emulation/{key}": value for key, value in scores.items()})
     print(format_table(results))
     payload = {
         "models": {name: {"source": model, "results": results[name]} for name, model in zip(names, args.models)},
         "datasets": [vars(spec) for spec in suite],
     }
+    if args.adaptors is not None:
+        payload["emulation"] = {"adaptors": args.adaptors, "teachers": emulation_teachers, "heads": emulation_heads}
     write_json_atomically(os.path.join(args.output_dir, "eval_results.json"), payload)
     logger.info("Wrote %s", os.path.join(args.output_dir, "eval_results.json"))
     headline = {

@@ -18,7 +18,9 @@ their center crops, without teacher dropping, logged as `eval_loss` and per teac
 
 Any option of the YAML file can be overridden on the command line (`--max_steps 10`). A killed run restarts from its
 last checkpoint in `--output_dir` when launched again with the same command. The final `--output_dir` holds the
-student encoder as a stock transformers model: `AutoModel.from_pretrained(output_dir)`.
+student encoder as a stock transformers model: `AutoModel.from_pretrained(output_dir)`; with `--export_adaptors true`,
+`output_dir/adaptors` also holds the student with one adaptor per teacher (outputs in each teacher's own feature
+space): `AutoModel.from_pretrained(output_dir + "/adaptors", trust_remote_code=True)`.
 """
 
 import logging
@@ -100,6 +102,10 @@ class ScriptArguments:
     )
     standardization: str = field(
         default="unic", metadata={"help": f"Teacher feature standardization, one of {STANDARDIZATION_MODES}."}
+    )
+    standardization_warmup_steps: int = field(
+        default=100,
+        metadata={"help": "phi-s only: training batches that estimate the transform before it is frozen."},
     )
     student_image_mean: list[float] = field(
         default_factory=lambda: list(IMAGENET_MEAN), metadata={"help": "Student pixel mean.", "nargs": 3}
@@ -241,6 +247,7 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         use_ladder=script_args.use_ladder,
         ladder_layers=script_args.ladder_layers,
         standardization=script_args.standardization,
+        standardization_warmup_steps=script_args.standardization_warmup_steps,
         image_mean=script_args.student_image_mean,
         image_std=script_args.student_image_std,
         backbone_source=script_args.student_model,

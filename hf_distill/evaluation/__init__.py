@@ -1,4 +1,5 @@
-"""Evaluation of encoders: feature extraction with a cache, k-NN, linear probe, retrieval, dense probe.
+"""Evaluation of encoders: feature extraction with a cache, k-NN, linear probe, retrieval, dense probe; and teacher
+emulation of a student's adaptors ([`evaluate_emulation`]).
 
 The metrics are also shipped as `evaluate` modules that load offline by path:
 `evaluate.load(hf_distill.evaluation.metric_path("knn_accuracy"))`.
@@ -6,6 +7,7 @@ The metrics are also shipped as `evaluate` modules that load offline by path:
 
 import os
 
+from .emulation import evaluate_emulation
 from .features import FeatureSet, extract_features, load_encoder
 from .knn import knn_accuracy, knn_predict
 from .linear_probe import linear_probe
@@ -28,6 +30,7 @@ __all__ = [
     "EvalDataset",
     "FeatureSet",
     "dense_linear_probe",
+    "evaluate_emulation",
     "evaluate_encoder",
     "extract_features",
     "knn_accuracy",

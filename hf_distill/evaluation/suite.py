@@ -166,8 +166,23 @@ def evaluate_encoder(
     return results
 
 
+_EMULATION_METRICS = {
+    "summary_cosine": ("cosine_similarity", "summary cosine similarity"),
+    "summary_r2": ("r_squared", "summary R^2"),
+    "patch_cosine": ("cosine_similarity", "patch cosine similarity"),
+    "patch_r2": ("r_squared", "patch R^2"),
+    "top1_agreement": ("accuracy", "top-1 agreement with the teacher's head (%)"),
+}
+
+
 def _describe(metric: str) -> tuple[str, str, str, str] | None:
-    """`(task_type, task_name, metric_type, metric_name)` of a flat metric key's last part, None for per-domain."""
+    """`(task_type, task_name, metric_type, metric_name)` of a flat metric key's last part, None for per-domain.
+    Teacher emulation keys are `emulation/<teacher>/<metric>` ([`~hf_distill.evaluation.emulation`])."""
+    if metric.startswith("emulation/"):
+        teacher, _, name = metric.removeprefix("emulation/").rpartition("/")
+        if name not in _EMULATION_METRICS:
+            return None
+        return ("image-feature-extraction", f"Teacher emulation ({teacher})", *_EMULATION_METRICS[name])
     if metric.startswith("knn_top1@"):
         k = metric.split("@")[1]
         return "image-classification", f"k-NN classification (k={k})", "accuracy", f"k-NN top-1 (k={k})"
@@ -203,7 +218,7 @@ def card_results(
                 dataset_split=spec.test_split,
                 metric_type=metric_type,
                 metric_name=metric_name,
-                metric_value=round(float(value), 2),
+                metric_value=round(float(value), 4 if metric_type in ("cosine_similarity", "r_squared") else 2),
             )
         )
         others = {name: round(values[key], 2) for name, values in results.items() if name != student and key in values}

@@ -37,6 +37,9 @@ UPLOAD_PATTERNS = (
     "plots/*.png",
 )
 _FIXED_FILES = ("config.json", "preprocessor_config.json", "README.md")
+# the adaptor export of a UNIC student (`recipes/unic.py --export_adaptors true`, hf_distill.models.adaptors), published
+# beside the encoder: `AutoModel.from_pretrained(repo, subfolder="adaptors", trust_remote_code=True)`
+ADAPTORS_SUBFOLDER = "adaptors"
 
 
 def _is_regular_file_inside(folder: Path, relative: str) -> bool:
@@ -113,10 +116,15 @@ def upload_file_list(output_dir: str | os.PathLike) -> list[str]:
     in the folder) and the card's plots (`plots/*.png`), when present (see `UPLOAD_PATTERNS`). Only regular files
     inside `output_dir` qualify: a symbolic link (to a file or a folder, inside or outside) is never followed. Training
     leftovers (`checkpoint-*/`, `trainer_state.json`, `training_args.bin`, optimizer / scheduler states, logs, probe
-    features, ...) are never part of it.
+    features, ...) are never part of it. A UNIC adaptor export in `adaptors/` (`config.json`, weights, processor and
+    its code files) is uploaded with it.
     """
     output_dir = Path(output_dir)
     candidates = [*weight_files(output_dir), *_FIXED_FILES, *code_files(output_dir), *_card_plots(output_dir)]
+    adaptors = output_dir / ADAPTORS_SUBFOLDER
+    if (adaptors / "config.json").is_file():
+        names = (*weight_files(adaptors), "config.json", "preprocessor_config.json", *code_files(adaptors))
+        candidates += [f"{ADAPTORS_SUBFOLDER}/{name}" for name in names]
     if _eval_results_is_current(output_dir):
         candidates.append("eval_results.json")
     return sorted({name for name in candidates if _is_regular_file_inside(output_dir, name)})

@@ -37,7 +37,12 @@ class UnicStudentConfig(PreTrainedConfig):
             (`make bench`).
         standardization (`str`, defaults to `"unic"`):
             Teacher feature standardization: `"unic"` (previous EMA statistics) or `"dune"` (current global batch
-            statistics in training, EMA at eval), both with the cosine EMA schedule 1.0 -> 0.001, or `"none"`.
+            statistics in training, EMA at eval), both with the cosine EMA schedule 1.0 -> 0.001, `"phi-s"` (PHI-S:
+            PCA and Hadamard rotations and one isotropic scale, estimated during a warm-up then frozen; see
+            [`~hf_distill.models.phi_s.PhiSStandardizer`]), or `"none"`.
+        standardization_warmup_steps (`int`, defaults to 100):
+            `"phi-s"` only: training batches whose global statistics are accumulated before the transform is
+            computed and frozen (each micro-batch counts under gradient accumulation).
         image_mean, image_std (`list[float]`):
             Pixel normalization of the student (saved with the exported image processor).
         initializer_range (`float`, defaults to 0.02):
@@ -58,6 +63,7 @@ class UnicStudentConfig(PreTrainedConfig):
     ladder_hidden_ratio: float = 1.0
     grouped_heads: bool | None = None
     standardization: str = "unic"
+    standardization_warmup_steps: int = 100
     image_mean: list[float] | tuple[float, ...] = IMAGENET_MEAN
     image_std: list[float] | tuple[float, ...] = IMAGENET_STD
     initializer_range: float = 0.02
@@ -76,6 +82,11 @@ class UnicStudentConfig(PreTrainedConfig):
                 raise ValueError(f"Teacher entry {teacher} lacks {sorted(missing)}.")
         if self.standardization not in STANDARDIZATION_MODES:
             raise ValueError(f"standardization must be one of {STANDARDIZATION_MODES}, got {self.standardization!r}.")
+        if self.standardization_warmup_steps < 1:
+            raise ValueError(
+                f"standardization_warmup_steps must be >= 1 (batches that estimate the PHI-S statistics), got "
+                f"{self.standardization_warmup_steps}."
+            )
         if self.backbone_config is not None and self.ladder_layers is not None:
             num_layers = num_ladder_blocks(self.backbone_config)
             bad = [layer for layer in self.ladder_layers if not 1 <= layer <= num_layers]

@@ -20,8 +20,10 @@ from transformers import AutoModel, PreTrainedModel, ViTImageProcessor
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .adaptors import export_adaptors
 from .configuration_unic import UnicStudentConfig
-from .standardization import FeatureStandardizer
+from .phi_s import PhiSStandardizer
+from .standardization import FeatureStandardizer, build_standardizer
 from .student_backbones import feature_map_ladder_features, is_feature_map_config, ladder_widths, output_width
 
 # Backbone parameters that never get a gradient from UNIC's objective: frozen so DDP needs no unused-parameter search.
@@ -145,6 +147,11 @@ class UnicStudentPreTrainedModel(PreTrainedModel):
         elif isinstance(module, FeatureStandardizer):
             init.zeros_(module.mean)
             init.ones_(module.std)
+        elif isinstance(module, PhiSStandardizer):
+            for name in ("stat_count", "stat_mean", "stat_scatter", "num_updates", "frozen", "mean"):
+                init.zeros_(getattr(module, name))
+            init.eye_(module.transform)
+            init.ones_(module.scale)
 
 
 class UnicStudentModel(UnicStudentPreTrainedModel):
@@ -167,12 +174,15 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
         self.patch_heads = nn.ModuleDict()
         self.cls_standardizers = nn.ModuleDict()
         self.patch_standardizers = nn.ModuleDict()
+        mode, warmup = config.standardization, config.standardization_warmup_steps
         for teacher in config.teachers:
             name, summary_dim, patch_dim = teacher["name"], teacher["summary_dim"], teacher["patch_dim"]
-            self.cls_heads[name] = LadderProjector(widths, summary_dim, num_rungs, ladder_hidden, last_hidden)
-            self.patch_heads[name] = LadderProjector(widths, patch_dim, num_rungs, ladder_hidden, last_hidden)
-            self.cls_standardizers[name] = FeatureStandardizer(summary_dim, config.standardization)
-            self.patch_standardizers[name] = FeatureStandardizer(patch_dim, config.standardization)
+            # the heads predict the standardized targets, whose width may differ from the teacher's (PHI-S padding)
+            self.cls_standardizers[name] = build_standardizer(summary_dim, mode, warmup)
+            self.patch_standardizers[name] = build_standardizer(patch_dim, mode, warmup)
+            summary_out, patch_out = self.cls_standardizers[name].out_dim, self.patch_standardizers[name].out_dim
+            self.cls_heads[name] = LadderProjector(widths, summary_out, num_rungs, ladder_hidden, last_hidden)
+            self.patch_heads[name] = LadderProjector(widths, patch_out, num_rungs, ladder_hidden, last_hidden)
         self.post_init()
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
@@ -252,6 +262,20 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
         """
         self.backbone.save_pretrained(output_dir, **kwargs)
         self.image_processor(image_size).save_pretrained(output_dir)
+
+    def export_adaptors(
+        self,
+        output_dir: str | os.PathLike,
+        teachers: list[str] | None = None,
+        image_size: int | None = None,
+        state_dict: dict | None = None,
+        **kwargs,
+    ) -> str:
+        """Write the encoder WITH its per-teacher heads ("adaptors"), the standardization folded into their last
+        layers so that each adaptor outputs its teacher's own features; see
+        [`~hf_distill.models.adaptors.export_adaptors`]. Loads with `AutoModel.from_pretrained(output_dir,
+        trust_remote_code=True)` without hf_distill."""
+        return export_adaptors(self, output_dir, teachers, image_size, state_dict=state_dict, **kwargs)
 
 
 __all__ = [

@@ -10,7 +10,9 @@ modes:
 - `"dune"` (naver/dune code): normalize with the current global batch statistics (std clamped to >= 1e-3), then update
   the EMA, which is used only at evaluation.
 
-At evaluation both modes use the frozen EMA statistics. `"none"` disables standardization.
+At evaluation both modes use the frozen EMA statistics. `"none"` disables standardization. `"phi-s"` (PHI-S: a PCA
+rotation, a Hadamard rotation and one isotropic scale, estimated during a warm-up then frozen) is
+[`~hf_distill.models.phi_s.PhiSStandardizer`]; [`build_standardizer`] makes the one a mode asks for.
 
 The moments are computed without losing precision on dimensions with a large offset and a small spread (common in
 ViT teachers): each process centres its rows on its own provisional mean (a corrected two-pass sum), and the
@@ -24,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-STANDARDIZATION_MODES = ("unic", "dune", "none")
+STANDARDIZATION_MODES = ("unic", "dune", "none", "phi-s")
+PER_DIMENSION_MODES = ("unic", "dune", "none")
 UNIC_EPS = 1e-6
 DUNE_MIN_STD = 1e-3
 EMA_FINAL_WEIGHT = 0.001
@@ -132,8 +135,10 @@ class FeatureStandardizer(nn.Module):
 
     def __init__(self, dim: int, mode: str = "unic"):
         super().__init__()
-        if mode not in STANDARDIZATION_MODES:
-            raise ValueError(f"standardization mode must be one of {STANDARDIZATION_MODES}, got {mode!r}.")
+        if mode not in PER_DIMENSION_MODES:
+            raise ValueError(
+                f"FeatureStandardizer modes are {PER_DIMENSION_MODES}, got {mode!r} (PHI-S: `build_standardizer`)."
+            )
         self.mode = mode
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
@@ -180,5 +185,29 @@ class FeatureStandardizer(nn.Module):
             out = torch.where(valid.to(out.device).view(-1, *([1] * (out.dim() - 1))), out, 0.0)
         return out
 
+    @property
+    def out_dim(self) -> int:
+        return self.mean.shape[0]
+
+    def inverse_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(A [D, D], c [D])` in float64 with `x = A x' + c`: the inverse of the evaluation-time standardization
+        (diagonal `A`: the std as applied, `+ 1e-6` or clamped; identity for `"none"`)."""
+        mean, std = self.mean.double(), self.std.double()
+        if self.mode == "none":
+            return torch.eye(mean.shape[0], dtype=torch.float64, device=mean.device), torch.zeros_like(mean)
+        scale = std.clamp_min(DUNE_MIN_STD) if self.mode == "dune" else std + UNIC_EPS
+        return torch.diag(scale), mean
+
     def extra_repr(self) -> str:
         return f"dim={self.mean.shape[0]}, mode={self.mode!r}"
+
+
+def build_standardizer(dim: int, mode: str, warmup_steps: int = 100) -> nn.Module:
+    """The standardizer of `mode` (one of `STANDARDIZATION_MODES`) for `dim`-wide teacher features; `warmup_steps`
+    is used by `"phi-s"` only. Its `out_dim` is the width of the targets (PHI-S may pad, see
+    [`~hf_distill.models.phi_s.hadamard_size`])."""
+    if mode == "phi-s":
+        from .phi_s import PhiSStandardizer
+
+        return PhiSStandardizer(dim, warmup_steps)
+    return FeatureStandardizer(dim, mode)

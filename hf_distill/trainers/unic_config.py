@@ -59,6 +59,11 @@ class UnicConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, ImageChec
             once and read during training instead of running the teachers.
         teacher_cache_views (`int`, defaults to 2):
             Number of fixed views per image in the cache (1: center, 2: center and flip).
+        export_adaptors (`bool`, defaults to `False`):
+            Also export the encoder WITH its per-teacher heads to `output_dir/adaptors`, the standardization folded
+            into the heads so that each adaptor outputs its teacher's own features
+            ([`~hf_distill.models.adaptors.export_adaptors`]; loads with `AutoModel.from_pretrained(...,
+            trust_remote_code=True)`). The encoder export in `output_dir` is unchanged.
         Also the options of [`ViewArguments`], [`~hf_distill.data.image_verification.ImageCheckArguments`]
             (`verify_images`, `skip_bad_images`) and [`~hf_distill.trainers.nonfinite.NonFiniteArguments`]
             (`max_nonfinite_fraction`, `max_skipped_steps`).
@@ -114,6 +119,13 @@ class UnicConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, ImageChec
         },
     )
     teacher_cache_views: int = field(default=2, metadata={"help": "Fixed views per image in the cache: 1 or 2."})
+    export_adaptors: bool = field(
+        default=False,
+        metadata={
+            "help": "Also export the encoder with its per-teacher adaptors (heads mapping into each teacher's own "
+            "feature space) to OUTPUT_DIR/adaptors, loadable with trust_remote_code=True."
+        },
+    )
 
     # TrainingArguments defaults changed for UNIC (naver/unic code).
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (UNIC: 3e-4 * batch / 256)."})

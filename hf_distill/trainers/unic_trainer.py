@@ -16,6 +16,7 @@ from .. import hub
 from ..data.augmentations import UnicAugmentation, resize_center
 from ..data.image_datasets import ImageCollator
 from ..losses.unic import distillation_loss
+from ..models.adaptors import ADAPTORS_FOLDER
 from ..models.modeling_unic import UnicStudentModel
 from ..models.standardization import ema_weight
 from ..models.student_backbones import describe_backbone
@@ -280,6 +281,14 @@ class UnicTrainer(DistillationTrainer):
         )
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         logger.info("Exported the student encoder (%s) to %s", type(student.backbone).__name__, output_dir)
+        if self.args.export_adaptors:
+            sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+            folder = student.export_adaptors(
+                os.path.join(output_dir, ADAPTORS_FOLDER),
+                image_size=self.args.image_size,
+                state_dict=state_dict if sharded else None,
+            )
+            logger.info("Exported the student with its adaptors for %s to %s", self.teacher_names, folder)
         return None
 
     def create_model_card(
@@ -330,6 +339,11 @@ class UnicTrainer(DistillationTrainer):
             "standardization": student.config.standardization,
             "augmentations": self._augmentation_description(),
         }
+        if self.args.export_adaptors:
+            settings["adaptors"] = (
+                f"`{ADAPTORS_FOLDER}/`: the student with one adaptor per teacher, outputs in each teacher's feature "
+                f'space (`AutoModel.from_pretrained(repo, subfolder="{ADAPTORS_FOLDER}", trust_remote_code=True)`)'
+            )
         hub.create_or_update_model_card(
             output_dir,
             model_name=model_name or os.path.basename(os.path.abspath(output_dir)),

@@ -1,0 +1,157 @@
+"""The exported UNIC student with its per-teacher adaptors: `AutoModel.from_pretrained(dir, trust_remote_code=True)`
+returns, per teacher, the student's estimate of that teacher's summary token and patch tokens, in the teacher's own
+feature space (the training-time standardization is folded into the last layers of the heads):
+
+    outputs = model(pixel_values)
+    outputs.adaptors["dinov2-base"].summary       # (batch_size, teacher_dim)
+    outputs.adaptors["dinov2-base"].patch_tokens  # (batch_size, num_patches, teacher_dim), on the student's grid
+
+This file is copied next to the exported weights: it imports only torch and transformers, never hf_distill.
+"""
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_unic_adaptors import UnicAdaptorConfig
+
+
+@dataclass
+class AdaptorOutput(ModelOutput):
+    """
+    Args:
+        summary (`torch.FloatTensor` of shape `(batch_size, summary_dim)`): the teacher's summary token, estimated.
+        patch_tokens (`torch.FloatTensor` of shape `(batch_size, num_patches, patch_dim)`): the teacher's patch
+            tokens on the student's token grid, estimated.
+    """
+
+    summary: torch.FloatTensor | None = None
+    patch_tokens: torch.FloatTensor | None = None
+
+
+@dataclass
+class UnicAdaptorModelOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): the encoder's
+            normed final output.
+        adaptors (`dict[str, AdaptorOutput]`): per adaptor (teacher name), its [`AdaptorOutput`].
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    adaptors: dict[str, AdaptorOutput] | None = None
+
+
+class AdaptorMLP(nn.Sequential):
+    """Linear(d, hidden) -> GELU -> Linear(hidden, d_teacher)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+
+class LadderAdaptor(nn.Module):
+    """Sum over the selected encoder blocks of one MLP per block."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_sizes: list[int]):
+        super().__init__()
+        self.rungs = nn.ModuleList(AdaptorMLP(in_dim, hidden, out_dim) for hidden in hidden_sizes)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        output = self.rungs[0](features[0])
+        for rung, feature in zip(self.rungs[1:], features[1:]):
+            output = output + rung(feature)
+        return output
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+@functools.cache
+def _interpolates(backbone_class: type) -> bool:
+    """Whether the backbone needs `interpolate_pos_encoding=True` for other image sizes (ViT, DeiT; DINOv2 always
+    interpolates and has no such argument)."""
+    return "interpolate_pos_encoding" in inspect.signature(backbone_class.forward).parameters
+
+
+class UnicAdaptorModel(PreTrainedModel):
+    """Student encoder + one summary adaptor and one patch adaptor per teacher."""
+
+    config_class = UnicAdaptorConfig
+    base_model_prefix = "unic"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: UnicAdaptorConfig):
+        super().__init__(config)
+        config.check_adaptors()
+        self.backbone = AutoModel.from_config(config.backbone_config)
+        width = config.backbone_config.hidden_size
+        self.summary_heads = nn.ModuleDict()
+        self.patch_heads = nn.ModuleDict()
+        teachers = {teacher["name"]: teacher for teacher in config.teachers}
+        for name in config.adaptor_names:
+            teacher = teachers[name]
+            self.summary_heads[name] = LadderAdaptor(width, teacher["summary_dim"], config.rung_hidden_sizes)
+            self.patch_heads[name] = LadderAdaptor(width, teacher["patch_dim"], config.rung_hidden_sizes)
+        # the weights of adaptors left out at load time are in the checkpoint: expected, not worth a warning
+        left_out = [name for name in teachers if name not in config.adaptor_names]
+        self._keys_to_ignore_on_load_unexpected = [
+            rf"^(summary|patch)_heads\.{name.replace('.', '[.]')}\." for name in left_out
+        ]
+        self.post_init()
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        patch = _pair(self.config.backbone_config.patch_size)[0]
+        if height % patch or width % patch:
+            raise ValueError(f"Image size {height}x{width} is not divisible by the student's patch size {patch}.")
+        return height // patch, width // patch
+
+    def forward(self, pixel_values: torch.Tensor, adaptors: list[str] | None = None, **kwargs):
+        """
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): images prepared by the
+                image processor saved with the model.
+            adaptors (`list[str]`, *optional*): the adaptors to run (default: all that were loaded).
+        """
+        names = list(self.summary_heads) if adaptors is None else list(adaptors)
+        missing = [name for name in names if name not in self.summary_heads]
+        if missing:
+            raise ValueError(f"Adaptors {missing} are not loaded; loaded: {list(self.summary_heads)}.")
+        height, width = self.grid_size(*pixel_values.shape[-2:])
+        options = {}
+        native = getattr(self.config.backbone_config, "image_size", None)
+        if (
+            native is not None
+            and tuple(pixel_values.shape[-2:]) != _pair(native)
+            and _interpolates(type(self.backbone))
+        ):
+            options["interpolate_pos_encoding"] = True
+        outputs = self.backbone(pixel_values=pixel_values, output_hidden_states=True, **options)
+        # hidden_states = (embeddings, block 1, ..., block L); block L is read after the final norm
+        num_layers = len(outputs.hidden_states) - 1
+        blocks = [
+            outputs.last_hidden_state if layer == num_layers else outputs.hidden_states[layer]
+            for layer in self.config.ladder_layers
+        ]
+        num_prefix = blocks[0].shape[1] - height * width
+        summary_features = [block[:, 0] for block in blocks]
+        patch_features = [block[:, num_prefix:] for block in blocks]
+        return UnicAdaptorModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            adaptors={
+                name: AdaptorOutput(
+                    summary=self.summary_heads[name](summary_features),
+                    patch_tokens=self.patch_heads[name](patch_features),
+                )
+                for name in names
+            },
+        )
+
+
+__all__ = ["AdaptorOutput", "UnicAdaptorModel", "UnicAdaptorModelOutput"]
