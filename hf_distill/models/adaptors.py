@@ -20,6 +20,7 @@ import torch
 from ..io_utils import atomic_folder
 from .configuration_unic_adaptors import UnicAdaptorConfig
 from .modeling_unic_adaptors import UnicAdaptorModel
+from .student_backbones import is_feature_map_config
 
 ADAPTORS_FOLDER = "adaptors"  # where the trainer writes the adaptor export, inside its output_dir
 logger = logging.getLogger(__name__)
@@ -49,10 +50,21 @@ def folded_heads(student, teachers: list[str]) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_adaptor_backbone(backbone_config) -> None:
+    """Adaptors read the ladder from a ViT-family encoder's hidden states: refuse a feature-map student (ConvNeXt,
+    ResNet, Swin), whose rungs are stages, before any training is spent on a run that could not export them."""
+    if is_feature_map_config(backbone_config):
+        raise ValueError(
+            f"Adaptor export supports ViT-family students; this student is a {backbone_config.model_type} "
+            "(feature-map) backbone. Train without --export_adaptors, or use a ViT-family --student_config."
+        )
+
+
 def adaptor_model(student, teachers: list[str] | None = None, state_dict: dict | None = None) -> UnicAdaptorModel:
     """The [`UnicAdaptorModel`] of `student` (a [`UnicStudentModel`]) for `teachers` (names; default: all), a CPU
     copy sharing nothing with it. `state_dict`: the student's full state dict when its parameters are not all local
     (gathered under FSDP / ZeRO-3)."""
+    check_adaptor_backbone(student.config.backbone_config)
     names = student.config.teacher_names
     teachers = list(names if teachers is None else teachers)
     unknown = [name for name in teachers if name not in names]

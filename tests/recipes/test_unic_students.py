@@ -54,6 +54,16 @@ def test_student_model_and_student_config_together_are_refused(
     assert not (tmp_path / "out").exists()
 
 
+def test_adaptor_export_of_a_feature_map_student_is_refused_before_training(
+    tiny_teachers, image_dataset_dir, tmp_path
+):
+    ConvNextConfig(hidden_sizes=[8, 16, 32], depths=[1, 1, 1], num_stages=3).save_pretrained(tmp_path / "convnext")
+    args = recipe_args(tiny_teachers, image_dataset_dir, str(tmp_path / "convnext"), tmp_path / "out")
+    with pytest.raises(ValueError, match="Adaptor export supports ViT-family students; this student is a convnext"):
+        recipe.main([*args, "--export_adaptors", "true"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_convnext_student_trains_and_exports_a_stock_convnext(tiny_teachers, image_dataset_dir, tmp_path):
     ConvNextConfig(hidden_sizes=[8, 16, 32], depths=[1, 1, 1], num_stages=3).save_pretrained(tmp_path / "convnext")
     args = recipe_args(tiny_teachers, image_dataset_dir, str(tmp_path / "convnext"), tmp_path / "out")
