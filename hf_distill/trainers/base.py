@@ -26,6 +26,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..data.augmentations import resize_center
+from ..distributed_checks import shard_with_fsdp2
 from ..hub.push import PushExportMixin
 from ..precision import warn_if_emulated_autocast
 from .nonfinite import NonFiniteGuard
@@ -99,10 +100,11 @@ class DistillationTrainer(PushExportMixin, Trainer):
             elif self.is_deepspeed_enabled:
                 teacher = self._prepare_deepspeed(teacher)
             else:
-                teacher = self._prepare_fsdp(teacher)
+                teacher = shard_with_fsdp2(teacher, self.accelerator.device)
         else:
             teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        return teacher.eval()
+        teacher.eval()  # not `return teacher.eval()`: a DeepSpeed engine's eval() returns None
+        return teacher
 
     def _prepare_deepspeed(self, teacher: nn.Module) -> nn.Module:
         import deepspeed
@@ -115,18 +117,6 @@ class DistillationTrainer(PushExportMixin, Trainer):
         engine, *_ = deepspeed.initialize(model=teacher, config=config)
         engine.eval()
         return engine
-
-    def _prepare_fsdp(self, teacher: nn.Module) -> nn.Module:
-        """Shard with FSDP2 (`fully_shard` on each repeated block, then on the root)."""
-        from torch.distributed.fsdp import fully_shard
-
-        teacher.to(self.accelerator.device)
-        block_names = set(getattr(teacher, "_no_split_modules", None) or [])
-        for module in teacher.modules():
-            if type(module).__name__ in block_names:
-                fully_shard(module)
-        fully_shard(teacher)
-        return teacher
 
     # ------------------------------------------------------------------ logging and export
 

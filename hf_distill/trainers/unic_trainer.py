@@ -258,7 +258,8 @@ class UnicTrainer(DistillationTrainer):
         if _internal_call:
             return super().save_model(output_dir, _internal_call=True)
         output_dir = output_dir or self.args.output_dir
-        state_dict = self.accelerator.get_state_dict(self.model)  # gathered under FSDP / ZeRO-3
+        # gathered under FSDP / ZeRO-3 (DeepSpeed gathers through its engine)
+        state_dict = self.accelerator.get_state_dict(self.model_wrapped if self.is_deepspeed_enabled else self.model)
         if not self.args.should_save:
             return None
         student = self.accelerator.unwrap_model(self.model)
