@@ -242,7 +242,8 @@ def shard_with_fsdp2(module: nn.Module, device: torch.device | str | None = None
 def is_sharded(module: nn.Module) -> bool:
     """Whether `module` gathers its parameters in forward hooks: FSDP2 (`fully_shard`) or DeepSpeed (an engine, or
     ZeRO-3 partitioned parameters). Such a module runs frozen under `torch.no_grad`, not `torch.inference_mode`:
-    the gathered parameters are written by the hooks, which inference-mode tensors forbid."""
+    ZeRO-3's parameter gathering is known to fail under inference mode (FSDP2 ran under it in torch 2.13 on CPU, but
+    takes the same tested `no_grad` path)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2

@@ -211,5 +211,5 @@ def teacher_outputs(
 
 def frozen_forward_context(teachers: list[nn.Module]):
     """The context frozen teachers run in: `torch.inference_mode()` (the fastest), or `torch.no_grad()` when one is
-    sharded (FSDP2, DeepSpeed ZeRO-3), whose hooks write the gathered parameters, which inference mode forbids."""
+    sharded (FSDP2, DeepSpeed ZeRO-3: their hooks gather parameters, which ZeRO-3 cannot do under inference mode)."""
     return torch.no_grad() if any(is_sharded(teacher) for teacher in teachers) else torch.inference_mode()
