@@ -91,7 +91,11 @@ class RunningSetup:
         requested = requested or RequestedSetup.from_args(training_args)
         state = training_args.distributed_state
         kind = getattr(state.distributed_type, "value", str(state.distributed_type)) if state is not None else "NO"
-        if requested.fsdp and kind in ACCELERATOR_TYPES:  # accelerate.state.AcceleratorState.__init__
+        # as accelerate.state.AcceleratorState.__init__ decides for the Trainer's Accelerator (built without cpu=True):
+        # DeepSpeed runs on any device, FSDP only on accelerators (MULTI_CPU silently stays DDP)
+        if requested.deepspeed and kind != "XLA":
+            kind = "DEEPSPEED"
+        elif requested.fsdp and kind in ACCELERATOR_TYPES:
             kind = "FSDP"
         zero_stage = None
         if kind == "DEEPSPEED":
@@ -106,6 +110,18 @@ class RunningSetup:
             device=str(training_args.device),
             zero_stage=zero_stage,
         )
+
+
+def running_setup_of(accelerator) -> RunningSetup:
+    """The setup an `accelerate.Accelerator` runs (e.g. the Trainer's, once built)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return RunningSetup(
+        distributed_type=accelerator.distributed_type.value,
+        num_processes=accelerator.num_processes,
+        torch_world_size=dist.get_world_size() if dist.is_available() and dist.is_initialized() else None,
+        device=str(accelerator.device),
+        zero_stage=getattr(plugin, "zero_stage", None),
+    )
 
 
 def setup_problems(requested: RequestedSetup, running: RunningSetup, cuda_available: bool | None = None) -> list[str]:
@@ -222,6 +238,14 @@ def check_distributed_setup(training_args, teachers: str = "with_student", envir
     line = describe_setup(running, mixed_precision, teacher_dtype, teachers)
     logger.info(line)
     return line
+
+
+def check_accelerator(training_args, accelerator) -> None:
+    """[`check_distributed_setup`]'s refusals for the Trainer's `Accelerator` itself, once built (for trainers used
+    without a recipe); raises [`DistributedSetupError`]."""
+    problems = setup_problems(RequestedSetup.from_args(training_args), running_setup_of(accelerator))
+    if problems:
+        raise DistributedSetupError("The distributed setup is not the one asked for:\n- " + "\n- ".join(problems))
 
 
 def shard_with_fsdp2(module: nn.Module, device: torch.device | str | None = None) -> nn.Module:

@@ -10,6 +10,7 @@ from hf_distill.distributed_checks import (
     DistributedSetupError,
     RequestedSetup,
     RunningSetup,
+    check_accelerator,
     check_distributed_setup,
     describe_setup,
     setup_problems,
@@ -81,6 +82,9 @@ def test_running_setup_resolves_fsdp_as_the_accelerator_does():
     assert RunningSetup.from_args(fake_args("MULTI_GPU", 2), asked).distributed_type == "FSDP"
     assert RunningSetup.from_args(fake_args("MULTI_CPU", 2), asked).distributed_type == "MULTI_CPU"
     assert RunningSetup.from_args(fake_args("MULTI_GPU", 2), RequestedSetup(2)).distributed_type == "MULTI_GPU"
+    # DeepSpeed: the Accelerator turns any type into DEEPSPEED (it runs on CPU too)
+    asked = RequestedSetup(world_size=1, deepspeed=True, cpu=True)
+    assert RunningSetup.from_args(fake_args("MULTI_CPU", 1), asked).distributed_type == "DEEPSPEED"
     plugin = SimpleNamespace(zero_stage=3)
     running = RunningSetup.from_args(fake_args("DEEPSPEED", 2, deepspeed_plugin=plugin), RequestedSetup(2))
     assert running.zero_stage == 3
@@ -145,3 +149,16 @@ def test_every_recipe_refuses_before_loading_anything(name, argv, tmp_path, monk
     with pytest.raises(DistributedSetupError, match="WORLD_SIZE=2 processes but accelerate runs NO with 1"):
         load_recipe(name).main(argv + ["--output_dir", str(output_dir), "--use_cpu", "false", "--report_to", "none"])
     assert not output_dir.exists()
+
+
+def test_the_trainers_accelerator_is_checked_too(monkeypatch):
+    """A trainer built without a recipe: its Accelerator's own state is compared with what was asked."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(), distributed_type=SimpleNamespace(value="MULTI_CPU"), num_processes=2, device="cpu"
+    )
+    with pytest.raises(DistributedSetupError, match="FSDP was asked.*MULTI_CPU with 2 process"):
+        check_accelerator(SimpleNamespace(fsdp=[], deepspeed=None, use_cpu=True), accelerator)
+    accelerator.distributed_type.value = "FSDP"
+    check_accelerator(SimpleNamespace(fsdp=[], deepspeed=None, use_cpu=False), accelerator)

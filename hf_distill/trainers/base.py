@@ -26,7 +26,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..data.augmentations import resize_center
-from ..distributed_checks import shard_with_fsdp2
+from ..distributed_checks import check_accelerator, shard_with_fsdp2
 from ..hub.push import PushExportMixin
 from ..precision import warn_if_emulated_autocast
 from .nonfinite import NonFiniteGuard
@@ -50,6 +50,7 @@ class DistillationTrainer(PushExportMixin, Trainer):
 
     def __init__(self, *args, image_mean, image_std, nonfinite_sources=(), **kwargs):
         super().__init__(*args, **kwargs)
+        check_accelerator(self.args, self.accelerator)  # FSDP asked, DDP running...: refused before teachers load
         warn_if_emulated_autocast(self.args)
         self.nonfinite = NonFiniteGuard(list(nonfinite_sources), self.args, self.args.device)
         self.add_callback(self.nonfinite)

@@ -16,64 +16,23 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
-from transformers import Dinov2Model, ViTModel
 
 from hf_distill.distributed_checks import is_sharded, shard_with_fsdp2
-from hf_distill.losses.unic import distillation_loss
-from hf_distill.models import UnicStudentConfig, UnicStudentModel
-from hf_distill.models.modeling_teacher import ModuleTeacher
 from hf_distill.models.standardization import FeatureStandardizer
-from hf_distill.models.teacher_loading import frozen_forward_context, teacher_from_backbone, teacher_outputs
-from hf_distill.trainers.nonfinite import finite_rows
-from hf_distill.trainers.unic_trainer import standardize_targets
+from hf_distill.models.teacher_loading import frozen_forward_context, teacher_outputs
 
-from ..conftest import tiny_dinov2_config, tiny_vit_config
+from ..unic_steps import IMAGE, MEAN, STD, build_student, build_teachers, unic_step
 
 pytestmark = pytest.mark.distributed
 
 WORLD_SIZE = 2
 BATCH = 4  # per process
-IMAGE = 32
-MEAN = torch.tensor([0.485, 0.456, 0.406])
-STD = torch.tensor([0.229, 0.224, 0.225])
-
-
-def build_teachers() -> list[nn.Module]:
-    """The same three tiny fp32 teachers in every process: a ViT /4, a DINOv2 /7 and a plain conv net /8."""
-    torch.manual_seed(0)
-    vit = teacher_from_backbone(ViTModel(tiny_vit_config(image_size=16, patch_size=4), add_pooling_layer=False))
-    dinov2 = teacher_from_backbone(Dinov2Model(tiny_dinov2_config()))
-    net = nn.Sequential(nn.Conv2d(3, 16, 8, stride=8), nn.GELU(), nn.Conv2d(16, 24, 1))
-    return [vit, dinov2, ModuleTeacher(net, patch_size=8, name="convnet")]
-
-
-def build_student(teachers) -> UnicStudentModel:
-    torch.manual_seed(1)
-    specs = [{"name": f"t{i}", "summary_dim": t.summary_dim, "patch_dim": t.patch_dim} for i, t in enumerate(teachers)]
-    # "dune": the targets are standardized with the global batch statistics, so the loss depends on them
-    return UnicStudentModel(
-        UnicStudentConfig(backbone_config=tiny_vit_config(), teachers=specs, standardization="dune")
-    )
 
 
 def process_pixels(rank: int) -> torch.Tensor:
     """This process's share of the global batch (student-normalized pixels)."""
     generator = torch.Generator().manual_seed(100 + rank)
     return (torch.rand(BATCH, 3, IMAGE, IMAGE, generator=generator) - MEAN.view(1, 3, 1, 1)) / STD.view(1, 3, 1, 1)
-
-
-def unic_step(student: UnicStudentModel, teachers, pixels: torch.Tensor) -> torch.Tensor:
-    """The loss of UnicTrainer.compute_loss (no augmentation, no teacher dropping); `student` may be sharded."""
-    grid = student.grid_size(IMAGE, IMAGE)
-    outputs = teacher_outputs(teachers, pixels, MEAN, STD, grid)
-    valid = [finite_rows(summary, patch) for summary, patch in outputs]
-    targets = standardize_targets(student, outputs, 1.0, valid)
-    predictions = student(pixel_values=pixels)
-    loss, _, _ = distillation_loss(
-        predictions.cls_predictions, predictions.patch_predictions, targets, valid=torch.stack(valid, dim=1)
-    )
-    return loss
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
