@@ -1,9 +1,10 @@
 """UNIC multi-teacher distillation as a `transformers.Trainer` (UNIC, Sariyildiz et al., ECCV 2024).
 
 One training step: decode a batch of uint8 images -> batched UNIC augmentations on the device -> the SAME normalized
-view feeds the student and every frozen teacher (teachers in inference mode, re-normalized and grid-aligned by their
-wrappers) -> teacher features standardized with EMA statistics over the global batch -> per-image, per-teacher losses
--> teacher dropping -> total loss. Metrics stay on the device and are reduced only when logged.
+view feeds the student and every frozen teacher (teachers in inference mode, or no_grad when sharded, re-normalized
+and grid-aligned by their wrappers) -> teacher features standardized with EMA statistics over the global batch ->
+per-image, per-teacher losses -> teacher dropping -> total loss. Metrics stay on the device and are reduced only when
+logged.
 """
 
 import logging
