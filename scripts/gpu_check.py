@@ -15,7 +15,7 @@ Steps (each with its own timeout, inside a total budget; a failing step does not
 9. `bench`: benchmarks/bench_unic_step.py (what `make bench` runs) with a short setting.
 
 Results (logs, `summary.json`, `summary.md`) go to benchmarks/results/gpu/ (benchmarks/results/gpu-dry-cpu/ with
-`--device cpu`), and the summary, environment and failing logs' tails are copied to `$OUT` when it is set.
+`--device cpu`), and the summary and an archive of all of them are copied to `$OUT` when it is set.
 
 `--device cpu` is a dry run of the same steps on CPU with tiny sizes: the CUDA tests run on CPU, FSDP (which
 accelerate runs only on GPUs) is expected to be refused by the recipe's distributed check, DeepSpeed runs on CPU.
@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -141,6 +142,9 @@ class Check:
         work = Path(os.environ.get("HF_DISTILL_GPU_WORK", f"/tmp/hf_distill_gpu_check/{args.device}"))
         self.assets, self.runs = work / "assets", work / "runs"  # weights, images and run folders: not results
         self.rows = []
+        previous = self.results / "summary.json"
+        if args.only and previous.exists():  # a rerun of some steps keeps the other steps' rows
+            self.rows = json.loads(previous.read_text())["steps"]
         self.start = time.monotonic()
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(SITE), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -155,12 +159,19 @@ class Check:
         return BUDGET_S[self.args.device] - (time.monotonic() - self.start)
 
     def record(self, name, status, seconds, note=""):
-        self.rows.append({"step": name, "status": status, "seconds": round(seconds, 1), "note": note})
+        row = {"step": name, "status": status, "seconds": round(seconds, 1), "note": note}
+        names = [r["step"] for r in self.rows]
+        if name in names:
+            self.rows[names.index(name)] = row
+        else:
+            self.rows.append(row)
         print(f"[gpu-check] {name}: {status} ({seconds:.0f} s) {note}", flush=True)
         self.write_summary()
 
     def run(self, name, command, timeout, expect_refusal=False, note_from=None):
         """Run `command` (list) with its own timeout inside the total budget; the log goes to results/<name>.log."""
+        if self.args.only and name not in self.args.only:
+            return None
         timeout = min(timeout, self.remaining())
         log_path = self.results / f"{name}.log"
         if timeout < 10:
@@ -231,7 +242,7 @@ class Check:
         start = time.monotonic()
         with open(self.results / "install.log", "w") as log:
             status, note = install_wheels(ROOT / ".whl", log)
-        self.record("install", status, time.monotonic() - start, note)
+        self.record("install", status, time.monotonic() - start, note)  # always: the other steps need it
 
         self.run("environment", ["bash", "-c", f"nvidia-smi; {sys.executable} - <<'EOF'\n{ENVIRONMENT_PY}\nEOF"], 60)
 
@@ -244,9 +255,10 @@ class Check:
             150, note_from=pytest_tail,
         )  # fmt: skip
 
-        shutil.rmtree(self.assets, ignore_errors=True)
-        size = "vitb" if self.cuda else "tiny"
-        self.run("assets", [sys.executable, "-c", ASSETS_PY, self.assets, size], 90)
+        if not self.args.only or "assets" in self.args.only or not self.assets.is_dir():
+            shutil.rmtree(self.assets, ignore_errors=True)
+            self.args.only = self.args.only and self.args.only + ["assets"]
+            self.run("assets", [sys.executable, "-c", ASSETS_PY, self.assets, "vitb" if self.cuda else "tiny"], 90)
 
         shutil.rmtree(self.runs, ignore_errors=True)
         recipe = [sys.executable, ROOT / "recipes" / "unic.py"]
@@ -259,7 +271,10 @@ class Check:
         zero3 = ROOT / "recipes" / "accelerate_configs" / "deepspeed_zero3.yaml"
         extra = () if self.cuda else ("--bf16", "false")
         self.run(
-            "unic_zero3", self.launch(zero3, "unic_zero3", 10 if self.cuda else 3, extra), 150, note_from=throughput
+            "unic_zero3",
+            self.launch(zero3, "unic_zero3", 10 if self.cuda else 3, extra),
+            150 if self.cuda else 400,
+            note_from=throughput,
         )
 
         compile_args = ["--torch_compile", "true"]
@@ -284,22 +299,16 @@ class Check:
         return 0 if all(row["status"] != "FAIL" for row in self.rows) else 1
 
     def copy_to_out(self):
-        """At most 8 files to `$OUT`: the summary, the environment, the failing steps' logs (tails)."""
+        """To `$OUT` (at most 8 files come back from a remote run): the summary, and every result in one archive."""
         out = os.environ.get("OUT")
         if not out:
             return
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        files = [self.results / "summary.md", self.results / "summary.json", self.results / "environment.log"]
-        files += [self.results / f"unic_step_{self.args.device}.md"]
-        for path in files:
-            if path.exists():
-                shutil.copy(path, out / path.name)
-        failing = [row["step"] for row in self.rows if row["status"] == "FAIL"]
-        for step in failing[: 8 - len(files)]:
-            log = self.results / f"{step}.log"
-            if log.exists():
-                (out / f"{step}.tail.log").write_text(log.read_text(errors="replace")[-20000:])
+        for name in ("summary.md", "summary.json"):
+            shutil.copy(self.results / name, out / name)
+        with tarfile.open(out / f"gpu_check_{self.args.device}.tar.gz", "w:gz") as archive:
+            archive.add(self.results, arcname=self.results.name)
 
 
 def pytest_tail(text: str) -> str:
@@ -318,6 +327,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--results", default=None, help="Results folder (default benchmarks/results/gpu/).")
+    parser.add_argument("--only", nargs="+", default=None, metavar="STEP", help="Run only these steps (a rerun).")
     args = parser.parse_args(argv)
     if args.device == "cuda" and shutil.which("nvidia-smi") is None:
         print("[gpu-check] no nvidia-smi here: for a dry run on CPU use `make gpu-check DEVICE=cpu`.", flush=True)
