@@ -113,9 +113,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
     script_args, training_args = parse_args(argv)
     hub_options = take_hub_options(training_args)  # the Trainer never pushes; the final export is pushed in export()
     setup_logging(training_args)
-    check_distributed_setup(
-        training_args, teachers="replicated"
-    )  # refuses a silent fallback, before anything is loaded
+    # refuses a silent fallback, before anything is loaded
+    check_distributed_setup(training_args, teachers="replicated")
     set_seed(training_args.seed)
     train, evaluation, names = load_task_data(script_args)  # data problems surface here
     synthetic = None

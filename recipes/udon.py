@@ -118,9 +118,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
     script_args, training_args, domain_specs = parse_args(argv)
     hub_options = take_hub_options(training_args)  # the Trainer never pushes; the final export is pushed below
     setup_logging(training_args)
-    check_distributed_setup(
-        training_args, teachers="in_student"
-    )  # refuses a silent fallback, before anything is loaded
+    # refuses a silent fallback, before anything is loaded
+    check_distributed_setup(training_args, teachers="in_student")
     set_seed(training_args.seed)
     data = load_domains(domain_specs, seed=training_args.seed)  # every data problem is reported here, before weights
     data = verify_domain_images(data, training_args)  # unreadable images too (listed, or skipped and logged)

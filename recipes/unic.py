@@ -158,9 +158,8 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
     script_args, training_args = parse_args(argv)
     hub_options = take_hub_options(training_args)  # the Trainer never pushes; the final export is pushed below
     setup_logging(training_args)
-    check_distributed_setup(
-        training_args, teachers="with_student"
-    )  # refuses a silent fallback (FSDP asked, DDP running...)
+    # refuses a silent fallback (FSDP asked, DDP running...)
+    check_distributed_setup(training_args, teachers="with_student")
     set_seed(training_args.seed)
 
     # Everything that can be wrong with the input is checked here, before weights are loaded or training starts.

@@ -151,9 +151,8 @@ class KDTrainer(DistillationTrainer):
         resume loads them without the legacy-name conversion. The final save is a standard `save_pretrained`, refused
         when a weight is not finite."""
         if not _internal_call:
-            model = (
-                self.model_wrapped if self.is_deepspeed_enabled else self.model
-            )  # ZeRO-3 gathers through its engine
+            # ZeRO-3 gathers the weights through its engine
+            model = self.model_wrapped if self.is_deepspeed_enabled else self.model
             assert_finite_weights(self.accelerator.get_state_dict(model), "the student")
         if not _internal_call or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super().save_model(output_dir, _internal_call=_internal_call)
