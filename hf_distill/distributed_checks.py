@@ -23,7 +23,9 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 # the accelerate distributed types accelerate turns into FSDP when FSDP is asked for (never MULTI_CPU or NO)
-ACCELERATOR_TYPES = ("MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU")
+ACCELERATOR_TYPES = (
+    "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU", "MULTI_NEURON"
+)  # fmt: skip
 TEACHER_SHARDING = ("with_student", "replicated", "in_student")
 
 
