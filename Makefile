@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 
-.PHONY: install test test-all lint format demo bench clean
+.PHONY: install test test-all lint format demo bench gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,18 @@ demo: install
 # UNIC step throughput / memory / breakdown vs a reference-style step (CPU ~10 min here; GPU with bf16 when present).
 bench: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m benchmarks.bench_unic_step
+
+# Wheels of what a GPU machine without internet may lack (datasets, diffusers, evaluate, deepspeed, pytest and their
+# dependencies; never torch) into .whl/, for gpu-check there. Run here, with access to PyPI (< 40 MiB).
+gpu-wheels:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash scripts/gpu_wheels.sh
+
+# On a machine with one CUDA GPU, from the repository root with .whl/ carried over, no internet, no venv, < 8 min:
+# CUDA tests, bf16 / FSDP2 / ZeRO-3 / torch.compile runs of recipes/unic.py and the benchmark, results in
+# benchmarks/results/gpu/. DEVICE=cpu: the same steps on CPU with tiny sizes (what CPU allows).
+DEVICE ?= cuda
+gpu-check:
+	$(if $(filter cpu,$(DEVICE)),$(if $(wildcard $(PY)),$(PY),$(PYTHON)),$(PYTHON)) scripts/gpu_check.py --device $(DEVICE)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -27,6 +27,7 @@ from transformers import CLIPImageProcessorPil, set_seed
 
 from hf_distill.data.image_verification import verify_images
 from hf_distill.data.labels import contiguous_labels, load_labelled_split, unlabelled_images
+from hf_distill.distributed_checks import check_distributed_setup
 from hf_distill.hub import take_hub_options
 from hf_distill.hub.method_cards import write_task_distill_card
 from hf_distill.models.student_classifier import build_student_classifier, student_normalization
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
     script_args, training_args = parse_args(argv)
     hub_options = take_hub_options(training_args)  # the Trainer never pushes; the final export is pushed in export()
     setup_logging(training_args)
+    # refuses a silent fallback, before anything is loaded
+    check_distributed_setup(training_args, teachers="replicated")
     set_seed(training_args.seed)
     train, evaluation, names = load_task_data(script_args)  # data problems surface here
     synthetic = None

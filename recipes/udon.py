@@ -24,6 +24,7 @@ from transformers import set_seed
 
 from hf_distill.data.domains import DomainSpec, load_domains
 from hf_distill.data.image_verification import verify_domain_images
+from hf_distill.distributed_checks import check_distributed_setup
 from hf_distill.evaluation.retrieval import multi_domain_retrieval
 from hf_distill.hub import publishable_name, take_hub_options
 from hf_distill.hub.method_cards import write_udon_card
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
     script_args, training_args, domain_specs = parse_args(argv)
     hub_options = take_hub_options(training_args)  # the Trainer never pushes; the final export is pushed below
     setup_logging(training_args)
+    # refuses a silent fallback, before anything is loaded
+    check_distributed_setup(training_args, teachers="in_student")
     set_seed(training_args.seed)
     data = load_domains(domain_specs, seed=training_args.seed)  # every data problem is reported here, before weights
     data = verify_domain_images(data, training_args)  # unreadable images too (listed, or skipped and logged)

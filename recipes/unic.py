@@ -32,6 +32,7 @@ from transformers import set_seed
 from hf_distill.data.image_datasets import load_image_dataset
 from hf_distill.data.image_verification import verify_images
 from hf_distill.data.streaming import load_streaming_train_dataset
+from hf_distill.distributed_checks import check_distributed_setup
 from hf_distill.hub import take_hub_options
 from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher, load_teacher_config
 from hf_distill.models.adaptors import check_adaptor_backbone
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
     script_args, training_args = parse_args(argv)
     hub_options = take_hub_options(training_args)  # the Trainer never pushes; the final export is pushed below
     setup_logging(training_args)
+    # refuses a silent fallback (FSDP asked, DDP running...)
+    check_distributed_setup(training_args, teachers="with_student")
     set_seed(training_args.seed)
 
     # Everything that can be wrong with the input is checked here, before weights are loaded or training starts.

@@ -12,6 +12,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from ..distributed_checks import is_sharded
 from .configuration_teacher import GRID_ALIGNMENTS, IMAGENET_MEAN, IMAGENET_STD, SUMMARY_TYPES, TeacherConfig
 from .modeling_teacher import ModuleTeacher, TeacherModel, freeze_teacher
 from .student_backbones import is_feature_map_config
@@ -206,7 +207,14 @@ def teacher_spec(name: str, teacher) -> dict:
 def teacher_outputs(
     teachers: list[nn.Module], pixel_values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, grid: tuple[int, int]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every teacher's `(summary, patch tokens)` on the student's views, in inference mode (no autograd records)."""
-    with torch.inference_mode():
+    """Every teacher's `(summary, patch tokens)` on the student's views, without autograd records (see
+    [`frozen_forward_context`])."""
+    with frozen_forward_context(teachers):
         outputs = [teacher(pixel_values, mean, std, grid_size=grid) for teacher in teachers]
     return [(output.summary, output.patch_tokens) for output in outputs]
+
+
+def frozen_forward_context(teachers: list[nn.Module]):
+    """The context frozen teachers run in: `torch.inference_mode()` (the fastest), or `torch.no_grad()` when one is
+    sharded (FSDP2, DeepSpeed ZeRO-3: their hooks gather parameters, which ZeRO-3 cannot do under inference mode)."""
+    return torch.no_grad() if any(is_sharded(teacher) for teacher in teachers) else torch.inference_mode()

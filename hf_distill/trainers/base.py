@@ -27,6 +27,7 @@ from transformers import Trainer
 
 from ..data.augmentations import resize_center
 from ..data.streaming import StreamingImageDataset, StreamStateCallback, streaming_train_dataloader
+from ..distributed_checks import check_accelerator, shard_with_fsdp2
 from ..hub.push import PushExportMixin
 from ..precision import warn_if_emulated_autocast
 from .nonfinite import NonFiniteGuard
@@ -50,6 +51,7 @@ class DistillationTrainer(PushExportMixin, Trainer):
 
     def __init__(self, *args, image_mean, image_std, nonfinite_sources=(), **kwargs):
         super().__init__(*args, **kwargs)
+        check_accelerator(self.args, self.accelerator)  # FSDP asked, DDP running...: refused before teachers load
         warn_if_emulated_autocast(self.args)
         self.nonfinite = NonFiniteGuard(list(nonfinite_sources), self.args, self.args.device)
         self.add_callback(self.nonfinite)
@@ -108,10 +110,11 @@ class DistillationTrainer(PushExportMixin, Trainer):
             elif self.is_deepspeed_enabled:
                 teacher = self._prepare_deepspeed(teacher)
             else:
-                teacher = self._prepare_fsdp(teacher)
+                teacher = shard_with_fsdp2(teacher, self.accelerator.device)
         else:
             teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        return teacher.eval()
+        teacher.eval()  # not `return teacher.eval()`: a DeepSpeed engine's eval() returns None
+        return teacher
 
     def _prepare_deepspeed(self, teacher: nn.Module) -> nn.Module:
         import deepspeed
@@ -124,18 +127,6 @@ class DistillationTrainer(PushExportMixin, Trainer):
         engine, *_ = deepspeed.initialize(model=teacher, config=config)
         engine.eval()
         return engine
-
-    def _prepare_fsdp(self, teacher: nn.Module) -> nn.Module:
-        """Shard with FSDP2 (`fully_shard` on each repeated block, then on the root)."""
-        from torch.distributed.fsdp import fully_shard
-
-        teacher.to(self.accelerator.device)
-        block_names = set(getattr(teacher, "_no_split_modules", None) or [])
-        for module in teacher.modules():
-            if type(module).__name__ in block_names:
-                fully_shard(module)
-        fully_shard(teacher)
-        return teacher
 
     # ------------------------------------------------------------------ logging and export
 

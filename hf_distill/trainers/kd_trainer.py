@@ -11,7 +11,7 @@ from ..data.image_datasets import ImageCollator
 from ..data.mixed_batch_sampler import MixedBatchSampler
 from ..losses.kd import kd_loss
 from ..models.probed_teacher import ProbedTeacher
-from ..models.teacher_loading import teacher_name
+from ..models.teacher_loading import frozen_forward_context, teacher_name
 from .base import DistillationTrainer
 from .kd_config import KDConfig
 from .nonfinite import assert_finite_weights, finite_rows
@@ -124,7 +124,7 @@ class KDTrainer(DistillationTrainer):
         labels = inputs["labels"]
         outputs = model(pixel_values=views)
         if self.args.alpha > 0:
-            with torch.inference_mode():
+            with frozen_forward_context([self.teacher]):
                 teacher_logits = self.teacher(views, self._student_mean, self._student_std).clone()
             valid = finite_rows(teacher_logits)
             # a row without finite teacher logits: the student's own detached prediction (zero KL, zero gradient)
@@ -151,7 +151,9 @@ class KDTrainer(DistillationTrainer):
         resume loads them without the legacy-name conversion. The final save is a standard `save_pretrained`, refused
         when a weight is not finite."""
         if not _internal_call:
-            assert_finite_weights(self.accelerator.get_state_dict(self.model), "the student")
+            # ZeRO-3 gathers the weights through its engine
+            model = self.model_wrapped if self.is_deepspeed_enabled else self.model
+            assert_finite_weights(self.accelerator.get_state_dict(model), "the student")
         if not _internal_call or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super().save_model(output_dir, _internal_call=_internal_call)
         model = self.accelerator.unwrap_model(self.model)

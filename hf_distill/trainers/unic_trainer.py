@@ -1,9 +1,10 @@
 """UNIC multi-teacher distillation as a `transformers.Trainer` (UNIC, Sariyildiz et al., ECCV 2024).
 
 One training step: decode a batch of uint8 images -> batched UNIC augmentations on the device -> the SAME normalized
-view feeds the student and every frozen teacher (teachers in inference mode, re-normalized and grid-aligned by their
-wrappers) -> teacher features standardized with EMA statistics over the global batch -> per-image, per-teacher losses
--> teacher dropping -> total loss. Metrics stay on the device and are reduced only when logged.
+view feeds the student and every frozen teacher (teachers in inference mode, or no_grad when sharded, re-normalized
+and grid-aligned by their wrappers) -> teacher features standardized with EMA statistics over the global batch ->
+per-image, per-teacher losses -> teacher dropping -> total loss. Metrics stay on the device and are reduced only when
+logged.
 """
 
 import logging
@@ -268,7 +269,8 @@ class UnicTrainer(DistillationTrainer):
         if _internal_call:
             return super().save_model(output_dir, _internal_call=True)
         output_dir = output_dir or self.args.output_dir
-        state_dict = self.accelerator.get_state_dict(self.model)  # gathered under FSDP / ZeRO-3
+        # gathered under FSDP / ZeRO-3 (DeepSpeed gathers through its engine)
+        state_dict = self.accelerator.get_state_dict(self.model_wrapped if self.is_deepspeed_enabled else self.model)
         if not self.args.should_save:
             return None
         student = self.accelerator.unwrap_model(self.model)
