@@ -38,7 +38,7 @@ from .plots import (
     plot_sampler_weights,
     plot_training_curves,
 )
-from .provenance import is_hub_id, publishable_name, scrub_local_paths, weights_fingerprint
+from .provenance import is_hub_id, publishable_name, scrub_local_paths, weight_files_sha256
 from .push import (
     UPLOAD_PATTERNS,
     HubOptions,
@@ -75,5 +75,5 @@ __all__ = [
     "take_hub_options",
     "upload_file_list",
     "validate_card_metadata",
-    "weights_fingerprint",
+    "weight_files_sha256",
 ]

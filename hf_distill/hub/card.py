@@ -20,7 +20,7 @@ from huggingface_hub import EvalResult, ModelCard
 
 from ..io_utils import write_text_atomically
 from .model_index import ProtocolCardData, merge_eval_results, yaml_value
-from .provenance import is_hub_id, publishable_name, scrub_local_paths, weights_fingerprint
+from .provenance import is_hub_id, publishable_name, scrub_local_paths, weight_files_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def create_or_update_model_card(
     unchanged with `ModelCard.load(path).data.eval_results`.
 
     Results belong to the weights they were measured on: the card records the fingerprint of the weights in
-    `output_dir` ([`weights_fingerprint`], metadata key `hf_distill.weights`). When a later update finds other weights
+    `output_dir` ([`weight_files_sha256`], metadata key `hf_distill.weights`). When a later update finds other weights
     there (a resumed or new training run exported over the folder), the results, comparison rows and evaluation plots
     of the earlier weights are dropped (with a warning) instead of being shown beside the new weights.
 
@@ -314,7 +314,7 @@ def create_or_update_model_card(
             and the citation. Default: the existing card's method; for a new card, `task` for an
             `image-classification` pipeline, else `unic`.
         method_tag: the Hub tag of the method, in place of its own from [`METHODS`].
-        measured_on: fingerprint of the weights `eval_results` were measured on (e.g. `weights_fingerprint` of the
+        measured_on: fingerprint of the weights `eval_results` were measured on (e.g. `weight_files_sha256` of the
             evaluated folder); a `ValueError` when it is not the weights in `output_dir`. Default: those weights.
 
     `method`, `summary`, `teachers`, `training_data`, `settings`, `comparison` and `plots` are also recorded in the
@@ -338,7 +338,7 @@ def create_or_update_model_card(
     )
 
     # Results of other weights than the ones in the folder are dropped, with what was shown beside them.
-    weights = weights_fingerprint(output_dir)
+    weights = weight_files_sha256(output_dir)
     old_results = list(existing.data.eval_results or []) if existing is not None else []
     result_plots = list(recorded.get("result_plots", []))
     if measured_on is not None and weights is not None and measured_on != weights:
