@@ -29,7 +29,7 @@ push_to_hub("outputs/unic", "me/unic-vitb16-in1k")
 
 from huggingface_hub import EvalResult
 
-from .card import CARD_END_MARKER, CARD_START_MARKER, METHODS, create_or_update_model_card
+from .card import CARD_END_MARKER, CARD_START_MARKER, METHODS, PAPERS, create_or_update_model_card
 from .model_index import ProtocolCardData, model_index, validate_card_metadata
 from .plots import (
     plot_domain_retrieval,
@@ -56,6 +56,7 @@ __all__ = [
     "UPLOAD_PATTERNS",
     "EvalResult",
     "METHODS",
+    "PAPERS",
     "HubOptions",
     "HubTokenNotPickled",
     "ProtocolCardData",

@@ -25,6 +25,7 @@ def write_task_distill_card(
     settings: dict,
     log_history: list[dict],
     repo_id: str | None = None,
+    paper: dict | None = None,
 ) -> None:
     """`eval_results.json`, the loss plot and the model card of a task-distilled classifier saved in `output_dir`.
 
@@ -35,6 +36,7 @@ def write_task_distill_card(
         dataset: the task data (a local path is published as its folder name).
         settings: the card's settings table.
         log_history: `trainer.state.log_history` (the loss terms `loss`, `cross_entropy`, `kl` are plotted).
+        paper: the trainer's `_paper`, cited by the card (see [`create_or_update_model_card`]).
     """
     weights = weight_files_sha256(output_dir)
     dataset_name = publishable_name(dataset)
@@ -83,6 +85,7 @@ def write_task_distill_card(
         method_tag="task-specific-distillation",
         method="task",
         repo_id=repo_id,
+        paper=paper,
     )
 
 
@@ -128,10 +131,11 @@ def write_udon_card(
     log_history: list[dict],
     embedding_dim: int,
     repo_id: str | None = None,
+    paper: dict | None = None,
 ) -> None:
     """`eval_results.json` (tied to the exported weights), plots (retrieval per domain, sampler weights) and the model
     card of a UDON / USCRR embedding model saved in `output_dir`. `specs` are the domains' [`DomainSpec`]s, `settings`
-    the card's settings table."""
+    the card's settings table, `paper` the trainer's `_paper`."""
     weights = weight_files_sha256(output_dir)
     write_json_atomically(os.path.join(output_dir, "eval_results.json"), {**results, "weights": weights})
     plots = [plot_domain_retrieval(results, os.path.join(output_dir, "plots", "retrieval_per_domain.png"))]
@@ -162,6 +166,7 @@ def write_udon_card(
         method="udon",
         tags=["image-retrieval", "universal-embedding"],
         repo_id=repo_id,
+        paper=paper,
     )
 
 
