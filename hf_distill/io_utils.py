@@ -6,6 +6,7 @@ place. Every "write to a staging place, then rename" of hf_distill goes through 
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -67,6 +68,26 @@ def atomic_folder(path: str | os.PathLike, keep: Callable[[str], bool] | None = 
             if entry not in written and keep is not None and keep(entry):
                 os.replace(os.path.join(previous, entry), os.path.join(path, entry))
         shutil.rmtree(previous)
+
+
+def stale_staging_folders(path: str | os.PathLike) -> list[str]:
+    """The staging folders that an interrupted [`atomic_folder`] for `path` left next to it (`.NAME.XXXX.tmp`)."""
+    path = os.path.abspath(os.fspath(path))
+    parent, base = os.path.split(path)
+    pattern = re.compile(rf"\.{re.escape(base)}\.[0-9a-f]{{12}}\.tmp")
+    if not os.path.isdir(parent):
+        return []
+    return [
+        os.path.join(parent, name)
+        for name in sorted(os.listdir(parent))
+        if pattern.fullmatch(name) and os.path.isdir(os.path.join(parent, name))
+    ]
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether `name` is a weight file of a transformers save (`model*.safetensors`, `pytorch_model*.bin`, their
+    `.index.json`): a new export replaces those of an earlier one (an earlier sharded save must not linger)."""
+    return name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin", ".index.json"))
 
 
 def _swap_in(staging: str, target: str) -> str | None:

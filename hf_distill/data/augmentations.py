@@ -16,7 +16,8 @@ Here every op works on a whole batch `[B, 3, H, W]` of float images in [0, 1] on
 - an op whose probability is 0 (or whose strength is 0) is skipped entirely, so it is an exact identity and draws
   nothing from the generator.
 
-Every public function also accepts `uint8` images (converted to float with `/ 255` first).
+Every public function takes `images` as `[B, 3, H, W]` floats in [0, 1] or `uint8` (converted to float with `/ 255`
+first), and the random ones a `generator` on the images' device, the source of all their randomness.
 """
 
 import math
@@ -144,12 +145,10 @@ def random_resized_crop(
     padding, no antialiasing when the crop is shrunk) with the flip folded into the same affine transform.
 
     Args:
-        images (`torch.Tensor`):
-            `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
+        images (`torch.Tensor`), generator (`torch.Generator`):
+            The batch and the source of all its randomness (see the module docstring).
         size (`int`):
             Output side length.
-        generator (`torch.Generator`):
-            Source of all randomness; must be on the images' device.
         scale (`tuple[float, float]`):
             Range of the crop area as a fraction of the image area.
         ratio (`tuple[float, float]`):
@@ -209,10 +208,8 @@ def color_jitter(
     skips that adjustment exactly.
 
     Args:
-        images (`torch.Tensor`):
-            `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
-        generator (`torch.Generator`):
-            Source of all randomness; must be on the images' device.
+        images (`torch.Tensor`), generator (`torch.Generator`):
+            The batch and the source of all its randomness (see the module docstring).
         brightness, contrast, saturation (`float`):
             Jitter strengths `x` (non-negative).
         hue (`float`):
@@ -252,10 +249,8 @@ def random_grayscale(images: torch.Tensor, generator: torch.Generator, p: float 
     """Convert each sample to 3-channel grayscale with probability `p` (`torchvision.transforms.RandomGrayscale`).
 
     Args:
-        images (`torch.Tensor`):
-            `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
-        generator (`torch.Generator`):
-            Source of all randomness; must be on the images' device.
+        images (`torch.Tensor`), generator (`torch.Generator`):
+            The batch and the source of all its randomness (see the module docstring).
         p (`float`):
             Probability of converting each sample.
 
@@ -286,10 +281,8 @@ def gaussian_blur(
     (`[1, B * 3, H, W]` input, `groups=B * 3`, one normalized 1-D kernel per sample and channel).
 
     Args:
-        images (`torch.Tensor`):
-            `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
-        generator (`torch.Generator`):
-            Source of all randomness; must be on the images' device.
+        images (`torch.Tensor`), generator (`torch.Generator`):
+            The batch and the source of all its randomness (see the module docstring).
         p (`float`):
             Probability of blurring each sample.
         sigma (`tuple[float, float]`):
@@ -327,10 +320,8 @@ def solarize(images: torch.Tensor, generator: torch.Generator, p: float = 0.2, t
     `ImageOps.solarize` with threshold 128 of 255).
 
     Args:
-        images (`torch.Tensor`):
-            `[B, 3, H, W]` float images in [0, 1] (or `uint8`).
-        generator (`torch.Generator`):
-            Source of all randomness; must be on the images' device.
+        images (`torch.Tensor`), generator (`torch.Generator`):
+            The batch and the source of all its randomness (see the module docstring).
         p (`float`):
             Probability of solarizing each sample.
         threshold (`float`):
@@ -384,12 +375,10 @@ class UnicAugmentation:
         """Augment a batch.
 
         Args:
-            images (`torch.Tensor`):
-                `[B, 3, H, W]` float images in [0, 1] or `uint8` images in [0, 255].
+            images (`torch.Tensor`), generator (`torch.Generator`):
+                The batch and the source of all its randomness (see the module docstring).
             size (`int`):
                 Output side length.
-            generator (`torch.Generator`):
-                Source of all randomness; must be on the images' device.
 
         Returns:
             `torch.Tensor`: `[B, 3, size, size]` float images in [0, 1].

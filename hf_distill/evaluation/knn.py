@@ -147,10 +147,7 @@ def knn_accuracy(
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
     k: int | Sequence[int] = DEFAULT_KS,
-    temperature: float = 0.07,
-    num_classes: int | None = None,
-    chunk_size: int = 1024,
-    exclude_self: bool = False,
+    **options,
 ) -> dict[str, float]:
     """Top-1 accuracy of the weighted k-NN classifier of [`knn_predict`].
 
@@ -159,7 +156,8 @@ def knn_accuracy(
         train_labels (`torch.Tensor` of shape `(N,)`): int64 class ids of the index.
         test_features (`torch.Tensor` of shape `(M, D)`): features to classify.
         test_labels (`torch.Tensor` of shape `(M,)`): int64 ground-truth class ids of the test items.
-        k, temperature, num_classes, chunk_size, exclude_self: see [`knn_predict`].
+        k (`int` or sequence of `int`): number(s) of neighbours, see [`knn_predict`].
+        options: `temperature`, `num_classes`, `chunk_size`, `exclude_self` of [`knn_predict`].
 
     Returns:
         `dict[str, float]`: `{"knn_top1@{k}": accuracy in percent (0..100)}` for each requested `k`.
@@ -168,16 +166,7 @@ def knn_accuracy(
     targets = _check_labels(test_labels, test.shape[0], "test_labels", "test_features")
     if test.shape[0] == 0:
         raise ValueError("`test_features` is empty; accuracy is undefined.")
-    predictions = knn_predict(
-        train_features,
-        train_labels,
-        test,
-        k=k,
-        temperature=temperature,
-        num_classes=num_classes,
-        chunk_size=chunk_size,
-        exclude_self=exclude_self,
-    )
+    predictions = knn_predict(train_features, train_labels, test, k=k, **options)
     return {
         f"knn_top1@{value}": 100.0 * (predicted == targets).double().mean().item()
         for value, predicted in predictions.items()

@@ -29,7 +29,7 @@ push_to_hub("outputs/unic", "me/unic-vitb16-in1k")
 
 from huggingface_hub import EvalResult
 
-from .card import CARD_END_MARKER, CARD_START_MARKER, METHODS, create_or_update_model_card
+from .card import CARD_END_MARKER, CARD_START_MARKER, METHODS, PAPERS, create_or_update_model_card
 from .model_index import ProtocolCardData, model_index, validate_card_metadata
 from .plots import (
     plot_domain_retrieval,
@@ -38,7 +38,7 @@ from .plots import (
     plot_sampler_weights,
     plot_training_curves,
 )
-from .provenance import is_hub_id, publishable_name, scrub_local_paths, weights_fingerprint
+from .provenance import is_hub_id, publishable_name, scrub_local_paths, weight_files_sha256
 from .push import (
     UPLOAD_PATTERNS,
     HubOptions,
@@ -56,6 +56,7 @@ __all__ = [
     "UPLOAD_PATTERNS",
     "EvalResult",
     "METHODS",
+    "PAPERS",
     "HubOptions",
     "HubTokenNotPickled",
     "ProtocolCardData",
@@ -75,5 +76,5 @@ __all__ = [
     "take_hub_options",
     "upload_file_list",
     "validate_card_metadata",
-    "weights_fingerprint",
+    "weight_files_sha256",
 ]

@@ -20,7 +20,7 @@ from huggingface_hub import EvalResult, ModelCard
 
 from ..io_utils import write_text_atomically
 from .model_index import ProtocolCardData, merge_eval_results, yaml_value
-from .provenance import is_hub_id, publishable_name, scrub_local_paths, weights_fingerprint
+from .provenance import is_hub_id, publishable_name, scrub_local_paths, weight_files_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ _CARD_BLOCK = re.compile(re.escape(CARD_START_MARKER) + r".*?" + re.escape(CARD_
 FRAMEWORKS = ("hf_distill", "transformers", "torch", "accelerate", "datasets")
 
 # The methods a card describes: its Hub tag and the card's opening paragraph when none is given ({teachers}: how many
-# teachers, and their names). The template picks the usage snippet and the citation by method.
+# teachers, and their names). The template picks the usage snippet by method.
 METHODS = {
     "unic": (
         "unic",
@@ -49,6 +49,43 @@ METHODS = {
         "An image classifier distilled with hf_distill's implementation of task-specific distillation (Marrie et "
         "al., TMLR 2024) from {teachers}. It ships as a stock transformers image classifier.",
     ),
+}
+
+# The paper of each method: what its trainer declares as `_paper` (TRL's convention) and its card cites.
+PAPERS = {
+    "unic": {
+        "title": "UNIC: Universal Classification Models via Multi-teacher Distillation",
+        "authors": "Sariyildiz, Weinzaepfel, Lucas, Larlus, Kalantidis",
+        "venue": "ECCV 2024",
+        "citation": """@inproceedings{sariyildiz2024unic,
+  title={{UNIC}: Universal Classification Models via Multi-teacher Distillation},
+  author={Sariyildiz, Mert Bulent and Weinzaepfel, Philippe and Lucas, Thomas and Larlus, Diane and Kalantidis, Yannis},
+  booktitle={European Conference on Computer Vision (ECCV)},
+  year={2024}
+}""",
+    },
+    "udon": {
+        "title": "UDON: Universal Dynamic Online distillatioN for generic image representations",
+        "authors": "Ypsilantis, Chen, Araujo, Chum",
+        "venue": "NeurIPS 2024",
+        "citation": r"""@inproceedings{ypsilantis2024udon,
+  title={{UDON}: Universal Dynamic Online distillatioN for generic image representations},
+  author={Ypsilantis, Nikolaos-Antonios and Chen, Kaifeng and Araujo, Andr{\'e} and Chum, Ond{\v{r}}ej},
+  booktitle={Advances in Neural Information Processing Systems (NeurIPS)},
+  year={2024}
+}""",
+    },
+    "task": {
+        "title": "On Good Practices for Task-Specific Distillation of Large Pretrained Visual Models",
+        "authors": "Marrie, Arbel, Mairal, Larlus",
+        "venue": "TMLR 2024",
+        "citation": """@article{marrie2024taskspecific,
+  title={On Good Practices for Task-Specific Distillation of Large Pretrained Visual Models},
+  author={Marrie, Juliette and Arbel, Michael and Mairal, Julien and Larlus, Diane},
+  journal={Transactions on Machine Learning Research},
+  year={2024}
+}""",
+    },
 }
 
 
@@ -264,6 +301,7 @@ def create_or_update_model_card(
     method: str | None = None,
     method_tag: str | None = None,
     measured_on: str | None = None,
+    paper: dict | None = None,
 ) -> ModelCard:
     """Write (or update) `output_dir/README.md`, the model card of a distilled student.
 
@@ -275,7 +313,7 @@ def create_or_update_model_card(
     unchanged with `ModelCard.load(path).data.eval_results`.
 
     Results belong to the weights they were measured on: the card records the fingerprint of the weights in
-    `output_dir` ([`weights_fingerprint`], metadata key `hf_distill.weights`). When a later update finds other weights
+    `output_dir` ([`weight_files_sha256`], metadata key `hf_distill.weights`). When a later update finds other weights
     there (a resumed or new training run exported over the folder), the results, comparison rows and evaluation plots
     of the earlier weights are dropped (with a warning) instead of being shown beside the new weights.
 
@@ -311,14 +349,16 @@ def create_or_update_model_card(
         pipeline_tag: `image-feature-extraction` (encoders) or `image-classification` (task-specific students).
         method: a key of [`METHODS`]: `unic` (stock transformers encoder), `udon` (embedding model with remote code:
             `trust_remote_code` usage) or `task` (classifier); it picks the tag, the default summary, the usage snippet
-            and the citation. Default: the existing card's method; for a new card, `task` for an
+            and the default paper. Default: the existing card's method; for a new card, `task` for an
             `image-classification` pipeline, else `unic`.
         method_tag: the Hub tag of the method, in place of its own from [`METHODS`].
-        measured_on: fingerprint of the weights `eval_results` were measured on (e.g. `weights_fingerprint` of the
+        measured_on: fingerprint of the weights `eval_results` were measured on (e.g. `weight_files_sha256` of the
             evaluated folder); a `ValueError` when it is not the weights in `output_dir`. Default: those weights.
+        paper: the paper of the training method, `{"title", "authors", "venue", "citation"}` (BibTeX): a trainer's
+            `_paper`. The card names it and cites it. Default: the existing card's, else the method's from [`PAPERS`].
 
-    `method`, `summary`, `teachers`, `training_data`, `settings`, `comparison` and `plots` are also recorded in the
-    card's metadata (key `hf_distill`), so a later update (e.g. by `recipes/evaluate.py`, which only knows the
+    `method`, `summary`, `paper`, `teachers`, `training_data`, `settings`, `comparison` and `plots` are also recorded
+    in the card's metadata (key `hf_distill`), so a later update (e.g. by `recipes/evaluate.py`, which only knows the
     evaluation) may leave them to `None` and keeps the recorded ones; plots accumulate.
 
     Returns:
@@ -333,12 +373,13 @@ def create_or_update_model_card(
     recorded = dict(getattr(existing.data, "hf_distill", None) or {}) if existing is not None else {}
     method = method or recorded.get("method") or ("task" if pipeline_tag == "image-classification" else "unic")
     summary = summary if summary is not None else recorded.get("summary")
+    paper = paper or recorded.get("paper") or PAPERS[method]
     model_name = (
         model_name or (existing.data.model_name if existing is not None else None) or output_dir.resolve().name
     )
 
     # Results of other weights than the ones in the folder are dropped, with what was shown beside them.
-    weights = weights_fingerprint(output_dir)
+    weights = weight_files_sha256(output_dir)
     old_results = list(existing.data.eval_results or []) if existing is not None else []
     result_plots = list(recorded.get("result_plots", []))
     if measured_on is not None and weights is not None and measured_on != weights:
@@ -371,6 +412,7 @@ def create_or_update_model_card(
         {
             "method": method,
             "summary": summary,
+            "paper": paper,
             "teachers": teachers,
             "training_data": training_data,
             "settings": settings,
@@ -413,6 +455,7 @@ def create_or_update_model_card(
         framework_versions=_framework_versions(),
         pipeline_tag=pipeline_tag,
         method=method,
+        paper=paper,
     )
 
     if existing is None:

@@ -10,7 +10,7 @@ from huggingface_hub import EvalResult
 from ..io_utils import write_json_atomically
 from .card import create_or_update_model_card
 from .plots import plot_domain_retrieval, plot_loss_terms, plot_sampler_weights
-from .provenance import is_hub_id, publishable_name, scrub_local_paths, weights_fingerprint
+from .provenance import is_hub_id, publishable_name, scrub_local_paths, weight_files_sha256
 
 
 def write_task_distill_card(
@@ -25,6 +25,7 @@ def write_task_distill_card(
     settings: dict,
     log_history: list[dict],
     repo_id: str | None = None,
+    paper: dict | None = None,
 ) -> None:
     """`eval_results.json`, the loss plot and the model card of a task-distilled classifier saved in `output_dir`.
 
@@ -35,8 +36,9 @@ def write_task_distill_card(
         dataset: the task data (a local path is published as its folder name).
         settings: the card's settings table.
         log_history: `trainer.state.log_history` (the loss terms `loss`, `cross_entropy`, `kl` are plotted).
+        paper: the trainer's `_paper`, cited by the card (see [`create_or_update_model_card`]).
     """
-    weights = weights_fingerprint(output_dir)
+    weights = weight_files_sha256(output_dir)
     dataset_name = publishable_name(dataset)
     write_json_atomically(
         os.path.join(output_dir, "eval_results.json"), {**results, "dataset": dataset_name, "weights": weights}
@@ -83,6 +85,7 @@ def write_task_distill_card(
         method_tag="task-specific-distillation",
         method="task",
         repo_id=repo_id,
+        paper=paper,
     )
 
 
@@ -128,11 +131,12 @@ def write_udon_card(
     log_history: list[dict],
     embedding_dim: int,
     repo_id: str | None = None,
+    paper: dict | None = None,
 ) -> None:
     """`eval_results.json` (tied to the exported weights), plots (retrieval per domain, sampler weights) and the model
     card of a UDON / USCRR embedding model saved in `output_dir`. `specs` are the domains' [`DomainSpec`]s, `settings`
-    the card's settings table."""
-    weights = weights_fingerprint(output_dir)
+    the card's settings table, `paper` the trainer's `_paper`."""
+    weights = weight_files_sha256(output_dir)
     write_json_atomically(os.path.join(output_dir, "eval_results.json"), {**results, "weights": weights})
     plots = [plot_domain_retrieval(results, os.path.join(output_dir, "plots", "retrieval_per_domain.png"))]
     plots.append(plot_sampler_weights(log_history, os.path.join(output_dir, "plots", "sampler.png")))
@@ -162,6 +166,7 @@ def write_udon_card(
         method="udon",
         tags=["image-retrieval", "universal-embedding"],
         repo_id=repo_id,
+        paper=paper,
     )
 
 
@@ -181,7 +186,7 @@ def add_evaluation_to_card(
     Returns:
         The updated `ModelCard`.
     """
-    measured_on = weights_fingerprint(model) if model is not None and os.path.isdir(model) else None
+    measured_on = weight_files_sha256(model) if model is not None and os.path.isdir(model) else None
     plot_path = os.path.join(card_dir, "plots", "eval_comparison.png")
     if os.path.abspath(chart) != os.path.abspath(plot_path):
         os.makedirs(os.path.dirname(plot_path), exist_ok=True)
@@ -193,6 +198,6 @@ def add_evaluation_to_card(
         plots=["plots/eval_comparison.png"],
         measured_on=measured_on,
     )
-    published = {**scrub_local_paths(payload), "weights": weights_fingerprint(card_dir)}
+    published = {**scrub_local_paths(payload), "weights": weight_files_sha256(card_dir)}
     write_json_atomically(os.path.join(card_dir, "eval_results.json"), published)
     return card

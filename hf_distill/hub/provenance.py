@@ -73,7 +73,7 @@ def weight_files(folder: str | os.PathLike) -> list[str]:
     return ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
 
 
-def weights_fingerprint(folder: str | os.PathLike) -> str | None:
+def weight_files_sha256(folder: str | os.PathLike) -> str | None:
     """`sha256:<hex>` of the weight files of `folder` (names and bytes, in order), or `None` without weights.
 
     Model cards and `eval_results.json` record it beside their results: a result belongs to the weights it was

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, get_token, metadata_load
 
-from .provenance import SAFETENSORS_INDEX, weight_files, weights_fingerprint
+from .provenance import SAFETENSORS_INDEX, weight_files, weight_files_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _eval_results_is_current(output_dir: Path) -> bool:
         recorded = json.loads(path.read_text(encoding="utf-8")).get("weights")
     except (OSError, ValueError, AttributeError):
         return path.is_file()
-    if recorded is None or recorded == weights_fingerprint(output_dir):
+    if recorded is None or recorded == weight_files_sha256(output_dir):
         return True
     logger.warning("Not uploading %s: it was measured on other weights (%s).", path, recorded)
     return False

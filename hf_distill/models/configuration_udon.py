@@ -6,6 +6,7 @@ from transformers.configuration_utils import SubConfigSpec
 from ..losses.udon import MARGIN_TYPES, RELATIONAL_SCALE
 from .configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from .configuration_udon_embedding import check_backbone_config
+from .configuration_utils import check_named_entries, normalization_lists
 
 
 class UdonModelConfig(PreTrainedConfig):
@@ -65,17 +66,11 @@ class UdonModelConfig(PreTrainedConfig):
         if self.backbone_config is not None and self.backbone_config.model_type == "clip":
             self.backbone_config = self.backbone_config.vision_config
         check_backbone_config(self.backbone_config)
-        self.domains = [dict(domain) for domain in (self.domains or [])]
+        self.domains = check_named_entries(self.domains, "Domain")
         for domain in self.domains:
-            name = domain.get("name")
-            if not isinstance(name, str) or not name or "." in name:
-                raise ValueError(f"Domain {domain} needs a non-empty string name without '.'.")
             classes = domain.get("num_classes")
             if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
                 raise ValueError(f"Domain {domain} needs an integer num_classes >= 1.")
-        names = self.domain_names
-        if len(set(names)) != len(names):
-            raise ValueError(f"Domain names must be unique, got {names}.")
         if self.margin_type not in MARGIN_TYPES:
             raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {self.margin_type!r}.")
         for field in ("teacher_dim", "embedding_dim", "logit_scale", "distill_temperature"):
@@ -85,8 +80,7 @@ class UdonModelConfig(PreTrainedConfig):
             raise ValueError(
                 f"relational_scale must be >= 0 (0 turns the relational term off), got {self.relational_scale}."
             )
-        self.image_mean = [float(v) for v in self.image_mean]
-        self.image_std = [float(v) for v in self.image_std]
+        self.image_mean, self.image_std = normalization_lists(self.image_mean, self.image_std)
 
     @property
     def domain_names(self) -> list[str]:

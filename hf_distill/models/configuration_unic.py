@@ -4,6 +4,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
+from .configuration_utils import check_named_entries, normalization_lists
 from .standardization import STANDARDIZATION_MODES
 from .student_backbones import backbone_stride, num_ladder_blocks
 
@@ -72,14 +73,7 @@ class UnicStudentConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.teachers = [dict(teacher) for teacher in (self.teachers or [])]
-        names = [teacher.get("name") for teacher in self.teachers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"Teacher names must be unique, got {names}.")
-        for teacher in self.teachers:
-            missing = {"name", "summary_dim", "patch_dim"} - set(teacher)
-            if missing:
-                raise ValueError(f"Teacher entry {teacher} lacks {sorted(missing)}.")
+        self.teachers = check_named_entries(self.teachers, "Teacher", required=("summary_dim", "patch_dim"))
         if self.standardization not in STANDARDIZATION_MODES:
             raise ValueError(f"standardization must be one of {STANDARDIZATION_MODES}, got {self.standardization!r}.")
         if self.standardization_warmup_steps < 1:
@@ -94,8 +88,7 @@ class UnicStudentConfig(PreTrainedConfig):
                 raise ValueError(
                     f"ladder_layers {bad} are outside the student's blocks 1..{num_layers} (1-based block indices)."
                 )
-        self.image_mean = [float(v) for v in self.image_mean]
-        self.image_std = [float(v) for v in self.image_std]
+        self.image_mean, self.image_std = normalization_lists(self.image_mean, self.image_std)
 
     @property
     def teacher_names(self) -> list[str]:

@@ -10,7 +10,7 @@ from torch import nn
 from .teacher_loading import teacher_source
 
 
-def weights_fingerprint(module: nn.Module) -> str:
+def module_weights_fingerprint(module: nn.Module) -> str:
     """XXH3-128 of every tensor of `module.state_dict()` (names, dtypes, shapes and bytes), in sorted order.
 
     XXH3 hashes at several GB/s, so fingerprinting a ViT-g teacher takes about a second (a cache key, not a security
@@ -25,7 +25,7 @@ def weights_fingerprint(module: nn.Module) -> str:
 def encoder_fingerprint(encoder: nn.Module) -> str:
     """Fingerprint of an encoder's weights and reading options (summary, normalization, class)."""
     options = {
-        "weights": weights_fingerprint(encoder),
+        "weights": module_weights_fingerprint(encoder),
         "summary": getattr(getattr(encoder, "config", None), "summary", None),
         "mean": list(encoder.image_mean),
         "std": list(encoder.image_std),
@@ -51,7 +51,7 @@ def teacher_identity(teacher: nn.Module) -> dict:
         "source": teacher_source(teacher),
         "revision": getattr(config, "revision", None),
         "class": type(teacher).__name__,
-        "weights": weights_fingerprint(teacher),
+        "weights": module_weights_fingerprint(teacher),
         "dtype": str(parameter.dtype).removeprefix("torch.") if parameter is not None else None,
         # a ModuleTeacher's summary is its summary_fn, else the mean of the patch grid
         "summary": getattr(config, "summary", None)
@@ -66,4 +66,4 @@ def teacher_identity(teacher: nn.Module) -> dict:
     }
 
 
-__all__ = ["encoder_fingerprint", "teacher_identity", "weights_fingerprint"]
+__all__ = ["encoder_fingerprint", "module_weights_fingerprint", "teacher_identity"]

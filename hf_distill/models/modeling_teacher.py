@@ -68,8 +68,8 @@ def interpolate_tokens(tokens: torch.Tensor, grid_size: tuple[int, int]) -> torc
 class TeacherMixin:
     """The alignment logic shared by [`TeacherModel`] and [`ModuleTeacher`].
 
-    Subclasses provide `image_mean`, `image_std`, `patch_size`, `grid_alignment`, `input_size` and
-    `_encode(pixels) -> (summary [B, D], patch grid [B, h, w, D])`.
+    Subclasses provide `image_mean`, `image_std`, `patch_size`, `grid_alignment`, `input_size`, the token sizes
+    `summary_dim` and `patch_dim`, and `_encode(pixels) -> (summary [B, D], patch grid [B, h, w, D])`.
     """
 
     def _teacher_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,14 +116,6 @@ class TeacherMixin:
         out_grid = grid_size if grid_size is not None else tuple(patch_grid.shape[1:3])
         patch_tokens = interpolate_tokens(patch_grid.float(), out_grid)
         return TeacherOutput(summary=summary.float(), patch_tokens=patch_tokens)
-
-    @property
-    def summary_dim(self) -> int:
-        return self.hidden_size
-
-    @property
-    def patch_dim(self) -> int:
-        return self.hidden_size
 
 
 class TeacherPreTrainedModel(PreTrainedModel):
@@ -178,6 +170,8 @@ class TeacherModel(TeacherMixin, TeacherPreTrainedModel):
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+    summary_dim = patch_dim = hidden_size  # both tokens have the backbone's hidden size
 
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = self.backbone(pixel_values=pixels, **self._interpolate_kwargs)

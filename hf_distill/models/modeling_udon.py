@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModel, CLIPImageProcessorPil, CLIPVisio
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from ..io_utils import atomic_folder
+from ..io_utils import atomic_folder, is_weight_file
 from ..losses.udon import class_cosines, udon_loss
 from .configuration_udon import UdonModelConfig
 from .configuration_udon_embedding import POOLER_MODEL_TYPES, UdonEmbeddingConfig, check_backbone_config
@@ -253,14 +253,9 @@ class UdonModel(UdonPreTrainedModel):
         model = self.embedding_model()
         UdonEmbeddingConfig.register_for_auto_class()
         UdonEmbeddingModel.register_for_auto_class("AutoModel")
-        with atomic_folder(output_dir, keep=lambda name: not _is_weight_file(name)) as staging:
+        with atomic_folder(output_dir, keep=lambda name: not is_weight_file(name)) as staging:
             model.save_pretrained(staging, **kwargs)
             self.image_processor(image_size).save_pretrained(staging)
-
-
-def _is_weight_file(name: str) -> bool:
-    """Weights of an earlier export, replaced by a new export (an earlier sharded save must not linger)."""
-    return name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin", ".index.json"))
 
 
 __all__ = ["UdonModel", "UdonOutput", "UdonPreTrainedModel"]

@@ -15,7 +15,7 @@ import os
 
 from torch import nn
 
-from ..models.fingerprint import weights_fingerprint
+from ..models.fingerprint import module_weights_fingerprint
 
 MANIFEST_FILE = "run_manifest.json"
 HARMLESS = frozenset(
@@ -52,7 +52,7 @@ def weights_entry(source, revision: str | None = None) -> dict:
     """`{"source", "revision", "fingerprint"}` of pretrained weights: a module (its state dict is hashed), a local
     folder (its weight and config files are hashed), or a Hub id (its resolved commit identifies the content)."""
     if isinstance(source, nn.Module):
-        return {"source": type(source).__name__, "revision": None, "fingerprint": weights_fingerprint(source)}
+        return {"source": type(source).__name__, "revision": None, "fingerprint": module_weights_fingerprint(source)}
     source = str(source)
     if os.path.isdir(source):
         return {"source": source, "revision": revision, "fingerprint": _hash_folder(source)}

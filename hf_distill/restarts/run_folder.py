@@ -20,7 +20,7 @@ import torch.distributed as dist
 from transformers import TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
-from ..io_utils import write_json_atomically
+from ..io_utils import stale_staging_folders, write_json_atomically
 from .checkpoints import (
     TRAINER_STATE,
     CheckpointCompletion,
@@ -36,15 +36,16 @@ logger = logging.getLogger(__name__)
 
 
 def remove_export_leftovers(output_dir: str) -> None:
-    """Delete the staging folders (`.export-*`) and temporary files (`.*.tmp`) of an export that was killed."""
+    """Delete the staging folders next to `output_dir` (`.NAME.XXXX.tmp`) and the temporary files in it (`.*.tmp`)
+    of an export or a write that was killed. Called with the folder's lock held: no other run is writing them."""
+    for path in stale_staging_folders(output_dir):
+        logger.info("Removing %s, left by an export that was stopped.", path)
+        shutil.rmtree(path, ignore_errors=True)
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
-        if name.startswith(".export-") and os.path.isdir(path):
-            logger.info("Removing %s, left by an export that was stopped.", path)
-            shutil.rmtree(path, ignore_errors=True)
-        elif name.startswith(".") and name.endswith(".tmp") and os.path.isfile(path):
+        if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(path):
             logger.info("Removing %s, left by a write that was stopped.", path)
             os.remove(path)
 
@@ -166,18 +167,10 @@ class Run:
             Run._active = None
 
 
-def start_run(
-    training_args: TrainingArguments,
-    recipe: str,
-    *,
-    teachers: dict | None = None,
-    initial_weights: dict | None = None,
-    student_config=None,
-    data: dict | None = None,
-    options: tuple = (),
-) -> Run:
-    """Start a run in `training_args.output_dir` (see the module docstring); the other arguments describe it for the
-    run manifest (see [`build_manifest`]). Call it after the inputs are checked and before any expensive work.
+def start_run(training_args: TrainingArguments, recipe: str, **description) -> Run:
+    """Start a run in `training_args.output_dir` (see the module docstring); `recipe` and the keyword arguments
+    (`teachers`, `initial_weights`, `student_config`, `data`, `options`) describe it for the run manifest: they are
+    those of [`build_manifest`]. Call it after the inputs are checked and before any expensive work.
 
     Raises:
         [`OutputFolderLocked`]: another run uses the output folder.
@@ -194,9 +187,7 @@ def start_run(
     if training_args.process_index == 0:
         try:
             run._start_on_main_process(
-                lambda: build_manifest(
-                    recipe, teachers, initial_weights, student_config, data, options, training_args.world_size
-                )
+                lambda: build_manifest(recipe, world_size=training_args.world_size, **description)
             )
         except Exception as caught:  # the other processes must learn of it rather than wait in the broadcast
             error = caught

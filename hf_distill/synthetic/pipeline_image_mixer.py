@@ -18,24 +18,17 @@ pipe = pipe.to("cuda")
 cat, bread = Image.open("cat.jpg"), Image.open("bread.jpg")
 images = pipe(
     [[(cat, 1.0), (bread, 1.2)], [(cat, 1.0)]],  # a batch of two mixes; `cat` is encoded once
-    num_inference_steps=30,
-    guidance_scale=3.0,
-    height=640,
-    width=640,
-    generator=torch.Generator().manual_seed(0),
+    num_inference_steps=30, guidance_scale=3.0, height=640, width=640, generator=torch.Generator().manual_seed(0),
 ).images
 
 embeddings = pipe.encode_images([cat, bread])  # or precompute the embeddings and mix those
 images = pipe([[(embeddings[0], 0.5), (embeddings[1], 1.5)]]).images
 ```
 
-The folder written by `save_pretrained` (or by `python scripts/convert_image_mixer.py`) holds a copy of
-this file, `pipeline_image_mixer.py`, and its `model_index.json` names it the way diffusers custom pipelines do:
-`"_class_name": ["pipeline_image_mixer", "ImageMixerPipeline"]`. So `DiffusionPipeline.from_pretrained(folder or Hub
-id, trust_remote_code=True)` loads it anywhere diffusers and transformers are installed (this file imports nothing
-else); without `trust_remote_code=True`, diffusers refuses to run the folder's code and says so. With hf_distill
-installed, `hf_distill.synthetic.ImageMixerPipeline.from_pretrained(folder)` loads it with the installed class,
-without running any code from the folder.
+`save_pretrained` (and `python scripts/convert_image_mixer.py`) ships a copy of this file with the weights, so
+`DiffusionPipeline.from_pretrained(folder or Hub id, trust_remote_code=True)` loads the folder wherever diffusers and
+transformers are installed (this file imports nothing else); `hf_distill.synthetic.ImageMixerPipeline.from_pretrained`
+loads it with the installed class, running no code from the folder.
 """
 
 from __future__ import annotations
@@ -70,6 +63,8 @@ Mix = Sequence[tuple[ImageInput, float]]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CODE_FILE = "pipeline_image_mixer.py"
 """Name of the copy of this file in a saved pipeline folder (`_class_name` of its `model_index.json` names it)."""
+CLASS_NAME = [CODE_FILE.removesuffix(".py"), "ImageMixerPipeline"]
+"""`_class_name` of a saved folder's `model_index.json`: the module and class of the shipped copy of this file."""
 
 
 @dataclass
@@ -86,6 +81,11 @@ class ImageMixerPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
+def _check_positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
 def _is_embedding(source: object) -> bool:
     return isinstance(source, torch.Tensor) and source.ndim == 1
 
@@ -100,36 +100,36 @@ def _check_weight(weight: object, where: str) -> float:
     return float(weight)
 
 
-def _check_mixes(mixes: Sequence[Mix], context_tokens: int) -> list[list[float]]:
-    """Check the structure of a batch of mixes and return their weights as floats."""
+def _check_mixes(mixes: Sequence[Mix], context_tokens: int, embedding_size: int | None = None) -> list[list[float]]:
+    """Check a batch of mixes (given `embedding_size`, their sources too) and return their weights as floats."""
     if isinstance(mixes, (str, bytes)) or not isinstance(mixes, Sequence) or len(mixes) == 0:
         raise ValueError("`mixes` must be a non-empty list of mixes, each a list of `(image_or_embedding, weight)`.")
+    pair = "`(image_or_embedding, weight)`"
     weights = []
     for index, mix in enumerate(mixes):
         if isinstance(mix, Sequence) and len(mix) == 2 and isinstance(mix[1], numbers.Real):
             raise TypeError(
-                f"Mix {index} is a single `(image, weight)` pair: `mixes` is a batch, wrap it as `[[(image, weight)]]`."
+                f"Mix {index} is a single `(image, weight)` pair: wrap the batch as `[[(image, weight)]]`."
             )
         if isinstance(mix, (str, bytes)) or not isinstance(mix, Sequence):
-            raise TypeError(
-                f"Mix {index} is a {type(mix).__name__}: a mix is a list of `(image_or_embedding, weight)`."
-            )
+            raise TypeError(f"Mix {index} is a {type(mix).__name__}: a mix is a list of {pair}.")
         if len(mix) == 0:
-            raise ValueError(
-                f"Mix {index} is empty: every mix needs at least one `(image_or_embedding, weight)` pair."
-            )
+            raise ValueError(f"Mix {index} is empty: every mix needs at least one {pair} pair.")
         if len(mix) > context_tokens:
-            raise ValueError(
-                f"Mix {index} has {len(mix)} inputs but the model takes at most `context_tokens={context_tokens}`."
-            )
+            raise ValueError(f"Mix {index} has {len(mix)} inputs but the model takes at most `{context_tokens=}`.")
         mix_weights = []
-        for position, pair in enumerate(mix):
+        for position, item in enumerate(mix):
             where = f"Mix {index}, input {position}"
-            if not isinstance(pair, Sequence) or len(pair) != 2:
-                raise TypeError(
-                    f"{where}: expected an `(image_or_embedding, weight)` pair, got {type(pair).__name__}."
+            if not isinstance(item, Sequence) or len(item) != 2:
+                raise TypeError(f"{where}: expected a {pair} pair, got {type(item).__name__}.")
+            mix_weights.append(_check_weight(item[1], where))
+            if embedding_size is not None and not _is_embedding(item[0]):
+                _check_image(item[0], where)
+            elif embedding_size is not None and item[0].numel() != embedding_size:
+                raise ValueError(
+                    f"{where}: an embedding must have size {embedding_size} (the image encoder's `projection_dim`), "
+                    f"got {item[0].numel()}."
                 )
-            mix_weights.append(_check_weight(pair[1], where))
         weights.append(mix_weights)
     return weights
 
@@ -166,23 +166,25 @@ def build_mix_context(mixes: Sequence[Sequence[tuple[torch.Tensor, float]]], con
     return context
 
 
+def _check_image(image: object, where: str = "An image") -> None:
+    """Raise unless `image` is a PIL image, an HWC or a CHW RGB array / tensor (values are checked when encoded)."""
+    if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+        raise TypeError(
+            f"{where}: unsupported source {type(image).__name__}; pass a PIL image, an HWC numpy array, a CHW tensor "
+            "or a 1-D embedding tensor."
+        )
+    if isinstance(image, torch.Tensor) and (image.ndim != 3 or image.shape[0] != 3):
+        raise ValueError(f"{where}: an image tensor must be CHW with 3 channels, got shape {tuple(image.shape)}.")
+    if isinstance(image, np.ndarray) and (image.ndim != 3 or image.shape[-1] != 3):
+        raise ValueError(f"{where}: an image array must be HWC with 3 channels, got shape {image.shape}.")
+
+
 def _to_uint8_hwc(image: ImageInput) -> np.ndarray:
     """An RGB source image as an `(H, W, 3)` uint8 array, the common input of the CLIP image processor."""
+    _check_image(image)
     if isinstance(image, PIL.Image.Image):
         return np.asarray(image.convert("RGB"))
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"An image tensor must be CHW with 3 channels, got shape {tuple(image.shape)}.")
-        array = image.detach().cpu().permute(1, 2, 0).numpy()
-    elif isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"An image array must be HWC with 3 channels, got shape {image.shape}.")
-        array = image
-    else:
-        raise TypeError(
-            f"Unsupported source {type(image).__name__}: pass a PIL image, an HWC numpy array, a CHW tensor or a 1-D "
-            "embedding tensor."
-        )
+    array = image.detach().cpu().permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else image
     if array.dtype == np.uint8:
         return np.ascontiguousarray(array)
     if not np.issubdtype(array.dtype, np.floating):
@@ -227,8 +229,7 @@ class ImageMixerPipeline(DiffusionPipeline):
         context_tokens: int = 5,
     ):
         super().__init__()
-        if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or context_tokens < 1:
-            raise ValueError(f"`context_tokens` must be a positive integer, got {context_tokens!r}.")
+        _check_positive_int(context_tokens, "context_tokens")
         projection_dim = image_encoder.config.projection_dim
         if unet.config.cross_attention_dim != projection_dim:
             raise ValueError(
@@ -254,7 +255,7 @@ class ImageMixerPipeline(DiffusionPipeline):
         """The pipeline config, with `_class_name` naming the module and class of the copy of this file shipped with
         the weights (`["pipeline_image_mixer", "ImageMixerPipeline"]`), as diffusers custom pipelines do."""
         config = json.loads(super().to_json_string())
-        config["_class_name"] = [CODE_FILE.removesuffix(".py"), ImageMixerPipeline.__name__]
+        config["_class_name"] = CLASS_NAME
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -263,7 +264,7 @@ class ImageMixerPipeline(DiffusionPipeline):
         the class itself, so that `ImageMixerPipeline.from_pretrained` runs no code from the folder or repo."""
         config = super()._dict_from_json_file(json_file)
         name = config.get("_class_name")
-        if isinstance(name, (list, tuple)) and list(name) == [CODE_FILE.removesuffix(".py"), "ImageMixerPipeline"]:
+        if isinstance(name, (list, tuple)) and list(name) == CLASS_NAME:
             config["_class_name"] = name[1]
         return config
 
@@ -305,25 +306,7 @@ class ImageMixerPipeline(DiffusionPipeline):
             weight that is not a finite number, an embedding whose size is not `projection_dim` or a source that is
             not an image.
         """
-        _check_mixes(mixes, self.config.context_tokens)
-        for index, mix in enumerate(mixes):
-            for position, (source, _) in enumerate(mix):
-                if _is_embedding(source):
-                    if source.numel() != self.embedding_size:
-                        raise ValueError(
-                            f"Mix {index}, input {position}: an embedding must have size {self.embedding_size} (the "
-                            f"image encoder's `projection_dim`), got {source.numel()}."
-                        )
-                elif isinstance(source, torch.Tensor) and source.ndim != 3:
-                    raise ValueError(
-                        f"Mix {index}, input {position}: a tensor must be a 1-D embedding or a CHW image, got shape "
-                        f"{tuple(source.shape)}."
-                    )
-                elif not isinstance(source, (PIL.Image.Image, np.ndarray, torch.Tensor)):
-                    raise TypeError(
-                        f"Mix {index}, input {position}: unsupported source {type(source).__name__}; pass a PIL "
-                        "image, an HWC numpy array, a CHW tensor or a 1-D embedding tensor."
-                    )
+        _check_mixes(mixes, self.config.context_tokens, self.embedding_size)
 
     def encode_mixes(self, mixes: Sequence[Mix]) -> torch.Tensor:
         """
@@ -341,10 +324,6 @@ class ImageMixerPipeline(DiffusionPipeline):
             the UNet's dtype.
         """
         self.check_mixes(mixes)
-        return self._build_context(mixes)
-
-    def _build_context(self, mixes: Sequence[Mix]) -> torch.Tensor:
-        """`encode_mixes` for mixes that `check_mixes` accepted."""
         device, dtype = self._execution_device, self.unet.dtype
         unique_images: dict[int, ImageInput] = {}
         for mix in mixes:
@@ -364,22 +343,10 @@ class ImageMixerPipeline(DiffusionPipeline):
         ]
         return build_mix_context(resolved, self.config.context_tokens)
 
-    def _check_call(
-        self,
-        batch_size: int,
-        num_inference_steps: int,
-        height: int,
-        width: int,
-        output_type: str,
-        generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None,
-    ) -> None:
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+    def check_inputs(self, mixes, num_inference_steps, height, width, output_type, generator, latents) -> None:
+        """Validate the arguments of [`~ImageMixerPipeline.__call__`] before any work."""
+        self.check_mixes(mixes)
+        _check_positive_int(num_inference_steps, "num_inference_steps")
         for name, size in (("height", height), ("width", width)):
             if size <= 0 or size % self.vae_scale_factor:
                 raise ValueError(
@@ -387,9 +354,9 @@ class ImageMixerPipeline(DiffusionPipeline):
                 )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} mixes.")
-        shape = self._latent_shape(batch_size, height, width)
+        if isinstance(generator, list) and len(generator) != len(mixes):
+            raise ValueError(f"Got {len(generator)} generators for a batch of {len(mixes)} mixes.")
+        shape = self._latent_shape(len(mixes), height, width)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
 
@@ -452,11 +419,10 @@ class ImageMixerPipeline(DiffusionPipeline):
         """
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
-        self.check_mixes(mixes)
-        self._check_call(len(mixes), num_inference_steps, height, width, output_type, generator, latents)
+        self.check_inputs(mixes, num_inference_steps, height, width, output_type, generator, latents)
 
         device, dtype = self._execution_device, self.unet.dtype
-        context = self._build_context(mixes)
+        context = self.encode_mixes(mixes)
         do_guidance = guidance_scale > 1.0
         if do_guidance:
             context = torch.cat([torch.zeros_like(context), context])

@@ -177,17 +177,9 @@ def trusted_load(path: str | os.PathLike) -> Any:
     arbitrary code from the file. Only for files from a trusted source that [`safe_load`] refuses.
 
     The classes of modules that are not installed (e.g. PyTorch Lightning callbacks) become [`PickledObject`]
-    placeholders instead of failing the load; tensors of zip checkpoints are memory-mapped.
-
-    Args:
-        path (`str` or `os.PathLike`):
-            The checkpoint file.
-
-    Returns:
-        The unpickled object.
-
-    Raises:
-        [`UnsafeCheckpointError`]: The pickle calls a function or class that cannot be imported.
+    placeholders instead of failing the load; tensors of zip checkpoints are memory-mapped. Takes and returns what
+    [`safe_load`] does; raises [`UnsafeCheckpointError`] when the pickle calls a function or class that cannot be
+    imported.
     """
     path = os.fspath(path)
     return torch.load(path, map_location="cpu", weights_only=False, mmap=_is_zip(path), pickle_module=_trusted_pickle)

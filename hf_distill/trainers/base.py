@@ -9,26 +9,26 @@ and what is specific to its method, readable top to bottom.
 - metrics kept on the device in `self._metrics["train" | "eval"]`, averaged over steps and processes when logged, with
   the non-finite counters, in one collective and one host sync ([`DistillationTrainer.log`]);
 - frozen teachers prepared for DDP / FSDP / DeepSpeed, never wrapped by DDP ([`DistillationTrainer.prepare_teacher`]);
-- the final export written to a staging folder and moved into place ([`DistillationTrainer.export_staged`]);
+- the final export written to a staging folder that takes the place of the output folder
+  ([`DistillationTrainer.export_staged`]);
 - the model card hook: `_tag_names` and `_paper` (the method's paper, for cards and the Hub).
 """
 
 import copy
 import logging
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from ..data.augmentations import resize_center
 from ..data.streaming import StreamingImageDataset, StreamStateCallback, streaming_train_dataloader
 from ..distributed_checks import check_accelerator, shard_with_fsdp2
 from ..hub.push import PushExportMixin
+from ..io_utils import atomic_folder, is_weight_file
 from ..precision import warn_if_emulated_autocast
 from .nonfinite import NonFiniteGuard
 
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 class DistillationTrainer(PushExportMixin, Trainer):
     """A `transformers.Trainer` with hf_distill's shared plumbing (see the module docstring).
 
-    Subclasses call `super().__init__` with the standard Trainer arguments plus:
+    Subclasses pass on the standard Trainer arguments, in the order of this signature, plus:
 
     Args:
         image_mean, image_std (`list[float]`): the student's input normalization.
@@ -47,10 +47,35 @@ class DistillationTrainer(PushExportMixin, Trainer):
     """
 
     _tag_names = ["hf_distill", "distillation"]
-    _paper: dict | None = None  # {"title", "authors", "venue"} of the method's paper, for the model card
+    _paper: dict | None = None  # the method's paper for its model card: {"title", "authors", "venue", "citation"}
 
-    def __init__(self, *args, image_mean, image_std, nonfinite_sources=(), **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        model,
+        args,
+        train_dataset=None,
+        eval_dataset=None,
+        data_collator=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        *,
+        image_mean,
+        image_std,
+        nonfinite_sources=(),
+        **kwargs,
+    ):
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            **kwargs,
+        )
         check_accelerator(self.args, self.accelerator)  # FSDP asked, DDP running...: refused before teachers load
         warn_if_emulated_autocast(self.args)
         self.nonfinite = NonFiniteGuard(list(nonfinite_sources), self.args, self.args.device)
@@ -98,6 +123,17 @@ class DistillationTrainer(PushExportMixin, Trainer):
             views = resize_center(pixel_values, size)
         return self.normalize(views)
 
+    def batch_sampler_loader(self, batch_sampler) -> DataLoader:
+        """A training `DataLoader` whose batches `batch_sampler` draws, with the run's collator, workers and pinning;
+        not yet prepared by Accelerate."""
+        return DataLoader(
+            self.train_dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+
     # ------------------------------------------------------------------ frozen teachers
 
     def prepare_teacher(self, teacher: nn.Module, shard: bool = True) -> nn.Module:
@@ -132,22 +168,21 @@ class DistillationTrainer(PushExportMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The metrics of the current mode (train / eval, `eval_` prefix) averaged since the last log over steps and
-        processes, and the non-finite counters: one collective, one host sync; stops when a teacher or the steps are
-        non-finite too often (see [`NonFiniteGuard`])."""
+        processes, and in training the non-finite counters: one collective, one host sync; stops when a teacher or the
+        steps are non-finite too often (see [`NonFiniteGuard`]). An evaluation leaves the training window as it is."""
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
-        logs.update(self.nonfinite.log_values(metrics, self.accelerator, prefix="eval_" if mode == "eval" else ""))
+        if mode == "train":
+            logs.update(self.nonfinite.log_values(metrics, self.accelerator))
+        else:
+            logs.update(self.nonfinite.log_values(metrics, self.accelerator, prefix="eval_", counters=False))
         metrics.clear()
         super().log(logs, start_time)
 
     def export_staged(self, output_dir: str, write: Callable[[str], None]) -> None:
-        """Run `write(folder)` on a staging folder inside `output_dir`, then move each file it wrote into
-        `output_dir` (a rename: a reader never sees a half-written file). Main process only."""
-        os.makedirs(output_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".export-", dir=output_dir)
-        try:
+        """Run `write(folder)` on a staging folder next to `output_dir`, which then takes its place in one rename
+        ([`~hf_distill.io_utils.atomic_folder`]): a reader never sees a half-written export. What `output_dir` held
+        besides the weights of an earlier export (checkpoints, logs, the run's lock and manifest) is moved into the
+        new folder. Main process only."""
+        with atomic_folder(output_dir, keep=lambda name: not is_weight_file(name)) as staging:
             write(staging)
-            for file_name in os.listdir(staging):
-                os.replace(os.path.join(staging, file_name), os.path.join(output_dir, file_name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)

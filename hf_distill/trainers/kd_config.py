@@ -7,11 +7,11 @@ from transformers import TrainingArguments
 from ..data.image_verification import ImageCheckArguments
 from ..hub.push import HubTokenNotPickled
 from .nonfinite import NonFiniteArguments
-from .view_config import ViewArguments, check_crop_scale
+from .view_config import AugmentationArguments, changed_default
 
 
 @dataclass
-class KDConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, ImageCheckArguments, NonFiniteArguments):
+class KDConfig(HubTokenNotPickled, TrainingArguments, AugmentationArguments, ImageCheckArguments, NonFiniteArguments):
     r"""
     Configuration of [`KDTrainer`]: all [`~transformers.TrainingArguments`] plus the distillation settings below.
     The loss is `(1 - alpha) * CE + alpha * temperature^2 * KL` on real images and the KL term alone on synthetic ones
@@ -30,7 +30,7 @@ class KDConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, ImageCheckA
         color_jitter_prob, grayscale_prob, blur_prob, solarize_prob (`float`, default to 0): probabilities of the
             other DINO / UNIC augmentations ([`UnicAugmentation`]), applied after the crop; 0 skips the op exactly.
             Real and synthetic images get the same augmentations; the teacher sees the student's view.
-        Also the options of [`ViewArguments`], [`~hf_distill.data.image_verification.ImageCheckArguments`]
+        Also the options of [`AugmentationArguments`], [`~hf_distill.data.image_verification.ImageCheckArguments`]
             (`verify_images`, `skip_bad_images`) and [`~hf_distill.trainers.nonfinite.NonFiniteArguments`]
             (`max_nonfinite_fraction`, `max_skipped_steps`).
     """
@@ -38,13 +38,12 @@ class KDConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, ImageCheckA
     alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term, in [0, 1]."})
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term."})
     synthetic_ratio: float = field(default=0.0, metadata={"help": "Fraction of each batch from synthetic images."})
-    crop_scale: list[float] = field(
-        default_factory=lambda: [0.35, 1.0], metadata={"help": "RandomResizedCrop area range.", "nargs": 2}
-    )
-    color_jitter_prob: float = field(default=0.0, metadata={"help": "ColorJitter(0.4, 0.4, 0.2, 0.1) probability."})
-    grayscale_prob: float = field(default=0.0, metadata={"help": "Grayscale probability."})
-    blur_prob: float = field(default=0.0, metadata={"help": "Gaussian blur probability."})
-    solarize_prob: float = field(default=0.0, metadata={"help": "Solarization probability."})
+    # milder than UNIC's: crops of at least 35% of the image, no color jitter, grayscale, blur or solarization
+    crop_scale: list[float] = changed_default(AugmentationArguments, "crop_scale", [0.35, 1.0])
+    color_jitter_prob: float = changed_default(AugmentationArguments, "color_jitter_prob", 0.0)
+    grayscale_prob: float = changed_default(AugmentationArguments, "grayscale_prob", 0.0)
+    blur_prob: float = changed_default(AugmentationArguments, "blur_prob", 0.0)
+    solarize_prob: float = changed_default(AugmentationArguments, "solarize_prob", 0.0)
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image/label columns."})
 
     def __post_init__(self):
@@ -56,7 +55,3 @@ class KDConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, ImageCheckA
         if not 0.0 <= self.synthetic_ratio < 1.0:
             raise ValueError(f"--synthetic_ratio must be in [0, 1), got {self.synthetic_ratio}.")
         self.check_views()
-        self.crop_scale = check_crop_scale(self.crop_scale)
-        for name in ("color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}.")

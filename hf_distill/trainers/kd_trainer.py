@@ -6,9 +6,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, TrainerCallback
 
-from ..data.augmentations import UnicAugmentation
 from ..data.image_datasets import ImageCollator
 from ..data.mixed_batch_sampler import MixedBatchSampler
+from ..hub.card import PAPERS
 from ..losses.kd import kd_loss
 from ..models.probed_teacher import ProbedTeacher
 from ..models.teacher_loading import frozen_forward_context, teacher_name
@@ -46,6 +46,7 @@ class KDTrainer(DistillationTrainer):
     """
 
     _tag_names = ["hf_distill", "distillation", "image-classification"]
+    _paper = PAPERS["task"]
     # `compute_loss` returns a per-batch mean: the Trainer must divide it by the gradient accumulation steps (stock
     # classifiers accept loss kwargs, which would otherwise make it count the loss as already scaled)
     loss_is_scaled_for_ga = False
@@ -82,40 +83,16 @@ class KDTrainer(DistillationTrainer):
             data_collator = ImageCollator(args.load_size, int_columns={"labels": "label"})
         self.teacher_name = f"probed {teacher_name(teacher.teacher)}"
         super().__init__(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=data_collator,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            image_mean=image_mean,
-            image_std=image_std,
-            nonfinite_sources=[self.teacher_name],
-            **kwargs,
-        )
+            model, args, train_dataset, eval_dataset, data_collator, processing_class, callbacks, optimizers,
+            image_mean=image_mean, image_std=image_std, nonfinite_sources=[self.teacher_name], **kwargs,
+        )  # fmt: skip
         self.add_callback(_SamplerEpoch(self.batch_sampler))
         # one frozen copy per process (one backbone and a linear head): not sharded under DeepSpeed / FSDP
         self.teacher = self.prepare_teacher(teacher.eval().to(self.args.device), shard=False)
-        self.augmentation = UnicAugmentation(
-            scale=tuple(args.crop_scale),
-            flip_prob=args.flip_prob,
-            color_jitter_p=args.color_jitter_prob,
-            grayscale_p=args.grayscale_prob,
-            blur_p=args.blur_prob,
-            solarize_p=args.solarize_prob,
-        )
+        self.augmentation = args.augmentation()
 
     def get_train_dataloader(self) -> DataLoader:
-        loader = DataLoader(
-            self.train_dataset,
-            batch_sampler=self.batch_sampler,
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory,
-        )
-        return self.accelerator.prepare(loader)
+        return self.accelerator.prepare(self.batch_sampler_loader(self.batch_sampler))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training

@@ -191,9 +191,12 @@ class NonFiniteGuard(TrainerCallback):
 
     # ------------------------------------------------------------------ at log time (one sync)
 
-    def log_values(self, metrics: dict[str, list[torch.Tensor]], accelerator, prefix: str = "") -> dict[str, float]:
+    def log_values(
+        self, metrics: dict[str, list[torch.Tensor]], accelerator, prefix: str = "", counters: bool = True
+    ) -> dict[str, float]:
         """Means of `metrics` (lists of device scalars) and the guard's counters, reduced across processes in ONE
         collective and read in ONE host sync; checks the limits (raises [`NonFiniteError`]) and resets the window.
+        With `counters=False` (an evaluation's log), only the means: the training window is left as it is.
 
         Returns the logs: `{prefix}{metric}` (mean over steps and processes), `nonfinite/skipped_steps` and
         `nonfinite/{source}_skipped_samples` (totals since the start), `nonfinite/{term}` (non-finite occurrences of a
@@ -202,8 +205,11 @@ class NonFiniteGuard(TrainerCallback):
         names = sorted(metrics)
         terms = sorted(self._terms)
         pieces = [torch.stack(metrics[name]).float().mean().to(self.device) for name in names]
-        pieces += [self._bad_samples, self._samples, torch.stack([self._skipped, self._max_consecutive])]
-        pieces += [torch.stack([self._terms[term] for term in terms])] if terms else []
+        if counters:
+            pieces += [self._bad_samples, self._samples, torch.stack([self._skipped, self._max_consecutive])]
+            pieces += [torch.stack([self._terms[term] for term in terms])] if terms else []
+        if not pieces:
+            return {}
         vector = torch.cat([piece.reshape(-1).float() for piece in pieces])
         world = accelerator.num_processes
         if world > 1:
@@ -211,9 +217,11 @@ class NonFiniteGuard(TrainerCallback):
         values = vector.tolist()  # the one host sync
         num_sources = len(self.sources)
         means, values = values[: len(names)], values[len(names) :]
+        logs = {f"{prefix}{name}": value / world for name, value in zip(names, means)}
+        if not counters:
+            return logs
         bad, seen, values = values[:num_sources], values[num_sources : 2 * num_sources], values[2 * num_sources :]
         (skipped, max_consecutive), term_counts = [v / world for v in values[:2]], values[2:]
-        logs = {f"{prefix}{name}": value / world for name, value in zip(names, means)}
         self.totals["skipped_steps"] += skipped
         for name, count in zip(self.sources, bad):
             self.totals[f"{name}_skipped_samples"] += count

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from ..data.augmentations import random_resized_crop
 from ..data.domain_sampler import DomainBatchSampler
 from ..data.image_datasets import ImageCollator
+from ..hub.card import PAPERS
 from ..io_utils import write_json_atomically
 from ..models.modeling_udon import UdonModel
 from .base import DistillationTrainer
@@ -78,11 +79,7 @@ class UdonTrainer(DistillationTrainer):
     """
 
     _tag_names = ["hf_distill", "udon", "distillation", "image-retrieval"]
-    _paper = {
-        "title": "UDON: Universal Dynamic Online distillatioN for generic image representations",
-        "authors": "Ypsilantis, Chen, Araujo, Chum",
-        "venue": "NeurIPS 2024",
-    }
+    _paper = PAPERS["udon"]
 
     def __init__(
         self,
@@ -112,19 +109,12 @@ class UdonTrainer(DistillationTrainer):
             num_replicas=args.world_size,
             rank=args.process_index,
         )
+        if data_collator is None:
+            data_collator = DomainCollator(args.load_size)
         super().__init__(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=data_collator if data_collator is not None else DomainCollator(args.load_size),
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            image_mean=model.config.image_mean,
-            image_std=model.config.image_std,
-            **kwargs,
-        )
+            model, args, train_dataset, eval_dataset, data_collator, processing_class, callbacks, optimizers,
+            image_mean=model.config.image_mean, image_std=model.config.image_std, **kwargs,
+        )  # fmt: skip
         self.add_callback(_UdonSchedule(self))
         self.udon_model = model
         self.augmentation = self._random_crop
@@ -138,13 +128,7 @@ class UdonTrainer(DistillationTrainer):
     def get_train_dataloader(self) -> DataLoader:
         """The domain sampler already gives each process its own rows, so the loader is NOT re-sharded by Accelerate
         (`num_processes=1`): it only moves batches to the device."""
-        loader = DataLoader(
-            self.train_dataset,
-            batch_sampler=self.domain_sampler,
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory,
-        )
+        loader = self.batch_sampler_loader(self.domain_sampler)
         return prepare_data_loader(
             loader, self.accelerator.device, num_processes=1, process_index=0, put_on_device=True
         )

@@ -10,13 +10,15 @@ from ..losses.unic import COEFFICIENT_NORMALIZATIONS
 from ..models.configuration_teacher import GRID_ALIGNMENTS, SUMMARY_TYPES
 from ..precision import resolve_dtype
 from .nonfinite import NonFiniteArguments
-from .view_config import ViewArguments, check_crop_scale
+from .view_config import AugmentationArguments
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class UnicConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, ImageCheckArguments, NonFiniteArguments):
+class UnicConfig(
+    HubTokenNotPickled, TrainingArguments, AugmentationArguments, ImageCheckArguments, NonFiniteArguments
+):
     r"""
     Configuration of [`UnicTrainer`]: all [`~transformers.TrainingArguments`] plus the UNIC settings below. Defaults
     of the optimizer follow the UNIC code (AdamW betas (0.9, 0.99), weight decay 0.03 on >= 2-D weights only, cosine
@@ -64,7 +66,7 @@ class UnicConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, ImageChec
             into the heads so that each adaptor outputs its teacher's own features
             ([`~hf_distill.models.adaptors.export_adaptors`]; loads with `AutoModel.from_pretrained(...,
             trust_remote_code=True)`). The encoder export in `output_dir` is unchanged.
-        Also the options of [`ViewArguments`], [`~hf_distill.data.image_verification.ImageCheckArguments`]
+        Also the options of [`AugmentationArguments`], [`~hf_distill.data.image_verification.ImageCheckArguments`]
             (`verify_images`, `skip_bad_images`) and [`~hf_distill.trainers.nonfinite.NonFiniteArguments`]
             (`max_nonfinite_fraction`, `max_skipped_steps`).
 
@@ -103,13 +105,6 @@ class UnicConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, ImageChec
         default="image",
         metadata={"help": f"How kept teacher losses are averaged, one of {COEFFICIENT_NORMALIZATIONS}."},
     )
-    crop_scale: list[float] = field(
-        default_factory=lambda: [0.08, 1.0], metadata={"help": "RandomResizedCrop area range.", "nargs": 2}
-    )
-    color_jitter_prob: float = field(default=0.8, metadata={"help": "ColorJitter(0.4, 0.4, 0.2, 0.1) probability."})
-    grayscale_prob: float = field(default=0.2, metadata={"help": "Grayscale probability."})
-    blur_prob: float = field(default=0.2, metadata={"help": "Gaussian blur probability."})
-    solarize_prob: float = field(default=0.2, metadata={"help": "Solarization probability."})
     augment: bool = field(default=True, metadata={"help": "Apply the UNIC training augmentations."})
     teacher_cache: str | None = field(
         default=None,
@@ -167,7 +162,6 @@ class UnicConfig(HubTokenNotPickled, TrainingArguments, ViewArguments, ImageChec
         if self.teacher_cache_views not in (1, 2):
             raise ValueError(f"--teacher_cache_views must be 1 or 2, got {self.teacher_cache_views}.")
         self.check_views()
-        self.crop_scale = check_crop_scale(self.crop_scale)
 
     def teacher_torch_dtype(self):
         """The `torch.dtype` of the teachers' weights on `self.device` (`auto`: [`~hf_distill.precision.auto_dtype`],

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import hub
-from ..data.augmentations import UnicAugmentation, resize_center
+from ..data.augmentations import resize_center
 from ..data.image_datasets import ImageCollator
 from ..losses.unic import distillation_loss
 from ..models.adaptors import ADAPTORS_FOLDER
@@ -76,11 +76,7 @@ class UnicTrainer(DistillationTrainer):
     """
 
     _tag_names = ["hf_distill", "unic", "distillation"]
-    _paper = {
-        "title": "UNIC: Universal Classification Models via Multi-teacher Distillation",
-        "authors": "Sariyildiz, Weinzaepfel, Lucas, Larlus, Kalantidis",
-        "venue": "ECCV 2024",
-    }
+    _paper = hub.PAPERS["unic"]
 
     def __init__(
         self,
@@ -126,30 +122,14 @@ class UnicTrainer(DistillationTrainer):
             index_column = INDEX_COLUMN if self.teacher_cache is not None else None
             data_collator = ImageCollator(args.load_size, image_column=image_column, index_column=index_column)
         super().__init__(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=data_collator,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            image_mean=model.config.image_mean,
-            image_std=model.config.image_std,
-            nonfinite_sources=model.config.teacher_names,
-            **kwargs,
-        )
+            model, args, train_dataset, eval_dataset, data_collator, processing_class, callbacks, optimizers,
+            image_mean=model.config.image_mean, image_std=model.config.image_std,
+            nonfinite_sources=model.config.teacher_names, **kwargs,
+        )  # fmt: skip
         self.loss_is_scaled_for_ga = False  # per-batch mean: the Trainer divides by the accumulation steps
         self.teacher_names = model.config.teacher_names
         self.teachers = [self._load_and_prepare_teacher(teacher, index) for index, teacher in enumerate(teachers)]
-        self.augmentation = UnicAugmentation(
-            scale=tuple(args.crop_scale),
-            flip_prob=args.flip_prob,
-            color_jitter_p=args.color_jitter_prob,
-            grayscale_p=args.grayscale_prob,
-            blur_p=args.blur_prob,
-            solarize_p=args.solarize_prob,
-        )
+        self.augmentation = args.augmentation()
 
     # ------------------------------------------------------------------ teachers
 
@@ -355,6 +335,7 @@ class UnicTrainer(DistillationTrainer):
             plots=plots,
             tags=tags,
             repo_id=self.hub_model_id or self.args.hub_model_id,
+            paper=self._paper,
         )
         logger.info("Wrote the model card %s", os.path.join(output_dir, "README.md"))
 

@@ -16,6 +16,7 @@ from PIL import Image
 from hf_distill.hub import (
     CARD_END_MARKER,
     CARD_START_MARKER,
+    PAPERS,
     UPLOAD_PATTERNS,
     create_or_update_model_card,
     plot_eval_comparison,
@@ -246,6 +247,41 @@ def test_model_card_method_picks_tag_summary_and_citation_and_updates_keep_it(tm
     assert "from 1 teacher: dinov2-small." in text
     assert "@article{marrie2024taskspecific," in text and "sariyildiz2024unic" not in text
     assert metadata_load(task / "README.md")["tags"] == ["hf_distill", "task-specific-distillation", "distillation"]
+
+
+def cites(card_text: str, paper: dict) -> bool:
+    """Whether a card names `paper` (title, authors, venue) and holds its BibTeX entry."""
+    return f"{paper['title']} ({paper['authors']}, {paper['venue']})" in card_text and paper["citation"] in card_text
+
+
+def new_paper(name: str) -> dict:
+    """The paper of a method the card does not know (as a new trainer's `_paper` would declare it)."""
+    return {
+        "title": f"{name}: a new method",
+        "authors": "Doe, Roe",
+        "venue": "arXiv 2026",
+        "citation": f"@misc{{{name}}}",
+    }
+
+
+@pytest.mark.parametrize("method", ["unic", "udon", "task"])
+def test_each_trainer_declares_the_paper_its_method_card_cites(method, tmp_path):
+    from hf_distill.trainers import KDTrainer, UdonTrainer, UnicTrainer
+
+    trainer = {"unic": UnicTrainer, "udon": UdonTrainer, "task": KDTrainer}[method]
+    create_or_update_model_card(tmp_path, model_name="m", method=method)  # an update that names no paper
+    assert trainer._paper is PAPERS[method] and cites((tmp_path / "README.md").read_text(), trainer._paper)
+
+
+def test_the_card_cites_the_paper_it_is_given_and_updates_keep_it(tmp_path):
+    """A trainer's `_paper` (here of a method the card does not know) is named and cited, and an update that only
+    knows the evaluation (as `recipes/evaluate.py` makes) keeps it."""
+    paper = new_paper("newkd")
+    create_or_update_model_card(tmp_path, model_name="new", method="task", paper=paper)
+    create_or_update_model_card(tmp_path, eval_results=[knn(0.5)])
+    text = (tmp_path / "README.md").read_text()
+    assert cites(text, paper) and "marrie2024taskspecific" not in text
+    assert metadata_load(tmp_path / "README.md")["hf_distill"]["paper"] == paper
 
 
 def synthetic_log_history(steps=10, teachers=("vit-p4", "dinov2-p7")):

@@ -20,7 +20,7 @@ from hf_distill.hub import (
     scrub_local_paths,
     upload_file_list,
     validate_card_metadata,
-    weights_fingerprint,
+    weight_files_sha256,
 )
 
 from ..recipes.test_task_distill import task  # noqa: F401  (fixture)
@@ -106,7 +106,7 @@ def test_each_protocol_is_its_own_model_index_task_and_round_trips(tmp_path):
 
 def test_results_are_tied_to_the_weights_they_were_measured_on(tmp_path, caplog):
     write_weights(tmp_path, 1.0)
-    first = weights_fingerprint(tmp_path)
+    first = weight_files_sha256(tmp_path)
     (tmp_path / "plots").mkdir()
     for name in ("teacher_losses.png", "eval_comparison.png"):
         (tmp_path / "plots" / name).write_bytes(PNG_SIGNATURE + b"plot")
@@ -134,7 +134,7 @@ def test_results_are_tied_to_the_weights_they_were_measured_on(tmp_path, caplog)
     assert "No evaluation results reported yet." in card.text and "eval comparison" not in card.text
     assert "teacher losses" in card.text
     assert "measured" in caplog.text
-    assert card.data.hf_distill["weights"] == weights_fingerprint(tmp_path) != first
+    assert card.data.hf_distill["weights"] == weight_files_sha256(tmp_path) != first
     files = upload_file_list(tmp_path)
     assert "eval_results.json" not in files and "plots/eval_comparison.png" not in files
     assert "plots/teacher_losses.png" in files
@@ -316,7 +316,7 @@ def test_udon_push_uploads_exactly_the_embedding_export_with_its_card(two_domain
     assert "![retrieval per domain](plots/retrieval_per_domain.png)" in card.text
     assert "![sampler](plots/sampler.png)" in card.text
     published = json.loads(fake_hub.files["me/udon-tiny"]["eval_results.json"])
-    assert published["weights"] == weights_fingerprint(output_dir)
+    assert published["weights"] == weight_files_sha256(output_dir)
     assert published["mean"] == results["mean"]
 
 

@@ -50,6 +50,14 @@ def test_yaml_suite_with_retrieval(exported_student_dir, tmp_path):
     assert {"toy-uned/R@1", "toy-uned/mMP@5", "toy-uned/digits-a/R@1", "toy-uned/digits-b/mMP@5"} <= set(values)
 
 
+def test_the_example_suite_parses():
+    args, suite = recipe.parse_args(
+        ["--models", "x", "--config", str(ROOT / "recipes" / "configs" / "eval_example.yaml")]
+    )
+    assert [(item.name, item.protocols) for item in suite] == [("cifar10", ["knn", "linear"]), ("mnist", ["knn"])]
+    assert (args.batch_size, args.knn_k) == (128, [10, 20])
+
+
 def test_bad_suites_are_reported_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="NAME=PATH"):
         recipe.parse_args(["--models", "x", "--dataset", "no-equals-sign"])

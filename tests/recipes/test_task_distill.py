@@ -16,6 +16,7 @@ from hf_distill import probing
 from hf_distill.trainers import KDTrainer
 
 from ..conftest import KillAt, load_recipe, mnist_images, save_with_processor, tiny_vit_config
+from ..hub.test_hub import cites, new_paper
 
 ROOT = Path(__file__).resolve().parents[2]
 recipe = load_recipe("task_distill")
@@ -70,6 +71,7 @@ def test_probe_distil_export_and_card(task, tmp_path, monkeypatch):
         return compute_loss(self, model, inputs, *a, **k)
 
     monkeypatch.setattr(KDTrainer, "compute_loss", recording)
+    monkeypatch.setattr(KDTrainer, "_paper", new_paper("kd-variant"))  # the card cites the trainer's paper
     trainer, results = recipe.main(args(task, tmp_path / "out"))
     assert len(seen) == 6 and all(len(b) == 8 and sum(v == -100 for v in b) == 2 for b in seen)  # 2 synthetic rows
     logs = [e for e in trainer.state.log_history if "loss" in e]
@@ -91,7 +93,9 @@ def test_probe_distil_export_and_card(task, tmp_path, monkeypatch):
     assert saved["student_accuracy"] == results["student_accuracy"]
     card = (out / "README.md").read_text()
     assert "pipeline_tag: image-classification" in card and "task-specific-distillation" in card
-    assert f"{results['student_accuracy']:.2f}".rstrip("0").rstrip(".") in card
+    assert f"{results['student_accuracy']:.2f}".rstrip("0").rstrip(".") in card and cites(
+        card, new_paper("kd-variant")
+    )
     assert (out / "plots" / "training_loss.png").is_file()
     probe = json.loads((out / "probe" / "probe_results.json").read_text())
     assert probe["accuracy"] == results["teacher_probe_accuracy"]

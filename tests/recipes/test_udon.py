@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel, TrainerCallback, ViTModel
 
 from hf_distill.models import UdonModel, UdonModelConfig
+from hf_distill.trainers import UdonTrainer
 
 from ..conftest import TINY, KillAt, load_recipe, mnist_images, tiny_vit_config
+from ..hub.test_hub import cites, new_paper
 
 ROOT = Path(__file__).resolve().parents[2]
 recipe = load_recipe("udon")
@@ -137,8 +139,10 @@ def recipe_args(root, output_dir, *extra):
     ]  # fmt: skip
 
 
-def test_recipe_trains_logs_evaluates_and_resumes_exactly(two_domains, tmp_path):
+def test_recipe_trains_logs_evaluates_and_resumes_exactly(two_domains, tmp_path, monkeypatch):
+    monkeypatch.setattr(UdonTrainer, "_paper", new_paper("udon-variant"))  # the card cites the trainer's paper
     trainer, results = recipe.main(recipe_args(two_domains, tmp_path / "full"))
+    assert cites((tmp_path / "full" / "README.md").read_text(), new_paper("udon-variant"))
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 8 and all(np.isfinite(entry["loss"]) for entry in logs)
     assert any("digits/loss" in e for e in logs) and any("tinted/loss" in e for e in logs)

@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, ViTModel
 
+from hf_distill.trainers import UnicTrainer
+
 from ..conftest import KillAt, load_recipe
+from ..hub.test_hub import cites, new_paper
 
 ROOT = Path(__file__).resolve().parents[2]
 recipe = load_recipe("unic")
@@ -33,8 +36,12 @@ def recipe_args(tiny_teachers, image_dataset_dir, student_config_dir, output_dir
     ]  # fmt: skip
 
 
-def test_recipe_trains_and_exports_a_stock_model(tiny_teachers, image_dataset_dir, student_config_dir, tmp_path):
+def test_recipe_trains_and_exports_a_stock_model(
+    tiny_teachers, image_dataset_dir, student_config_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(UnicTrainer, "_paper", new_paper("unic-variant"))  # the card cites the trainer's paper
     trainer = recipe.main(recipe_args(tiny_teachers, image_dataset_dir, student_config_dir, tmp_path))
+    assert cites((tmp_path / "README.md").read_text(), new_paper("unic-variant"))
     assert trainer.args.max_steps == 6  # CLI overrides the YAML's 50
     assert trainer.args.learning_rate == 1e-3  # from the YAML
     assert type(AutoModel.from_pretrained(tmp_path)) is ViTModel

@@ -180,9 +180,10 @@ def test_rerunning_a_finished_run_trains_nothing_and_redoes_a_killed_export(
     assert (output_dir / "model.safetensors").read_bytes() == exported
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 6
 
-    # killed during the export: a staging folder is left, the exported weights and the card are missing
-    (output_dir / ".export-k1ll3d").mkdir()
-    (output_dir / ".export-k1ll3d" / "model.safetensors").write_bytes(exported[:100])
+    # killed during the export: its staging folder is left next to the output folder, the weights and card are missing
+    staging = tmp_path / ".out.0123456789ab.tmp"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(exported[:100])
     (output_dir / ".README.md.x1y2.tmp").write_text("half a card")
     for name in ("model.safetensors", "README.md"):
         (output_dir / name).unlink()
@@ -190,7 +191,7 @@ def test_rerunning_a_finished_run_trains_nothing_and_redoes_a_killed_export(
     assert counter.steps == 0 and trainer.state.global_step == 6
     assert (output_dir / "model.safetensors").read_bytes() == exported
     assert type(ViTModel.from_pretrained(output_dir)) is ViTModel and (output_dir / "README.md").is_file()
-    assert not list(output_dir.glob(".export-*")) and not list(output_dir.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".out.*")) and not list(output_dir.glob(".*.tmp"))
 
 
 def test_rerunning_a_finished_task_distill_run_keeps_its_results_and_refuses_a_new_teacher(task, tmp_path):  # noqa: F811

@@ -10,9 +10,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 import re  # noqa: E402
+import runpy  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -28,13 +28,11 @@ from hf_distill.synthetic import ImageMixerPipeline  # noqa: E402
 
 from .test_safe_checkpoint import code_running_objects, lightning_checkpoint, throwaway_pytorch_lightning  # noqa: E402
 
-# The converter is a script outside the package (scripts/convert_image_mixer.py), as in diffusers: load it by path.
-_spec = importlib.util.spec_from_file_location(
-    "convert_image_mixer", pathlib.Path(__file__).resolve().parents[2] / "scripts" / "convert_image_mixer.py"
-)
-convert_image_mixer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert_image_mixer)
-load_checkpoint, main = convert_image_mixer.load_checkpoint, convert_image_mixer.main
+# The converter is a script outside the package (scripts/convert_image_mixer.py and its parts in scripts/image_mixer/),
+# as in diffusers: imported with scripts/ first on the path, as `python scripts/convert_image_mixer.py` has it.
+SCRIPTS = pathlib.Path(__file__).resolve().parents[2] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+from convert_image_mixer import load_checkpoint, main  # noqa: E402
 
 LAYERS = 1  # num_res_blocks of the tiny models
 
@@ -436,3 +434,12 @@ def test_input_errors(tmp_path, originals, image_encoder_dir):
     ):
         main(argv(checkpoint, str(tmp_path / "wider.yaml"), image_encoder_dir, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_script_entry_point_reports_bad_input_as_one_error_line(tmp_path, monkeypatch):
+    """`python scripts/convert_image_mixer.py ...` (its `__main__` block, run in this process): bad input exits with
+    one `error: ...` line, no traceback."""
+    missing = tmp_path / "missing.ckpt"
+    monkeypatch.setattr(sys, "argv", ["convert_image_mixer.py", *argv(str(missing), str(missing), "x", tmp_path)])
+    with pytest.raises(SystemExit, match=f"^error: --checkpoint_path: no such file: {re.escape(str(missing))}$"):
+        runpy.run_path(str(SCRIPTS / "convert_image_mixer.py"), run_name="__main__")

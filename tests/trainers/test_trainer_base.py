@@ -118,3 +118,47 @@ def test_logged_metrics_are_the_mean_over_two_processes(method, port, request, t
             assert logs[1][key] == pytest.approx(expected, rel=1e-5, abs=1e-7), key
             differs |= abs(per_rank[0][key] - per_rank[1][key]) > 1e-4 * max(1.0, abs(expected))
     assert differs  # at least one metric differs between the processes, so the mean is not trivial
+
+
+@pytest.mark.parametrize("method", ["udon", "task_distill"])
+def test_evaluation_metrics_stay_out_of_the_training_window_and_logs(method, request, tmp_path):
+    """As the UNIC evaluation test checks (tests/trainers/test_unic_trainer.py): an evaluation in the middle of a
+    logging window logs only `eval_` metrics, those of the evaluation batch; the training values waiting for the next
+    log (and UDON's domain-sampler loss window) are left as they were, and that log holds exactly them."""
+    data = request.getfixturevalue("two_domains" if method == "udon" else "task")
+    trainer = run_recipe(method, data, tmp_path, "--max_steps", "1")
+    model = trainer.model
+    model.train()
+    trainer.compute_loss(model, next(iter(trainer.get_train_dataloader())))  # one micro-batch, not logged yet
+    pending = {key: torch.stack(values).double().cpu() for key, values in trainer._metrics["train"].items()}
+    sampler = getattr(trainer, "domain_sampler", None)
+    window = [state.clone() for state in (sampler.loss_sums, sampler.loss_counts)] if sampler is not None else []
+
+    eval_rows = trainer.train_dataset.select(range(8))  # real labelled images of the first domain
+    metrics = trainer.evaluate(eval_rows)
+    logged = trainer.state.log_history[-1]
+    assert {key for key in logged if not key.startswith("eval_")} <= {"epoch", "step"}, logged
+    # the evaluation values are those of the evaluation batch: its loss recomputed on center crops
+    batch = trainer._prepare_inputs(trainer.data_collator([eval_rows[i] for i in range(8)]))
+    with torch.no_grad():
+        views = trainer.make_views(batch["pixel_values"], False)
+        if method == "udon":
+            name = trainer.udon_model.config.domain_names[batch["domain"]]
+            outputs = model(pixel_values=views, domain=batch["domain"], labels=batch["labels"])
+            expected = {f"eval_{name}/loss": outputs.loss}
+        else:
+            logits = model(pixel_values=views).logits.double()
+            expected = {"eval_cross_entropy": torch.nn.functional.cross_entropy(logits, batch["labels"])}
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value.item(), rel=1e-4), key
+
+    after = {key: torch.stack(values).double().cpu() for key, values in trainer._metrics["train"].items()}
+    assert after.keys() == pending.keys() and all(torch.equal(after[key], pending[key]) for key in pending)
+    if sampler is not None:
+        assert all(torch.equal(now, before) for now, before in zip((sampler.loss_sums, sampler.loss_counts), window))
+    model.train()
+    logs = {"loss": 0.0}
+    trainer.log(logs)
+    assert not any(key.startswith("eval_") for key in logs)
+    for key, values in pending.items():
+        assert logs[key] == pytest.approx(values.mean().item(), rel=1e-6, abs=1e-9), key

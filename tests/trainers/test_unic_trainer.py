@@ -7,6 +7,7 @@ from transformers import AutoModel, ViTModel
 
 from hf_distill import UnicStudentConfig, UnicStudentModel
 from hf_distill.data import load_image_dataset
+from hf_distill.io_utils import stale_staging_folders
 from hf_distill.models import load_teacher_config
 from hf_distill.trainers import UnicConfig, UnicTrainer, teacher_spec, unique_teacher_names
 
@@ -114,8 +115,11 @@ def test_export_gives_the_features_of_the_trained_student(tiny_teachers, image_d
         tiny_teachers, image_dataset_dir, tmp_path, max_steps=3, teachers=("vit", "clip"), alignments=("resize",)
     )
     trainer.train()
+    (tmp_path / "notes.txt").write_text("kept")  # what the folder held is kept, the weights of an earlier export not
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"stale shard")
     trainer.save_model()
-    assert not any(name.startswith(".export") for name in (p.name for p in tmp_path.iterdir()))
+    assert (tmp_path / "notes.txt").read_text() == "kept"
+    assert not (tmp_path / "model-00002-of-00002.safetensors").exists() and not stale_staging_folders(tmp_path)
     encoder = AutoModel.from_pretrained(tmp_path)
     assert type(encoder) is ViTModel
     pixels = torch.randn(2, 3, 32, 32)

@@ -1,13 +1,9 @@
-"""Linear probe (logistic regression on frozen features) top-1 accuracy, as an `evaluate` module.
+"""Linear probe (logistic regression on frozen features) top-1 accuracy, as an `evaluate` module."""
 
-Load it offline by path: `evaluate.load(hf_distill.evaluation.metric_path("linear_probe"))`.
-"""
-
-import datasets
 import evaluate
-import torch
 
 from hf_distill.evaluation.linear_probe import linear_probe
+from hf_distill.evaluation.metric_modules import metric_info, split_tensors
 
 _DESCRIPTION = (
     "Top-1 accuracy (percent) of a multinomial logistic regression fitted on frozen training features, with its L2 "
@@ -26,20 +22,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class LinearProbe(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
-            ),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION)
 
     def _compute(self, predictions, references, train_features, train_labels, seed=0):
-        return linear_probe(
-            torch.as_tensor(train_features, dtype=torch.float32),
-            torch.as_tensor(train_labels, dtype=torch.int64),
-            torch.as_tensor(predictions, dtype=torch.float32),
-            torch.as_tensor(references, dtype=torch.int64),
-            seed=seed,
-        )
+        return linear_probe(*split_tensors(train_features, train_labels, predictions, references), seed=seed)

@@ -1,13 +1,18 @@
-"""Mean intersection-over-union of segmentation maps, as an `evaluate` module (works offline, unlike the Hub one).
-
-Load it offline by path: `evaluate.load(hf_distill.evaluation.metric_path("mean_iou"))`.
-"""
+"""Mean intersection-over-union of segmentation maps, as an `evaluate` module (works offline, unlike the Hub one)."""
 
 import datasets
 import evaluate
 import torch
 
+from hf_distill.evaluation.metric_modules import metric_info
 from hf_distill.evaluation.segmentation import mean_iou
+
+_LABEL_MAPS = datasets.Features(
+    {
+        "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
+        "references": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
+    }
+)
 
 _DESCRIPTION = "mIoU and pixel accuracy (percent) from a confusion matrix; classes absent from both maps are skipped."
 _KWARGS_DESCRIPTION = """
@@ -24,17 +29,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class MeanIoU(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
-                    "references": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
-                }
-            ),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, features=_LABEL_MAPS)
 
     def _compute(self, predictions, references, num_classes, ignore_index=255):
         return mean_iou(

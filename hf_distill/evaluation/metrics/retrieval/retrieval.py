@@ -1,12 +1,9 @@
-"""UnED-style universal retrieval metrics (R@1, mMP@5 over one index merged across domains), as an `evaluate` module.
+"""UnED-style universal retrieval (R@1, mMP@5 over one index merged across domains), as an `evaluate` module."""
 
-Load it offline by path: `evaluate.load(hf_distill.evaluation.metric_path("retrieval"))`.
-"""
-
-import datasets
 import evaluate
 import torch
 
+from hf_distill.evaluation.metric_modules import metric_info
 from hf_distill.evaluation.retrieval import retrieval_metrics
 
 _DESCRIPTION = (
@@ -28,14 +25,7 @@ _CITATION = "Ypsilantis et al., Towards Universal Image Embeddings (UnED), ICCV 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Retrieval(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
-            ),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, _CITATION)
 
     def _compute(self, predictions, references, domains, k=5):
         metrics = retrieval_metrics(
