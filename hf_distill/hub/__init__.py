@@ -29,8 +29,9 @@ push_to_hub("outputs/unic", "me/unic-vitb16-in1k")
 
 from huggingface_hub import EvalResult
 
-from .card import CARD_END_MARKER, CARD_START_MARKER, METHODS, PAPERS, create_or_update_model_card
+from .card import CARD_END_MARKER, CARD_START_MARKER, METHODS, create_or_update_model_card
 from .model_index import ProtocolCardData, model_index, validate_card_metadata
+from .papers import PAPERS
 from .plots import (
     plot_domain_retrieval,
     plot_eval_comparison,

@@ -8,7 +8,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from ..data.image_datasets import ImageCollator
 from ..data.mixed_batch_sampler import MixedBatchSampler
-from ..hub.card import PAPERS
+from ..hub.papers import PAPERS
 from ..losses.kd import kd_loss
 from ..models.probed_teacher import ProbedTeacher
 from ..models.teacher_loading import frozen_forward_context, teacher_name

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from ..data.augmentations import random_resized_crop
 from ..data.domain_sampler import DomainBatchSampler
 from ..data.image_datasets import ImageCollator
-from ..hub.card import PAPERS
+from ..hub.papers import PAPERS
 from ..io_utils import write_json_atomically
 from ..models.modeling_udon import UdonModel
 from .base import DistillationTrainer
