@@ -59,7 +59,20 @@ def quantize_teacher(teacher: nn.Module, quantization: str = "int8", inplace: bo
         quantized = torch.ao.quantization.quantize_dynamic(
             teacher, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=inplace
         )
+    # int8 kernels take float32 inputs: the teacher runs outside any bf16 autocast of the training step
+    quantized.register_forward_pre_hook(_enter_float32)
+    quantized.register_forward_hook(_exit_float32, always_call=True)
     return quantized
+
+
+def _enter_float32(module: nn.Module, args) -> None:
+    context = torch.autocast("cpu", enabled=False)
+    context.__enter__()
+    module.__dict__.setdefault("_float32_contexts", []).append(context)
+
+
+def _exit_float32(module: nn.Module, args, output) -> None:
+    module.__dict__["_float32_contexts"].pop().__exit__(None, None, None)
 
 
 def cheaper_teacher(teacher: nn.Module, dtype: torch.dtype, quantization: str = "none") -> nn.Module:

@@ -120,3 +120,13 @@ def test_trainer_quantizes_teachers_after_the_check_and_refuses_a_broken_one(
     monkeypatch.setattr("hf_distill.trainers.unic_trainer.cheaper_teacher", perturbed)
     with pytest.raises(ValueError, match="too far from its float32 outputs"):
         build(tiny_teachers, image_dataset_dir, tmp_path / "broken", teacher_quantization="int8", max_steps=1)
+
+
+def test_int8_teacher_runs_inside_a_bf16_autocast_step(teacher):
+    quantized = quantize_teacher(teacher)
+    with torch.inference_mode():
+        expected = quantized(pixels(), MEAN, STD, grid_size=(4, 4))
+        with torch.autocast("cpu", torch.bfloat16):
+            got = quantized(pixels(), MEAN, STD, grid_size=(4, 4))
+            assert torch.is_autocast_enabled("cpu")  # restored after the teacher
+    assert torch.equal(got.summary, expected.summary) and got.summary.dtype == torch.float32
