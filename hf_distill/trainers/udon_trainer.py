@@ -26,8 +26,8 @@ class DomainCollator(ImageCollator):
     """Images as uint8 `[B, 3, S, S]`, labels `[B]`, and the batch's domain as a plain int (every batch holds one
     domain, so no tensor and no host sync is needed to pick its heads)."""
 
-    def __init__(self, size: int):
-        super().__init__(size, image_column="image", int_columns={"labels": "label"})
+    def __init__(self, size: int, jpeg_draft: bool = True):
+        super().__init__(size, image_column="image", int_columns={"labels": "label"}, jpeg_draft=jpeg_draft)
 
     def __call__(self, examples: list[dict]) -> dict:
         domains = {example["domain"] for example in examples}
@@ -117,7 +117,9 @@ class UdonTrainer(DistillationTrainer):
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=data_collator if data_collator is not None else DomainCollator(args.load_size),
+            data_collator=data_collator
+            if data_collator is not None
+            else DomainCollator(args.load_size, args.jpeg_draft),
             processing_class=processing_class,
             callbacks=callbacks,
             optimizers=optimizers,

@@ -115,7 +115,9 @@ class UnicTrainer(DistillationTrainer):
                 )
         if data_collator is None:
             index_column = INDEX_COLUMN if self.teacher_cache is not None else None
-            data_collator = ImageCollator(args.load_size, image_column=image_column, index_column=index_column)
+            data_collator = ImageCollator(
+                args.load_size, image_column=image_column, index_column=index_column, jpeg_draft=args.jpeg_draft
+            )
         super().__init__(
             model=model,
             args=args,

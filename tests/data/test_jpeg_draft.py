@@ -67,3 +67,11 @@ def test_png_and_exif_orientation_are_decoded_like_datasets(tmp_path):
     value = {"bytes": jpeg.getvalue(), "path": None}
     assert decode_image(value).size == ImageFeature().decode_example(value).size == (40, 60)
     assert np.array_equal(np.asarray(decode_image(value)), np.asarray(ImageFeature().decode_example(value)))
+
+
+def test_unic_trainer_passes_the_opt_out_to_its_collator(tiny_teachers, image_dataset_dir, tmp_path):
+    from ..trainers.test_unic_trainer import build
+
+    assert build(tiny_teachers, image_dataset_dir, tmp_path, max_steps=1).data_collator.jpeg_draft is True
+    trainer = build(tiny_teachers, image_dataset_dir, tmp_path / "full", max_steps=1, jpeg_draft=False)
+    assert trainer.data_collator.jpeg_draft is False
