@@ -104,9 +104,9 @@ def feeding(rows: list[dict], step_results: list[str]) -> list[dict]:
             report = json.load(handle)
         load_size = report["settings"]["image_size"] * 8 // 7  # the trainers' default load size
         row = min(rows, key=lambda r: abs(r["size"] - load_size))
-        for result in report["results"]:
+        for result in report.get("results", []):
             for arm_name in ("hf_distill", "cached teachers"):
-                arm = result["arms"].get(arm_name)
+                arm = result.get("arms", {}).get(arm_name)  # files of the previous bench format have no arms
                 if arm is None:
                     continue
                 needs.append(

@@ -235,6 +235,8 @@ def make_arms(num_teachers: int, largest: bool, bf16: bool, device: torch.device
             arms.append(
                 Arm("hf_distill compiled", "bf16" if bf16 else "fp32", own, "hf_distill", "fused", compile=True)
             )
+    if args.arms is not None:  # the reference and hf_distill arms always run
+        arms = arms[:2] + [arm for arm in arms[2:] if arm.name in args.arms]
     return arms
 
 
@@ -483,12 +485,15 @@ def format_tables(report: dict) -> str:
         + f", {next(iter(peaks.values()))['size']}^3). Reference heads: {report['reference_heads']}. Batch "
         f"{report['settings']['batch_size']}, {report['settings']['image_size']} px, patch 16, p = {DROP_PROB}, "
         f"{report['settings']['steps']} alternated rounds (medians).",
-        "",
-        "| model | K | arm | configuration | img/s | speed-up vs reference (range) | GFLOP/step | "
-        + " | ".join(f"% of {d} peak" for d in peaks)
-        + " | peak MiB | teacher fwd | student fwd+bwd | heads | loss | optimizer |",
-        "|---|---:|---|---|---:|---:|---:|" + "---:|" * len(peaks) + "---:|---:|---:|---:|---:|---:|",
     ]
+    if report["results"]:
+        lines += [
+            "",
+            "| model | K | arm | configuration | img/s | speed-up vs reference (range) | GFLOP/step | "
+            + " | ".join(f"% of {d} peak" for d in peaks)
+            + " | peak MiB | teacher fwd | student fwd+bwd | heads | loss | optimizer |",
+            "|---|---:|---|---|---:|---:|---:|" + "---:|" * len(peaks) + "---:|---:|---:|---:|---:|---:|",
+        ]
     for row in report["results"]:
         for name, arm in row["arms"].items():
             share = arm["share"]
@@ -569,6 +574,12 @@ def parse_args(argv, cuda: bool):
         "(d, 4d).",
     )
     parser.add_argument("--no_cache", action="store_true", help="Skip the cached-teachers arm.")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        help="Extra arms to run at the largest K (default: all), e.g. 'int8 teachers'.",
+    )
     parser.add_argument("--compile", action="store_true", help="Add a torch.compile arm (slow to compile on CPU).")
     parser.add_argument("--no_extras", action="store_true", help="Skip teacher-forward / optimizer / heads tables.")
     parser.add_argument(
