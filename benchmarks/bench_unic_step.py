@@ -482,11 +482,14 @@ def format_tables(report: dict) -> str:
         f"threads {report['threads']}; {report['command']}",
         "Measured matmul peak ("
         + ", ".join(f"{d} {p['median']:.0f} GFLOP/s (range {p['min']:.0f}-{p['max']:.0f})" for d, p in peaks.items())
-        + f", {next(iter(peaks.values()))['size']}^3). Reference heads: {report['reference_heads']}. Batch "
-        f"{report['settings']['batch_size']}, {report['settings']['image_size']} px, patch 16, p = {DROP_PROB}, "
-        f"{report['settings']['steps']} alternated rounds (medians).",
+        + f", {next(iter(peaks.values()))['size']}^3).",
     ]
     if report["results"]:
+        lines[-1] += (
+            f" Reference heads: {report['reference_heads']}. Batch {report['settings']['batch_size']}, "
+            f"{report['settings']['image_size']} px, patch 16, p = {DROP_PROB}, {report['settings']['steps']} "
+            "alternated rounds (medians)."
+        )
         lines += [
             "",
             "| model | K | arm | configuration | img/s | speed-up vs reference (range) | GFLOP/step | "
