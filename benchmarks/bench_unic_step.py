@@ -1,24 +1,36 @@
-"""UNIC training-step benchmark: throughput, peak memory and where the time goes, hf_distill vs a reference-style step.
+"""UNIC training-step benchmark: images/s of hf_distill's step against the authors' step, how close each is to the
+machine's peak, and where the time goes.
 
-    python -m benchmarks.bench_unic_step                      # CPU here; GPU when one is present
-    python -m benchmarks.bench_unic_step --sizes vit-small vit-base --image_size 224 --batch_size 128
+    python -m benchmarks.bench_unic_step                  # CPU: ~6-10 min on 2 cores; GPU when one is present
+    python -m benchmarks.bench_unic_step --quick          # one small configuration, ~1 min (also on CUDA)
+    python -m benchmarks.bench_unic_step --compile        # adds torch.compile arms (and their compile time)
+    ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.bench_unic_step
+                                                          # what an AVX2-only CPU would do
 
 For every model size and K teachers (same size as the student, random weights: speed does not depend on them) it
-times, in the same process and on the same batches:
+times, in the same process, on the same batches, ALTERNATING the arms step by step (medians over the timed rounds, so
+that a machine shared with other work slows every arm alike):
 
-- `hf_distill`: the library's step (teachers in inference mode, bf16 weights + autocast where the device runs bf16
-  natively (`--dtype auto`, `hf_distill.precision`: CUDA with bf16, CPUs with AVX512-BF16 / AMX), grouped-matmul ladder
-  heads, vectorized teacher dropping, no host sync);
-- `reference`: the same math written like the authors' code (`benchmarks/reference_unic.py`: teachers under no_grad in
-  fp32, one MLP call per block per teacher, Python-loop teacher dropping with a host sync per decision).
+- `reference`: the authors' step (`benchmarks/reference_unic.py`): their head widths (`--reference_heads authors`:
+  hidden 768, 3072 for the last block, whatever the student width, as in their released code; or hf_distill's d and
+  4d), teachers under `no_grad` and the student under the authors' mixed precision (fp16 autocast on GPU, run here in
+  bf16; none on CPU, where their `torch.cuda.amp.autocast` is inactive), one MLP call per block per teacher,
+  Python-loop teacher dropping with a host sync per decision, `torch.optim.AdamW` with its default (foreach) kernel;
+- `hf_distill`: the library's step with its defaults: heads d / 4d, teachers in inference mode in bf16 and the student
+  under bf16 autocast where the device runs bf16 natively (`--dtype auto`, `hf_distill.precision`; float32 elsewhere),
+  vectorized dropping, fused AdamW (the default optimizer of the UNIC / UDON / KD configs);
+- at the largest K only: `hf_distill fp32` (same, all float32: the precision of the reference on CPU),
+  `int8 teachers` (`teacher_quantization="int8"`, CPU only), `cached teachers` (the student-only step reading a
+  `TeacherOutputCache`, as `--teacher_cache` trains) and with `--compile` `torch.compile` of the student and teachers.
 
-Full steps are timed without any synchronization inside the step. A second, instrumented pass splits a step into
-teacher forward, student forward + backward, heads (forward + backward), loss and optimizer, synchronizing between
-parts. Peak memory: on GPU `torch.cuda.max_memory_allocated`; on CPU the peak resident set size above the level before
-the timed steps (freed heap memory handed back to the OS first), sampled every 2 ms. Finally, the step reading a teacher-output cache is timed against the
-student-only step (fixed targets in memory, no teacher at all).
+Reported for every arm: images/s, the FLOPs of one step (counted with `torch.utils.flop_counter`, attention
+included, `benchmarks/flops.py`) and the fraction of the machine's measured matmul peak they reach (fp32, and bf16
+where native); a second, synchronized pass splits a step into teacher forward, student forward + backward, heads,
+loss and optimizer. Also: teacher forward alone (fp32 / bf16 / int8) on real ViT-S / ViT-B shapes, the optimizer
+step (for-loop / foreach / fused AdamW) and the heads (grouped matmuls / per-teacher calls).
 
-Writes `{output_dir}/unic_step_{device}.json` and `.md` (the table) and prints the table.
+Writes `{output_dir}/unic_step_{device}.json` and `.md` (device: `cuda`, or `cpu-avx512` / `cpu-avx2` / ... after
+`torch.backends.cpu.get_cpu_capability()`, `_quick` appended with `--quick`) and prints the tables.
 """
 
 import argparse
@@ -26,11 +38,13 @@ import copy
 import ctypes
 import os
 import platform
+import statistics
+import sys
 import tempfile
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import psutil
@@ -44,32 +58,51 @@ from hf_distill.losses import distillation_loss
 from hf_distill.models import TeacherConfig, TeacherModel, UnicStudentConfig, UnicStudentModel, freeze_teacher
 from hf_distill.models.standardization import ema_weight
 from hf_distill.models.teacher_loading import teacher_outputs
-from hf_distill.precision import resolve_dtype
+from hf_distill.models.teacher_quantization import quantize_teacher
+from hf_distill.precision import native_bf16, resolve_dtype
 from hf_distill.trainers.teacher_cache import TeacherOutputCache
 from hf_distill.trainers.unic_trainer import standardize_targets
 
+from .flops import count_flops, matmul_peak
 from .reference_unic import reference_distillation_loss, reference_heads, reference_teacher_outputs
 
 SIZES = {
     "vit-tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
     "vit-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
     "vit-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "vit-micro": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),  # tests
 }
+# hidden widths of the authors' ladder heads (naver/unic `LP`: hidden_dim=768, last_hidden_dim=3072 by default)
+AUTHORS_HEAD_WIDTHS = (768, 3072)
 PARTS = ("teacher_forward", "student_forward_backward", "heads", "loss", "optimizer")
 DROP_PROB = 0.5
 
 
 @dataclass
-class Implementation:
-    name: str
-    teachers: list
-    student: UnicStudentModel
-    optimizer: torch.optim.Optimizer
-    autocast_dtype: torch.dtype | None
+class Arm:
+    """One way of running the UNIC step. `teachers`: `"fp32"`, `"bf16"`, `"int8"` or `"cache"`."""
 
-    @property
-    def is_reference(self) -> bool:
-        return self.name == "reference"
+    name: str
+    teachers: str
+    autocast_dtype: torch.dtype | None
+    heads: str  # "authors" or "hf_distill"
+    optimizer: str  # "foreach" or "fused"
+    reference_code: bool = False
+    compile: bool = False
+    # filled by build()
+    teacher_modules: list = field(default_factory=list)
+    student: UnicStudentModel | None = None
+    optim: torch.optim.Optimizer | None = None
+    cache: TeacherOutputCache | None = None
+    compile_s: float | None = None
+
+    def describe(self) -> str:
+        widths = "768/3072" if self.heads == "authors" else "d/4d"
+        precision = "student " + (str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype else "fp32")
+        teachers = "cached teacher outputs" if self.teachers == "cache" else f"{self.teachers} teachers"
+        code = "authors' code" if self.reference_code else "hf_distill"
+        extra = ", torch.compile" if self.compile else ""
+        return f"{code}: {teachers}, {precision}, heads {widths}, {self.optimizer} AdamW{extra}"
 
 
 class Clock:
@@ -82,11 +115,15 @@ class Clock:
     def lap(self, part: str) -> None:
         if not self.enabled:
             return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         now = time.perf_counter()
         self.parts[part] = self.parts.get(part, 0.0) + now - self.last
         self.last = now
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def release_freed_memory() -> None:
@@ -133,20 +170,25 @@ class PeakMemory:
         self.peak_mib = (peak - self.base) / 2**20
 
 
-def step(impl: Implementation, pixels, mean, std, generator, step_index, total_steps, clock, targets=None):
-    """One optimizer step. `targets`: precomputed `(summary, patch)` per teacher replacing the teachers (cache / no
-    teachers). With an enabled `clock`, the backbone and the heads are split by detached features so that each part's
-    backward is timed separately (same numbers, one extra graph boundary)."""
-    student, split = impl.student, clock.enabled
+def step(arm: Arm, pixels, mean, std, generator, step_index, total_steps, clock, rows=None):
+    """One optimizer step. `rows`: dataset rows of the batch (the cached-teachers arm reads their stored outputs).
+    With an enabled `clock`, the backbone and the heads are split by detached features so that each part's backward
+    is timed separately (same numbers, one extra graph boundary)."""
+    student, split = arm.student, clock.enabled
     grid = student.grid_size(*pixels.shape[-2:])
     weight = ema_weight(step_index, total_steps)
-    autocast = torch.autocast(pixels.device.type, impl.autocast_dtype) if impl.autocast_dtype else nullcontext()
+    autocast = torch.autocast(pixels.device.type, arm.autocast_dtype) if arm.autocast_dtype else nullcontext()
+    targets = None
+    if arm.cache is not None:  # stored float16 outputs, read outside autocast
+        views = torch.zeros(len(rows), dtype=torch.long)
+        targets = [arm.cache.lookup(name, rows, views, pixels.device) for name in arm.cache.teacher_names]
     with autocast:
-        if targets is None and impl.is_reference:  # fp32 teachers, outside autocast
-            with torch.autocast(pixels.device.type, enabled=False):
-                targets = reference_teacher_outputs(impl.teachers, pixels, mean, std, grid)
-        elif targets is None:
-            targets = teacher_outputs(impl.teachers, pixels, mean, std, grid)
+        if targets is not None:
+            pass
+        elif arm.reference_code:  # the authors run their teachers under no_grad inside their autocast
+            targets = reference_teacher_outputs(arm.teacher_modules, pixels, mean, std, grid)
+        else:
+            targets = teacher_outputs(arm.teacher_modules, pixels, mean, std, grid)
         targets = standardize_targets(student, targets, weight)
         clock.lap("teacher_forward")
         _, cls_features, patch_features = student.ladder_features(pixels)
@@ -155,13 +197,13 @@ def step(impl: Implementation, pixels, mean, std, generator, step_index, total_s
             leaves = [feature.detach().requires_grad_() for feature in blocks]
             cls_features, patch_features = leaves[: len(cls_features)], leaves[len(cls_features) :]
         clock.lap("student_forward_backward")
-        if impl.is_reference:
+        if arm.reference_code:
             cls_predictions, patch_predictions = reference_heads(student, cls_features, patch_features)
         else:
             cls_predictions = student.project(student.cls_heads, cls_features)
             patch_predictions = student.project(student.patch_heads, patch_features)
         clock.lap("heads")
-        loss_fn = reference_distillation_loss if impl.is_reference else distillation_loss
+        loss_fn = reference_distillation_loss if arm.reference_code else distillation_loss
         loss, _, _ = loss_fn(cls_predictions, patch_predictions, targets, DROP_PROB, "image", generator)
         clock.lap("loss")
     loss.backward()
@@ -169,220 +211,427 @@ def step(impl: Implementation, pixels, mean, std, generator, step_index, total_s
     if split:
         torch.autograd.backward(blocks, [leaf.grad for leaf in leaves])
         clock.lap("student_forward_backward")
-    impl.optimizer.step()
-    impl.optimizer.zero_grad(set_to_none=True)
+    arm.optim.step()
+    arm.optim.zero_grad(set_to_none=True)
     clock.lap("optimizer")
     return loss
 
 
-def build(size: str, num_teachers: int, image_size: int, device: torch.device, bf16: bool) -> list[Implementation]:
-    backbone = ViTConfig(**SIZES[size], image_size=image_size, patch_size=16)
+def make_arms(num_teachers: int, largest: bool, bf16: bool, device: torch.device, args) -> list[Arm]:
+    reference_autocast = torch.bfloat16 if device.type == "cuda" else None
+    own = torch.bfloat16 if bf16 else None
+    arms = [
+        Arm("reference", "fp32", reference_autocast, args.reference_heads, "foreach", reference_code=True),
+        Arm("hf_distill", "bf16" if bf16 else "fp32", own, "hf_distill", "fused"),
+    ]
+    if largest:
+        if bf16:
+            arms.append(Arm("hf_distill fp32", "fp32", None, "hf_distill", "fused"))
+        if device.type == "cpu":
+            arms.append(Arm("int8 teachers", "int8", own, "hf_distill", "fused"))
+        if not args.no_cache:
+            arms.append(Arm("cached teachers", "cache", own, "hf_distill", "fused"))
+        if args.compile:
+            arms.append(
+                Arm("hf_distill compiled", "bf16" if bf16 else "fp32", own, "hf_distill", "fused", compile=True)
+            )
+    if args.arms is not None:  # the reference and hf_distill arms always run
+        arms = arms[:2] + [arm for arm in arms[2:] if arm.name in args.arms]
+    return arms
+
+
+def student_config(backbone: ViTConfig, specs: list[dict], heads: str) -> UnicStudentConfig:
+    options = {}
+    if heads == "authors":
+        hidden, last = AUTHORS_HEAD_WIDTHS
+        options = dict(
+            ladder_hidden_ratio=hidden / backbone.hidden_size, head_hidden_ratio=last / backbone.hidden_size
+        )
+    return UnicStudentConfig(backbone_config=backbone, teachers=specs, **options)
+
+
+def build(size: str, num_teachers: int, arms: list[Arm], args, device: torch.device, cache_dir: str) -> None:
+    backbone = ViTConfig(**SIZES[size], image_size=args.image_size, patch_size=16)
     torch.manual_seed(0)
-    teachers = [freeze_teacher(TeacherModel(TeacherConfig(backbone_config=backbone))).to(device)]
-    teachers += [copy.deepcopy(teachers[0]) for _ in range(num_teachers - 1)]
+    teacher = freeze_teacher(TeacherModel(TeacherConfig(backbone_config=backbone)))
+    teachers = [copy.deepcopy(teacher) for _ in range(num_teachers)]
     specs = [
         {"name": f"t{i}", "summary_dim": backbone.hidden_size, "patch_dim": backbone.hidden_size}
         for i in range(num_teachers)
     ]
-    student = UnicStudentModel(UnicStudentConfig(backbone_config=backbone, teachers=specs)).to(device)
-    implementations = []
-    for name in ("hf_distill", "reference"):
-        own_student = copy.deepcopy(student)  # hf_distill: library default heads (grouped on GPU); reference: plain
-        # with bf16 both students train under bf16 autocast; only hf_distill keeps its teachers in bf16
-        own_teachers = (
-            [copy.deepcopy(t).to(torch.bfloat16) for t in teachers] if bf16 and name == "hf_distill" else teachers
-        )
-        optimizer = torch.optim.AdamW(own_student.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.03)
-        implementations.append(
-            Implementation(name, own_teachers, own_student.train(), optimizer, torch.bfloat16 if bf16 else None)
-        )
-    return implementations
+    forms = {}
+    for arm in arms:
+        torch.manual_seed(1)  # the same backbone and (for equal widths) heads in every arm
+        arm.student = UnicStudentModel(student_config(backbone, specs, arm.heads)).to(device).train()
+        parameters = list(arm.student.parameters())
+        fused = {"fused": True} if arm.optimizer == "fused" else {}
+        arm.optim = torch.optim.AdamW(parameters, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.03, **fused)
+        if arm.teachers not in forms and arm.teachers != "cache":
+            if arm.teachers == "int8":
+                forms["int8"] = [quantize_teacher(t) for t in teachers]
+            else:
+                dtype = torch.bfloat16 if arm.teachers == "bf16" else torch.float32
+                forms[arm.teachers] = [copy.deepcopy(t).to(device, dtype) for t in teachers]
+        if arm.teachers == "cache":
+            arm.cache = build_cache(cache_dir, arm.student, forms.get("bf16") or forms["fp32"], args, device)
+        else:
+            arm.teacher_modules = forms[arm.teachers]
+        if arm.compile:  # in place, like the recipe's --torch_compile (the teachers are this arm's own copies)
+            arm.teacher_modules = [copy.deepcopy(t) for t in arm.teacher_modules]
+            for module in [arm.student.backbone, *arm.student.cls_heads.values(), *arm.student.patch_heads.values()]:
+                module.compile()
+            for teacher in arm.teacher_modules:
+                teacher.compile()
 
 
-def measure(impl, batches, mean, std, device, warmup: int, generator_seed: int = 0) -> dict:
-    generator = torch.Generator(device=device).manual_seed(generator_seed)
-    total = warmup + len(batches)
-    for index in range(warmup):
-        step(impl, batches[index % len(batches)], mean, std, generator, index, total, Clock(device, False))
-    off = Clock(device, False)
-    with PeakMemory(device) as memory:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def build_cache(directory: str, student, teachers, args, device) -> TeacherOutputCache:
+    """A teacher-output cache (one view per image) over `batch_size * rounds` random images."""
+    rng = np.random.default_rng(0)
+    size = args.image_size
+    images = [
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        for _ in range(args.batch_size * args.steps)
+    ]
+    return TeacherOutputCache.build(
+        directory,
+        list(zip(student.config.teacher_names, teachers)),
+        Dataset.from_dict({"image": images}),
+        image_column="image",
+        image_size=size,
+        load_size=size,
+        student_mean=student.config.image_mean,
+        student_std=student.config.image_std,
+        grid_size=student.grid_size(size, size),
+        num_views=1,
+        batch_size=args.batch_size,
+        device=device,
+    )
+
+
+def measure(arms: list[Arm], batches, mean, std, device, warmup: int, peaks: dict) -> dict:
+    """Warm every arm up, then time one step of each arm per round (arms rotated each round); medians."""
+    generators = {arm.name: torch.Generator(device=device).manual_seed(0) for arm in arms}
+    rounds, total = len(batches), warmup + 2 * len(batches) + 1
+    rows = [torch.arange(i * len(batches[0]), (i + 1) * len(batches[0])) for i in range(rounds)]
+    for arm in arms:
         start = time.perf_counter()
-        for index, pixels in enumerate(batches):
-            loss = step(impl, pixels, mean, std, generator, warmup + index, total, off)
-        loss.item()  # one sync at the end of the timed steps
-        elapsed = time.perf_counter() - start
-    clock = Clock(device, True)
-    for index, pixels in enumerate(batches):
-        step(impl, pixels, mean, std, generator, total + index, total, clock)
-    breakdown = {part: 1000 * clock.parts.get(part, 0.0) / len(batches) for part in PARTS}
-    images = sum(pixels.shape[0] for pixels in batches)
-    return {
-        "images_per_s": images / elapsed,
-        "step_ms": 1000 * elapsed / len(batches),
-        "peak_memory_mib": memory.peak_mib,
-        "breakdown_ms": breakdown,
-        "share": {part: value / sum(breakdown.values()) for part, value in breakdown.items()},
+        for index in range(warmup):
+            step(
+                arm,
+                batches[index % rounds],
+                mean,
+                std,
+                generators[arm.name],
+                index,
+                total,
+                Clock(device, False),
+                rows[0],
+            )
+        synchronize(device)
+        if arm.compile:  # compile time: the warm-up minus as many compiled steps (timed below)
+            arm.compile_s = time.perf_counter() - start
+    times = {arm.name: [] for arm in arms}
+    memory = {arm.name: 0.0 for arm in arms}
+    for index in range(rounds):
+        order = arms[index % len(arms) :] + arms[: index % len(arms)]
+        for arm in order:
+            with PeakMemory(device) as peak:
+                synchronize(device)
+                start = time.perf_counter()
+                loss = step(
+                    arm,
+                    batches[index],
+                    mean,
+                    std,
+                    generators[arm.name],
+                    warmup + index,
+                    total,
+                    Clock(device, False),
+                    rows[index],
+                )
+                loss.item()  # one sync per timed step
+                times[arm.name].append(time.perf_counter() - start)
+            memory[arm.name] = max(memory[arm.name], peak.peak_mib)
+    results = {}
+    for arm in arms:
+        clock = Clock(device, True)
+        step(arm, batches[0], mean, std, generators[arm.name], warmup + rounds, total, clock, rows[0])
+        breakdown = {part: 1000 * clock.parts.get(part, 0.0) for part in PARTS}
+        flops, per_op = (
+            (None, {})
+            if arm.compile
+            else count_flops(
+                step, arm, batches[0], mean, std, generators[arm.name], total - 1, total, Clock(device, False), rows[0]
+            )
+        )
+        step_s = statistics.median(times[arm.name])
+        images = len(batches[0])
+        result = {
+            "config": arm.describe(),
+            "images_per_s": images / step_s,
+            "step_ms": 1000 * step_s,
+            "step_ms_range": [1000 * min(times[arm.name]), 1000 * max(times[arm.name])],
+            "peak_memory_mib": memory[arm.name],
+            "breakdown_ms": breakdown,
+            "share": {part: value / sum(breakdown.values()) for part, value in breakdown.items()},
+            "gflop_per_step": None if flops is None else flops / 1e9,
+            "gflop_per_step_by_op": {op: count / 1e9 for op, count in sorted(per_op.items())},
+        }
+        if flops is not None:
+            result["fraction_of_peak"] = {dtype: flops / step_s / peak["median"] for dtype, peak in peaks.items()}
+        if arm.compile_s is not None:
+            result["compile_s"] = arm.compile_s - warmup * step_s
+        # speed-up over the reference: median of the per-round ratios (both timed in the same round)
+        ratios = [ref / own for ref, own in zip(times["reference"], times[arm.name])]
+        result["speedup_vs_reference"] = statistics.median(ratios)
+        result["speedup_range"] = [min(ratios), max(ratios)]
+        results[arm.name] = result
+    return results
+
+
+def timed_alternating(functions: dict, repeats: int, device) -> dict[str, list[float]]:
+    """Seconds per call of each function, calling them in turn `repeats` times after one warm-up call each."""
+    for function in functions.values():
+        function()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            synchronize(device)
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def teacher_forward_comparison(sizes, image_size: int, batch_size: int, repeats: int, device, bf16_native: bool):
+    """Forward of one teacher in fp32 / bf16 (where native) / int8 (CPU), alternated: median ms, and speed-ups over
+    fp32 (medians of the per-repeat ratios)."""
+    rows = []
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device)
+    pixels = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    grid = (image_size // 16, image_size // 16)
+    for size in sizes:
+        torch.manual_seed(0)
+        backbone = ViTConfig(**SIZES[size], image_size=image_size, patch_size=16)
+        fp32 = freeze_teacher(TeacherModel(TeacherConfig(backbone_config=backbone))).to(device)
+        forms = {"fp32": fp32}
+        if bf16_native:
+            forms["bf16"] = copy.deepcopy(fp32).to(torch.bfloat16)
+        if device.type == "cpu":
+            forms["int8"] = quantize_teacher(fp32)
+        functions = {
+            name: (lambda t=teacher: teacher_outputs([t], pixels, mean, std, grid)) for name, teacher in forms.items()
+        }
+        times = timed_alternating(functions, repeats, device)
+        row = {"size": size, "image_size": image_size, "batch_size": batch_size}
+        for name in forms:
+            row[f"{name}_ms"] = 1000 * statistics.median(times[name])
+            row[f"{name}_speedup"] = statistics.median([a / b for a, b in zip(times["fp32"], times[name])])
+        rows.append(row)
+        print(f"teacher forward {size}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k.endswith("_ms")))
+    return rows
+
+
+def optimizer_comparison(student: torch.nn.Module, repeats: int, device) -> dict:
+    """AdamW step on the student's parameters (random gradients): for-loop, foreach (torch's default) and fused."""
+    kinds = {"for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    functions = {}
+    for name, options in kinds.items():
+        parameters = [torch.nn.Parameter(p.detach().clone()) for p in student.parameters()]
+        for parameter in parameters:
+            parameter.grad = torch.randn_like(parameter)
+        optimizer = torch.optim.AdamW(parameters, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.03, **options)
+        functions[name] = optimizer.step
+    timings = timed_alternating(functions, repeats, device)
+    return {"parameters_m": sum(p.numel() for p in student.parameters()) / 1e6} | {
+        f"{name}_ms": 1000 * statistics.median(values) for name, values in timings.items()
     }
 
 
-def cache_comparison(impl, batch_size, image_size, num_steps, mean, std, device, warmup) -> dict:
-    """Step time reading a teacher-output cache vs the student-only step (fixed targets, no teachers)."""
-    rng = np.random.default_rng(0)
-    num_images = batch_size * num_steps
-    images = [
-        Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)) for _ in range(num_images)
-    ]
-    dataset = Dataset.from_dict({"image": images})
-    student = impl.student
-    grid = student.grid_size(image_size, image_size)
-    with tempfile.TemporaryDirectory() as directory:
-        cache = TeacherOutputCache.build(
-            directory,
-            list(zip(student.config.teacher_names, impl.teachers)),
-            dataset,
-            image_column="image",
-            image_size=image_size,
-            load_size=image_size,
-            student_mean=student.config.image_mean,
-            student_std=student.config.image_std,
-            grid_size=grid,
-            num_views=1,
-            batch_size=batch_size,
-            device=device,
-        )
-        pixels = torch.randn(batch_size, 3, image_size, image_size, device=device)
-        views = torch.zeros(batch_size, dtype=torch.long)
-        batches = [torch.arange(i * batch_size, (i + 1) * batch_size) for i in range(num_steps)]
-        generator = torch.Generator(device=device).manual_seed(0)
-        fixed = [
-            (s.clone(), p.clone())
-            for s, p in (cache.lookup(n, batches[0], views, device) for n in cache.teacher_names)
-        ]
-
-        def run(targets_for) -> float:
-            for index in range(warmup):
-                step(impl, pixels, mean, std, generator, index, 1, Clock(device, False), targets_for(batches[0]))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for index, rows in enumerate(batches):
-                loss = step(impl, pixels, mean, std, generator, index, 1, Clock(device, False), targets_for(rows))
-            loss.item()
-            return 1000 * (time.perf_counter() - start) / num_steps
-
-        cached = run(lambda rows: [cache.lookup(name, rows, views, device) for name in cache.teacher_names])
-        student_only = run(lambda rows: fixed)
-    return {"cache_step_ms": cached, "student_only_step_ms": student_only}
-
-
-def heads_comparison(student, pixels, steps: int, warmup: int) -> dict:
+def heads_comparison(student, pixels, repeats: int) -> dict:
     """Forward + backward of all heads (CLS and patch) on fixed features: grouped matmuls vs one call per block and
     teacher."""
-    device = pixels.device
     with torch.no_grad():
         _, cls_features, patch_features = student.ladder_features(pixels)
     cls_features = [feature.requires_grad_() for feature in cls_features]
     patch_features = [feature.requires_grad_() for feature in patch_features]
-    timings = {}
-    for grouped in (True, False):
+
+    def run(grouped):
         student.config.grouped_heads = grouped
+        outputs = student.project(student.cls_heads, cls_features) + student.project(
+            student.patch_heads, patch_features
+        )
+        sum(output.float().square().mean() for output in outputs).backward()
 
-        def run():
-            outputs = student.project(student.cls_heads, cls_features) + student.project(
-                student.patch_heads, patch_features
-            )
-            sum(output.float().square().mean() for output in outputs).backward()
-
-        for _ in range(warmup):
-            run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings["grouped_ms" if grouped else "plain_ms"] = 1000 * (time.perf_counter() - start) / steps
+    timings = timed_alternating({"grouped": lambda: run(True), "plain": lambda: run(False)}, repeats, pixels.device)
     student.config.grouped_heads = None
     student.zero_grad(set_to_none=True)
-    return timings
+    return {f"{name}_ms": 1000 * statistics.median(values) for name, values in timings.items()}
 
 
-def format_table(results: list[dict], caches: list[dict], heads: list[dict]) -> str:
+def cpu_capability(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
+
+
+def format_tables(report: dict) -> str:
+    peaks = report["peak_gflops"]
     lines = [
-        "| model | K | hf_distill img/s | reference img/s | speed-up | hf_distill peak MiB | reference peak MiB "
-        "| teacher fwd | student fwd+bwd | heads | loss | optimizer | teacher share (FLOPs K/(K+3)) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"Device: {report['device']}, torch {report['torch']}, CPU capability {report['cpu_capability']}, "
+        f"threads {report['threads']}; {report['command']}",
+        "Measured matmul peak ("
+        + ", ".join(f"{d} {p['median']:.0f} GFLOP/s (range {p['min']:.0f}-{p['max']:.0f})" for d, p in peaks.items())
+        + f", {next(iter(peaks.values()))['size']}^3).",
     ]
-    for row in results:
-        fast, ref = row["hf_distill"], row["reference"]
-        share = fast["share"]
-        k = row["num_teachers"]
-        lines.append(
-            f"| {row['size']} | {k} | {fast['images_per_s']:.1f} | {ref['images_per_s']:.1f} | "
-            f"{row['speedup']:.2f}x | {fast['peak_memory_mib']:.0f} | {ref['peak_memory_mib']:.0f} | "
-            + " | ".join(f"{100 * share[part]:.0f}%" for part in PARTS)
-            + f" | {100 * k / (k + 3):.0f}% |"
+    if report["results"]:
+        lines[-1] += (
+            f" Reference heads: {report['reference_heads']}. Batch {report['settings']['batch_size']}, "
+            f"{report['settings']['image_size']} px, patch 16, p = {DROP_PROB}, {report['settings']['steps']} "
+            "alternated rounds (medians)."
         )
-    if caches:
         lines += [
             "",
-            "| model | K | online step ms | cached-teacher step ms | student-only step ms |",
-            "|---|---:|---:|---:|---:|",
+            "| model | K | arm | configuration | img/s | speed-up vs reference (range) | GFLOP/step | "
+            + " | ".join(f"% of {d} peak" for d in peaks)
+            + " | peak MiB | teacher fwd | student fwd+bwd | heads | loss | optimizer |",
+            "|---|---:|---|---|---:|---:|---:|" + "---:|" * len(peaks) + "---:|---:|---:|---:|---:|---:|",
         ]
-        for row in caches:
+    for row in report["results"]:
+        for name, arm in row["arms"].items():
+            share = arm["share"]
+            gflop = "-" if arm["gflop_per_step"] is None else f"{arm['gflop_per_step']:.1f}"
+            fractions = [
+                f"{100 * arm['fraction_of_peak'][d]:.0f}%" if "fraction_of_peak" in arm else "-" for d in peaks
+            ]
+            low, high = arm["speedup_range"]
             lines.append(
-                f"| {row['size']} | {row['num_teachers']} | {row['online_step_ms']:.0f} | {row['cache_step_ms']:.0f} | "
-                f"{row['student_only_step_ms']:.0f} |"
+                f"| {row['size']} | {row['num_teachers']} | {name} | {arm['config']} | {arm['images_per_s']:.1f} | "
+                f"{arm['speedup_vs_reference']:.2f}x ({low:.2f}-{high:.2f}) | {gflop} | "
+                + " | ".join(fractions)
+                + f" | {arm['peak_memory_mib']:.0f} | "
+                + " | ".join(f"{100 * share[part]:.0f}%" for part in PARTS)
+                + " |"
             )
-    if heads:
+    compiled = [(row, arm) for row in report["results"] for name, arm in row["arms"].items() if "compile_s" in arm]
+    if compiled:
+        lines += ["", "| model | K | torch.compile: compile time s (warm-up minus steps) |", "|---|---:|---:|"]
+        lines += [f"| {row['size']} | {row['num_teachers']} | {arm['compile_s']:.0f} |" for row, arm in compiled]
+    if report["teacher_forward"]:
+        forms = [name for name in ("fp32", "bf16", "int8") if f"{name}_ms" in report["teacher_forward"][0]]
+        lines += [
+            "",
+            "| teacher | px | batch | "
+            + " | ".join(f"{f} ms" for f in forms)
+            + " | "
+            + " | ".join(f"{f} speed-up" for f in forms[1:])
+            + " |",
+            "|---|---:|---:|" + "---:|" * (2 * len(forms) - 1),
+        ]
+        for row in report["teacher_forward"]:
+            lines.append(
+                f"| {row['size']} | {row['image_size']} | {row['batch_size']} | "
+                + " | ".join(f"{row[f + '_ms']:.0f}" for f in forms)
+                + " | "
+                + " | ".join(f"{row[f + '_speedup']:.2f}x" for f in forms[1:])
+                + " |"
+            )
+    if report["optimizer"]:
+        lines += [
+            "",
+            "| model | K | student params (M) | AdamW for-loop ms | foreach (torch default) ms | fused ms |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in report["optimizer"]:
+            lines.append(
+                f"| {row['size']} | {row['num_teachers']} | {row['parameters_m']:.1f} | {row['for_loop_ms']:.0f} | "
+                f"{row['foreach_ms']:.0f} | {row['fused_ms']:.0f} |"
+            )
+    if report["heads"]:
         lines += [
             "",
             "| model | K | heads fwd+bwd, grouped ms | heads fwd+bwd, per-teacher calls ms |",
             "|---|---:|---:|---:|",
         ]
-        for row in heads:
+        for row in report["heads"]:
             lines.append(
                 f"| {row['size']} | {row['num_teachers']} | {row['grouped_ms']:.0f} | {row['plain_ms']:.0f} |"
             )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv, cuda: bool):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    cuda = torch.cuda.is_available()
+    parser.add_argument("--quick", action="store_true", help="One small configuration (K=4), fewer rounds: ~1 min.")
+    parser.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES))
+    parser.add_argument("--teachers", nargs="+", type=int, default=None)
+    parser.add_argument("--image_size", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="Timed rounds (one step of every arm per round).")
+    parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument(
-        "--sizes",
-        nargs="+",
-        default=["vit-small", "vit-base"] if cuda else ["vit-tiny", "vit-small"],
-        choices=list(SIZES),
+        "--reference_heads",
+        default="authors",
+        choices=["authors", "hf_distill"],
+        help="Head widths of the reference arm: the authors' (hidden 768, 3072 for the last block) or hf_distill's "
+        "(d, 4d).",
     )
-    parser.add_argument("--teachers", nargs="+", type=int, default=[1, 2, 4])
-    parser.add_argument("--image_size", type=int, default=224 if cuda else 112)
-    parser.add_argument("--batch_size", type=int, default=128 if cuda else 32)
-    parser.add_argument("--steps", type=int, default=10 if cuda else 3, help="Timed steps per measurement.")
-    parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
-    parser.add_argument("--no_cache", action="store_true", help="Skip the teacher-output cache comparison.")
+    parser.add_argument("--no_cache", action="store_true", help="Skip the cached-teachers arm.")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        help="Extra arms to run at the largest K (default: all), e.g. 'int8 teachers'.",
+    )
+    parser.add_argument("--compile", action="store_true", help="Add a torch.compile arm (slow to compile on CPU).")
+    parser.add_argument("--no_extras", action="store_true", help="Skip teacher-forward / optimizer / heads tables.")
+    parser.add_argument(
+        "--teacher_forward_only", action="store_true", help="Only the teacher-forward table (fp32 / bf16 / int8)."
+    )
     parser.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16"],
-        help="bfloat16: hf_distill's teachers in bf16 and both students under bf16 autocast; auto: bfloat16 where the "
-        "device runs it natively, else float32.",
+        help="hf_distill's teachers and student autocast: bfloat16, float32, or auto (bfloat16 where the device runs "
+        "it natively).",
     )
+    parser.add_argument("--peak_size", type=int, default=None, help="Side of the peak matmul (2048; 8192 on GPU).")
     parser.add_argument("--output_dir", default="benchmarks/results")
     args = parser.parse_args(argv)
+    if cuda:
+        defaults = dict(sizes=["vit-small", "vit-base"], teachers=[1, 2, 4], image_size=224, batch_size=128, steps=10)
+        quick = dict(sizes=["vit-small"], teachers=[4], image_size=224, batch_size=64, steps=5)
+        warmup = 3
+    else:
+        defaults = dict(sizes=["vit-tiny", "vit-small"], teachers=[2, 4], image_size=112, batch_size=32, steps=5)
+        quick = dict(sizes=["vit-tiny"], teachers=[4], image_size=112, batch_size=16, steps=3)
+        warmup = 1
+    for key, value in (quick if args.quick else defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.warmup = warmup if args.warmup is None else args.warmup
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cuda = torch.cuda.is_available()
+    args = parse_args(argv, cuda)
     device = torch.device("cuda" if cuda else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     device_name = (
         torch.cuda.get_device_name(device)
         if cuda
-        else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
+        else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
     )
     bf16 = resolve_dtype(args.dtype, device, "benchmark (teachers and autocast)") == torch.bfloat16
-    print(f"UNIC step benchmark on {device_name}, torch {torch.__version__}, bf16 {bf16}", flush=True)
+    bf16_native = native_bf16(device)[0]
+    capability = cpu_capability(device)
+    print(f"UNIC step benchmark on {device_name}, torch {torch.__version__}, capability {capability}, bf16 {bf16}")
+    peaks = {"fp32": matmul_peak(device, torch.float32, args.peak_size)}
+    if bf16_native:
+        peaks["bf16"] = matmul_peak(device, torch.bfloat16, args.peak_size)
+    peaks_gflops = {dtype: {k: (v / 1e9 if k != "size" else v) for k, v in p.items()} for dtype, p in peaks.items()}
+    print("matmul peak GFLOP/s: " + ", ".join(f"{d} {p['median']:.0f}" for d, p in peaks_gflops.items()), flush=True)
 
     mean = torch.tensor([0.485, 0.456, 0.406], device=device)
     std = torch.tensor([0.229, 0.224, 0.225], device=device)
@@ -391,44 +640,64 @@ def main(argv: list[str] | None = None) -> dict:
         torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator, device=device)
         for _ in range(args.steps)
     ]
-    results, caches, heads = [], [], []
-    for size in args.sizes:
+    results, optimizers, heads = [], [], []
+    for size in [] if args.teacher_forward_only else args.sizes:
         for num_teachers in args.teachers:
-            implementations = build(size, num_teachers, args.image_size, device, bf16=bf16)
-            row = {"size": size, "num_teachers": num_teachers}
-            for impl in implementations:
-                row[impl.name] = measure(impl, batches, mean, std, device, args.warmup)
-                print(f"{size} K={num_teachers} {impl.name}: {row[impl.name]['images_per_s']:.1f} img/s", flush=True)
-            row["speedup"] = row["hf_distill"]["images_per_s"] / row["reference"]["images_per_s"]
-            results.append(row)
-            if num_teachers == max(args.teachers):
-                timings = heads_comparison(implementations[0].student, batches[0], args.steps, args.warmup)
-                heads.append({"size": size, "num_teachers": num_teachers, **timings})
-            if not args.no_cache and num_teachers == max(args.teachers):
-                cache = cache_comparison(
-                    implementations[0], args.batch_size, args.image_size, args.steps, mean, std, device, args.warmup
+            largest = num_teachers == max(args.teachers)
+            arms = make_arms(num_teachers, largest, bf16, device, args)
+            with tempfile.TemporaryDirectory() as cache_dir:
+                build(size, num_teachers, arms, args, device, cache_dir)
+                measured = measure(arms, batches, mean, std, device, args.warmup, peaks)
+            for name, arm in measured.items():
+                print(
+                    f"{size} K={num_teachers} {name}: {arm['images_per_s']:.1f} img/s, "
+                    f"{arm['speedup_vs_reference']:.2f}x reference",
+                    flush=True,
                 )
-                caches.append(
-                    {
-                        "size": size,
-                        "num_teachers": num_teachers,
-                        "online_step_ms": row["hf_distill"]["step_ms"],
-                        **cache,
-                    }
+            results.append({"size": size, "num_teachers": num_teachers, "arms": measured})
+            if largest and not args.no_extras:
+                student = arms[1].student
+                optimizers.append(
+                    {"size": size, "num_teachers": num_teachers} | optimizer_comparison(student, args.steps, device)
                 )
-            del implementations
+                if not args.quick:
+                    heads.append(
+                        {"size": size, "num_teachers": num_teachers}
+                        | heads_comparison(student, batches[0], args.steps)
+                    )
+            del arms
+    teacher_forward = []
+    if not args.no_extras:
+        forward_sizes = ["vit-small"] if args.quick else ["vit-small", "vit-base"]
+        forward_batch = 4 if args.quick and not cuda else (64 if cuda else 8)
+        teacher_forward = teacher_forward_comparison(
+            forward_sizes, 224, forward_batch, max(3, args.steps), device, bf16_native
+        )
     report = {
         "device": device_name,
         "torch": torch.__version__,
+        "cpu_capability": capability,
+        "threads": torch.get_num_threads(),
+        "command": "python -m benchmarks.bench_unic_step " + " ".join(sys.argv[1:] if argv is None else argv),
+        "environment": {
+            key: os.environ[key]
+            for key in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+            if key in os.environ
+        },
         "bf16": bf16,
-        "settings": {key: getattr(args, key) for key in ("image_size", "batch_size", "steps", "warmup")}
+        "reference_heads": "authors (768, 3072 last)" if args.reference_heads == "authors" else "hf_distill (d, 4d)",
+        "peak_gflops": peaks_gflops,
+        "settings": {key: getattr(args, key) for key in ("image_size", "batch_size", "steps", "warmup", "quick")}
         | {"drop_prob": DROP_PROB},
         "results": results,
-        "cache": caches,
+        "teacher_forward": teacher_forward,
+        "optimizer": optimizers,
         "heads": heads,
     }
-    table = format_table(results, caches, heads)
-    stem = os.path.join(args.output_dir, f"unic_step_{device.type}")
+    table = format_tables(report)
+    name = "cuda" if cuda else f"cpu-{capability.lower().replace(' ', '')}"
+    suffix = ("_quick" if args.quick else "") + ("_teacher_forward" if args.teacher_forward_only else "")
+    stem = os.path.join(args.output_dir, f"unic_step_{name}{suffix}")
     write_json_atomically(stem + ".json", report)
     write_text_atomically(stem + ".md", table + "\n")
     print(table)

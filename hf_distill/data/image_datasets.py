@@ -1,12 +1,13 @@
 """Loading image datasets (Hub id, image folder or `save_to_disk` folder) and batching them as uint8 tensors."""
 
+import io
 import os
 
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from datasets import Image as ImageFeature
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .synthetic_dataset import has_parquet_data, is_synthesis_folder, load_synthetic_dataset
 
@@ -54,12 +55,19 @@ def load_image_dataset(source: str, image_column: str = "image", split: str = "t
     return dataset
 
 
-def resize_center_crop(image: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
-    """Resize the shorter side to `size` and center-crop to `size x size` (use `Image.NEAREST` for label maps)."""
-    width, height = image.size
+def resize_center_crop(
+    image: Image.Image, size: int, resample: int = Image.BICUBIC, extent: tuple[float, float] | None = None
+) -> Image.Image:
+    """Resize the shorter side to `size` and center-crop to `size x size` (use `Image.NEAREST` for label maps).
+
+    `extent`: the full image's `(width, height)` in this image's pixels when it was decoded at reduced scale
+    ([`decode_image`]: e.g. `(320.0, 213.5)` for a 640 x 427 JPEG decoded at 1/2, 320 x 214 pixels), so that the
+    output covers exactly the same region of the photo as from the full decode.
+    """
+    width, height = extent if extent is not None else image.size
     scale = size / min(width, height)
     new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_width, new_height), resample)
+    image = image.resize((new_width, new_height), resample, box=(0, 0, width, height) if extent else None)
     left, top = (new_width - size) // 2, (new_height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
@@ -81,9 +89,43 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _to_square_uint8(image: Image.Image, size: int) -> np.ndarray:
+def decode_image(value: dict | str, draft_size: int | None = None) -> Image.Image:
+    """Decode an undecoded `datasets` image (`{"path", "bytes"}` or a path) like `datasets.Image().decode_example`
+    (EXIF orientation applied), a JPEG at reduced scale when `draft_size` is given.
+
+    With `draft_size`, `Image.draft("RGB", (draft_size, draft_size))` lets libjpeg decode at 1/2, 1/4 or 1/8 scale (in
+    the DCT domain) as long as both sides stay at least `draft_size`: for a later resize of the shorter side to
+    `draft_size` it skips most of the decoding of large photos (`benchmarks/bench_decode.py` measures the speed and
+    the PSNR against the full decode). Other formats decode in full. Remote paths go through `datasets`.
+    """
+    return _decode(value, draft_size)[0]
+
+
+def _decode(value: dict | str, draft_size: int | None) -> tuple[Image.Image, tuple[float, float] | None]:
+    """[`decode_image`] and, for a reduced-scale decode, the full image's size in the decoded image's pixels."""
+    if isinstance(value, str):
+        value = {"path": value, "bytes": None}
+    data, path = value.get("bytes"), value.get("path")
+    if data is None and not (path and os.path.exists(path)):
+        return ImageFeature().decode_example(value), None  # remote files (and the error for a missing one)
+    image = Image.open(io.BytesIO(data) if data is not None else path)
+    extent = None
+    if draft_size is not None and image.format == "JPEG":
+        drafted = image.draft("RGB", (draft_size, draft_size))
+        if drafted is not None and image.size != tuple(drafted[1][2:]):
+            extent = drafted[1][2:]
+    image.load()
+    orientation = image.getexif().get(Image.ExifTags.Base.Orientation)
+    if orientation is not None:
+        image = ImageOps.exif_transpose(image)
+        if extent is not None and orientation in (5, 6, 7, 8):  # transposed: width and height swap
+            extent = extent[::-1]
+    return image, extent
+
+
+def _to_square_uint8(image: Image.Image, size: int, extent: tuple[float, float] | None = None) -> np.ndarray:
     """RGB, shorter side resized to `size` (bicubic), center-cropped: `[3, size, size]` uint8."""
-    return np.asarray(resize_center_crop(to_rgb(image), size), dtype=np.uint8).transpose(2, 0, 1)
+    return np.asarray(resize_center_crop(to_rgb(image), size, extent=extent), dtype=np.uint8).transpose(2, 0, 1)
 
 
 class ImageCollator:
@@ -92,7 +134,9 @@ class ImageCollator:
     `{"labels": "label"}`).
 
     Images are only resized and center-cropped here (on the data-loader workers); augmentation and normalization run
-    batched on the training device in the trainer.
+    batched on the training device in the trainer. Undecoded JPEGs (`datasets.Image(decode=False)`, how the trainers
+    prepare datasets) are decoded at reduced scale when that still gives at least `size` pixels on both sides
+    (`jpeg_draft`, see [`decode_image`]); already decoded images are used as they are.
     """
 
     def __init__(
@@ -101,8 +145,10 @@ class ImageCollator:
         image_column: str = "image",
         index_column: str | None = None,
         int_columns: dict[str, str] | None = None,
+        jpeg_draft: bool = True,
     ):
         self.size = size
+        self.jpeg_draft = jpeg_draft
         self.image_column = image_column
         self.int_columns = dict(int_columns or {})
         if index_column is not None:
@@ -121,9 +167,10 @@ class ImageCollator:
         index and file instead of a bare Pillow error."""
         image = example[self.image_column]
         try:
+            extent = None
             if isinstance(image, (dict, str)):
-                image = ImageFeature().decode_example(image)
-            return _to_square_uint8(image, self.size)
+                image, extent = _decode(image, self.size if self.jpeg_draft else None)
+            return _to_square_uint8(image, self.size, extent)
         except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ...
             index = example.get(DATASET_INDEX_COLUMN, example.get(self.int_columns.get("sample_index")))
             if isinstance(image, dict):

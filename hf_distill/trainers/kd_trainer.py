@@ -80,7 +80,7 @@ class KDTrainer(DistillationTrainer):
             args.seed,
         )
         if data_collator is None:
-            data_collator = ImageCollator(args.load_size, int_columns={"labels": "label"})
+            data_collator = ImageCollator(args.load_size, int_columns={"labels": "label"}, jpeg_draft=args.jpeg_draft)
         self.teacher_name = f"probed {teacher_name(teacher.teacher)}"
         super().__init__(
             model, args, train_dataset, eval_dataset, data_collator, processing_class, callbacks, optimizers,

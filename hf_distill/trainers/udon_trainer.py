@@ -27,8 +27,8 @@ class DomainCollator(ImageCollator):
     """Images as uint8 `[B, 3, S, S]`, labels `[B]`, and the batch's domain as a plain int (every batch holds one
     domain, so no tensor and no host sync is needed to pick its heads)."""
 
-    def __init__(self, size: int):
-        super().__init__(size, image_column="image", int_columns={"labels": "label"})
+    def __init__(self, size: int, jpeg_draft: bool = True):
+        super().__init__(size, image_column="image", int_columns={"labels": "label"}, jpeg_draft=jpeg_draft)
 
     def __call__(self, examples: list[dict]) -> dict:
         domains = {example["domain"] for example in examples}
@@ -110,7 +110,7 @@ class UdonTrainer(DistillationTrainer):
             rank=args.process_index,
         )
         if data_collator is None:
-            data_collator = DomainCollator(args.load_size)
+            data_collator = DomainCollator(args.load_size, args.jpeg_draft)
         super().__init__(
             model, args, train_dataset, eval_dataset, data_collator, processing_class, callbacks, optimizers,
             image_mean=model.config.image_mean, image_std=model.config.image_std, **kwargs,

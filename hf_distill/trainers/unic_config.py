@@ -8,6 +8,7 @@ from ..data.image_verification import ImageCheckArguments
 from ..hub.push import HubTokenNotPickled
 from ..losses.unic import COEFFICIENT_NORMALIZATIONS
 from ..models.configuration_teacher import GRID_ALIGNMENTS, SUMMARY_TYPES
+from ..models.teacher_quantization import TEACHER_QUANTIZATIONS
 from ..precision import resolve_dtype
 from .nonfinite import NonFiniteArguments
 from .view_config import AugmentationArguments
@@ -41,6 +42,17 @@ class UnicConfig(
             Dtype of the teachers' weights: `auto` (float16 with `--fp16`; else bfloat16 where the device runs it
             natively: CUDA with bfloat16, CPUs with AVX512-BF16 or AMX; float32 otherwise, see
             [`~hf_distill.precision.native_bf16`]), `float32`, `bfloat16` or `float16`. The choice is logged.
+        teacher_quantization (`str`, defaults to `"none"`):
+            `int8`: the teachers' `nn.Linear` layers run in int8 (dynamic quantization, CPU only; convolutions stay in
+            float32), see [`~hf_distill.models.teacher_quantization.quantize_teacher`]. It quantizes float32 weights:
+            `teacher_dtype` must be `auto` (which then means float32) or `float32`.
+        teacher_fidelity_max_error (`float`, defaults to 0.15):
+            A teacher in bfloat16 / float16 / int8 is first compared with its float32 self on a calibration batch
+            (the first training images, center crops): cosine and relative error of its summary and patch tokens are
+            logged, and training is refused when a relative error exceeds this value. Measured on the demo's DINOv2
+            ViT-S/14 teacher: 0.011 in bfloat16, 0.10-0.11 in int8 (`python -m benchmarks.bench_teacher_fidelity`).
+        teacher_fidelity_batch (`int`, defaults to 16):
+            Images in the calibration batch; 0 skips the check.
         teacher_drop_prob (`float`, defaults to 0.5):
             Teacher dropping probability `p` (UNIC eq. 4; 0.5 for ViT-B, 0.25 for ViT-L). 0 disables dropping.
         loss_normalization (`str`, defaults to `"image"`):
@@ -98,6 +110,20 @@ class UnicConfig(
     teacher_dtype: str = field(
         default="auto", metadata={"help": f"Dtype of the teachers' weights, one of {TEACHER_DTYPES}."}
     )
+    teacher_quantization: str = field(
+        default="none",
+        metadata={"help": f"Quantize the teachers' linear layers, one of {TEACHER_QUANTIZATIONS} (int8: CPU only)."},
+    )
+    teacher_fidelity_max_error: float = field(
+        default=0.15,
+        metadata={
+            "help": "Largest relative error of a bfloat16 / float16 / int8 teacher's outputs against float32 on the "
+            "calibration batch; above it training is refused."
+        },
+    )
+    teacher_fidelity_batch: int = field(
+        default=16, metadata={"help": "Images in the teacher fidelity calibration batch (0: no check)."}
+    )
     teacher_drop_prob: float = field(
         default=0.5, metadata={"help": "Teacher dropping probability p (UNIC eq. 4); 0 disables it."}
     )
@@ -153,6 +179,20 @@ class UnicConfig(
                 raise ValueError(f"--teacher_grid_alignment values must be in {GRID_ALIGNMENTS}, got {value!r}.")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"--teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
+        if self.teacher_quantization not in TEACHER_QUANTIZATIONS:
+            raise ValueError(
+                f"--teacher_quantization must be one of {TEACHER_QUANTIZATIONS}, got {self.teacher_quantization!r}."
+            )
+        if self.teacher_quantization != "none" and self.teacher_dtype in ("bfloat16", "float16"):
+            raise ValueError(
+                f"--teacher_quantization {self.teacher_quantization} quantizes float32 teachers: set --teacher_dtype "
+                f"float32 or auto (got {self.teacher_dtype})."
+            )
+        if self.teacher_fidelity_batch < 0 or not self.teacher_fidelity_max_error > 0:
+            raise ValueError(
+                "--teacher_fidelity_batch must be >= 0 and --teacher_fidelity_max_error > 0, got "
+                f"{self.teacher_fidelity_batch} and {self.teacher_fidelity_max_error}."
+            )
         if not 0.0 <= self.teacher_drop_prob < 1.0:
             raise ValueError(f"--teacher_drop_prob must be in [0, 1), got {self.teacher_drop_prob}.")
         if self.loss_normalization not in COEFFICIENT_NORMALIZATIONS:
@@ -165,7 +205,9 @@ class UnicConfig(
 
     def teacher_torch_dtype(self):
         """The `torch.dtype` of the teachers' weights on `self.device` (`auto`: [`~hf_distill.precision.auto_dtype`],
-        float16 with `--fp16`), logged with the reason of the choice."""
+        float16 with `--fp16`, float32 with int8 `teacher_quantization`), logged with the reason of the choice."""
+        if self.teacher_quantization != "none":
+            return resolve_dtype("float32", self.device, f"teachers (quantized to {self.teacher_quantization})")
         if self.teacher_dtype == "auto" and self.fp16:
             return resolve_dtype("float16", self.device, "teachers (auto with --fp16)")
         return resolve_dtype(self.teacher_dtype, self.device, "teachers")

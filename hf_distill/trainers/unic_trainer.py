@@ -7,6 +7,7 @@ per-image, per-teacher losses -> teacher dropping -> total loss. Metrics stay on
 logged.
 """
 
+import itertools
 import logging
 import os
 
@@ -22,6 +23,7 @@ from ..models.modeling_unic import UnicStudentModel
 from ..models.standardization import ema_weight
 from ..models.student_backbones import describe_backbone
 from ..models.teacher_loading import load_teacher, teacher_outputs, teacher_source, teacher_spec
+from ..models.teacher_quantization import cheaper_teacher, check_fidelity, measure_fidelity
 from .base import DistillationTrainer
 from .nonfinite import assert_finite_weights, finite_rows
 from .teacher_cache import INDEX_COLUMN, TeacherOutputCache, fixed_views
@@ -120,7 +122,9 @@ class UnicTrainer(DistillationTrainer):
                 )
         if data_collator is None:
             index_column = INDEX_COLUMN if self.teacher_cache is not None else None
-            data_collator = ImageCollator(args.load_size, image_column=image_column, index_column=index_column)
+            data_collator = ImageCollator(
+                args.load_size, image_column=image_column, index_column=index_column, jpeg_draft=args.jpeg_draft
+            )
         super().__init__(
             model, args, train_dataset, eval_dataset, data_collator, processing_class, callbacks, optimizers,
             image_mean=model.config.image_mean, image_std=model.config.image_std,
@@ -135,7 +139,11 @@ class UnicTrainer(DistillationTrainer):
 
     def _load_and_prepare_teacher(self, teacher, index: int) -> nn.Module:
         name = self.teacher_names[index]
-        teacher = load_teacher(teacher, dtype=self.args.teacher_torch_dtype(), **self.args.teacher_options(index))
+        dtype, quantization = self.args.teacher_torch_dtype(), self.args.teacher_quantization
+        cheaper = dtype != torch.float32 or quantization != "none"
+        # a cheaper teacher is derived from the float32 one, which it is checked against before training
+        load_dtype = torch.float32 if cheaper else dtype
+        teacher = load_teacher(teacher, dtype=load_dtype, **self.args.teacher_options(index))
         expected = self.model.config.teachers[index]
         spec = teacher_spec(name, teacher)
         if (spec["summary_dim"], spec["patch_dim"]) != (expected["summary_dim"], expected["patch_dim"]):
@@ -144,6 +152,8 @@ class UnicTrainer(DistillationTrainer):
                 f"tokens but the student's heads for {expected['name']!r} predict {expected['summary_dim']} / "
                 f"{expected['patch_dim']}: build the student for these teachers (same order)."
             )
+        if cheaper:
+            teacher = self._cheaper_checked_teacher(name, teacher, dtype, quantization)
         teacher = self.prepare_teacher(teacher)
         logger.info(
             "Teacher %d %r: %s, %d-d summary / %d-d patch tokens, grid alignment %r, dtype %s",
@@ -156,6 +166,42 @@ class UnicTrainer(DistillationTrainer):
             next(teacher.parameters()).dtype,
         )
         return teacher
+
+    def _cheaper_checked_teacher(self, name: str, teacher: nn.Module, dtype: torch.dtype, quantization: str):
+        """The bfloat16 / float16 / int8 form of the float32 `teacher`, refused when its outputs on the calibration
+        batch are too far from the float32 ones (`teacher_fidelity_max_error`)."""
+        if quantization != "none" and self.args.device.type != "cpu":
+            raise ValueError(
+                f"--teacher_quantization {quantization} runs on the CPU only, this run uses {self.args.device}: use "
+                "--teacher_dtype bfloat16 (or auto) on a GPU instead."
+            )
+        what = quantization if quantization != "none" else str(dtype).removeprefix("torch.")
+        # int8 kernels run on the CPU: quantize there; a cast teacher is compared on the training device
+        device = torch.device("cpu") if quantization != "none" else self.args.device
+        teacher = teacher.to(device)
+        cheap = cheaper_teacher(teacher, dtype, quantization)
+        pixels = self._calibration_batch()
+        if pixels is None:
+            logger.warning("Teacher %r in %s: no training images to check it against float32 with.", name, what)
+            return cheap
+        grid = self.model.grid_size(*pixels.shape[-2:])
+        mean, std = self._student_mean.to(device), self._student_std.to(device)
+        fidelity = measure_fidelity(teacher, cheap, pixels.to(device), mean, std, grid)
+        check_fidelity(name, fidelity, self.args.teacher_fidelity_max_error, what)
+        return cheap
+
+    def _calibration_batch(self) -> torch.Tensor | None:
+        """Center crops of the first `teacher_fidelity_batch` training images, normalized for the student (once)."""
+        if not hasattr(self, "_calibration_pixels"):
+            pixels = None
+            count = self.args.teacher_fidelity_batch
+            if count > 0 and self.train_dataset is not None:
+                examples = list(itertools.islice(iter(self.train_dataset), count))
+                if examples:
+                    batch = self.data_collator(examples)["pixel_values"].to(self.args.device)
+                    pixels = self.make_views(batch, training=False, generator=None)
+            self._calibration_pixels = pixels
+        return self._calibration_pixels
 
     # ------------------------------------------------------------------ one step
 

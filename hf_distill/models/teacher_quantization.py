@@ -1,0 +1,154 @@
+"""Cheaper teachers (int8, bfloat16) and the fidelity guard that decides whether they may replace the float32 ones.
+
+A teacher only produces targets, so it can run at lower precision as long as its outputs stay close to the float32
+ones. Two cheaper forms exist:
+
+- `int8` (CPU only): dynamic quantization of every `nn.Linear` with PyTorch's own
+  `torch.ao.quantization.quantize_dynamic` (weights int8 per output channel, activations quantized per batch at run
+  time, fbgemm / oneDNN kernels). Convolutions stay in float32: dynamic quantization has no convolution kernels, and
+  static int8 convolutions need observers, calibration and per-model rewrites (FX / PT2E export) that a generic
+  teacher wrapper cannot do safely.
+- `bfloat16` / `float16` weights (`teacher_dtype`, see [`~hf_distill.precision.auto_dtype`]).
+
+[`measure_fidelity`] compares a cheaper teacher with its float32 original on a calibration batch (cosine and relative
+error of the summary and of the patch tokens) and [`check_fidelity`] refuses it above a threshold.
+"""
+
+import copy
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+TEACHER_QUANTIZATIONS = ("none", "int8")
+
+
+def quantize_teacher(teacher: nn.Module, quantization: str = "int8", inplace: bool = False) -> nn.Module:
+    """A copy of `teacher` (or `teacher` itself with `inplace`) whose `nn.Linear` layers compute in int8.
+
+    Args:
+        teacher (`nn.Module`): a float32 teacher on the CPU.
+        quantization (`str`, defaults to `"int8"`): `"int8"` (dynamic, per-channel weights) or `"none"` (returned
+            unchanged).
+        inplace (`bool`, defaults to `False`): quantize `teacher` itself instead of a deep copy.
+    """
+    if quantization not in TEACHER_QUANTIZATIONS:
+        raise ValueError(f"teacher quantization must be one of {TEACHER_QUANTIZATIONS}, got {quantization!r}.")
+    if quantization == "none":
+        return teacher
+    parameters = list(teacher.parameters())
+    if any(parameter.device.type != "cpu" for parameter in parameters):
+        raise ValueError(
+            "int8 teachers run on the CPU only (PyTorch's dynamic quantization has CPU kernels only); on a GPU use "
+            "teacher_dtype bfloat16 (or auto) instead of teacher_quantization int8."
+        )
+    if any(parameter.dtype != torch.float32 for parameter in parameters):
+        raise ValueError("quantize a float32 teacher (load it with teacher_dtype float32), not a cast one.")
+    if not any(isinstance(module, nn.Linear) for module in teacher.modules()):
+        raise ValueError(
+            f"{type(teacher).__name__} has no nn.Linear layer, so int8 dynamic quantization would change nothing "
+            "(convolutions are not quantized): leave teacher_quantization at none."
+        )
+    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; the API still works
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+        quantized = torch.ao.quantization.quantize_dynamic(
+            teacher, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=inplace
+        )
+    # int8 kernels take float32 inputs: the teacher runs outside any bf16 autocast of the training step
+    quantized.register_forward_pre_hook(_enter_float32)
+    quantized.register_forward_hook(_exit_float32, always_call=True)
+    return quantized
+
+
+def _enter_float32(module: nn.Module, args) -> None:
+    context = torch.autocast("cpu", enabled=False)
+    context.__enter__()
+    module.__dict__.setdefault("_float32_contexts", []).append(context)
+
+
+def _exit_float32(module: nn.Module, args, output) -> None:
+    module.__dict__["_float32_contexts"].pop().__exit__(None, None, None)
+
+
+def cheaper_teacher(teacher: nn.Module, dtype: torch.dtype, quantization: str = "none") -> nn.Module:
+    """A copy of the float32 `teacher` in `dtype` (bfloat16 / float16) or quantized (`quantization="int8"`, which
+    keeps float32 for the layers it does not quantize)."""
+    if quantization != "none":
+        if dtype != torch.float32:
+            raise ValueError(
+                f"teacher_quantization {quantization!r} replaces the teacher dtype: set teacher_dtype to float32 (or "
+                f"auto on a CPU without native bfloat16), got {dtype}."
+            )
+        return quantize_teacher(teacher, quantization)
+    return copy.deepcopy(teacher).to(dtype)
+
+
+@dataclass
+class TeacherFidelity:
+    """How close a cheaper teacher's outputs are to the float32 teacher's on one batch.
+
+    `*_cosine`: mean cosine similarity per output vector (summary per image, patch per token); `*_error`: relative
+    error `||cheap - fp32|| / ||fp32||` over the batch (Frobenius norms).
+    """
+
+    summary_cosine: float
+    patch_cosine: float
+    summary_error: float
+    patch_error: float
+
+    @property
+    def max_error(self) -> float:
+        return max(self.summary_error, self.patch_error)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (
+            f"summary cosine {self.summary_cosine:.4f} / relative error {self.summary_error:.4f}, patch cosine "
+            f"{self.patch_cosine:.4f} / relative error {self.patch_error:.4f}"
+        )
+
+
+def _compare(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float, float]:
+    reference, candidate = reference.double(), candidate.double()
+    cosine = torch.nn.functional.cosine_similarity(candidate, reference, dim=-1).mean()
+    error = torch.linalg.vector_norm(candidate - reference) / torch.linalg.vector_norm(reference).clamp_min(1e-12)
+    return float(cosine), float(error)
+
+
+def measure_fidelity(
+    reference: nn.Module,
+    candidate: nn.Module,
+    pixel_values: torch.Tensor,
+    input_mean: torch.Tensor | None = None,
+    input_std: torch.Tensor | None = None,
+    grid_size: tuple[int, int] | None = None,
+) -> TeacherFidelity:
+    """Run both teachers (inference mode) on `pixel_values` (normalized with `input_mean` / `input_std`, as in
+    training) and compare their summaries and patch tokens."""
+    with torch.inference_mode():
+        expected = reference(pixel_values, input_mean, input_std, grid_size=grid_size)
+        got = candidate(pixel_values, input_mean, input_std, grid_size=grid_size)
+    summary_cosine, summary_error = _compare(expected.summary, got.summary)
+    patch_cosine, patch_error = _compare(expected.patch_tokens, got.patch_tokens)
+    return TeacherFidelity(summary_cosine, patch_cosine, summary_error, patch_error)
+
+
+def check_fidelity(name: str, fidelity: TeacherFidelity, max_error: float, what: str) -> None:
+    """Log the fidelity of teacher `name` (`what`: e.g. `"int8"`) and raise `ValueError` when its summary or patch
+    relative error exceeds `max_error` (or is not finite)."""
+    logger.info("Teacher %r in %s vs float32 on the calibration batch: %s", name, what, fidelity)
+    error = fidelity.max_error
+    if not error <= max_error:  # also catches NaN
+        raise ValueError(
+            f"Teacher {name!r} in {what} is too far from its float32 outputs on the calibration batch ({fidelity}; "
+            f"allowed relative error {max_error}). Its targets would differ from the float32 teacher's: run it in "
+            "float32 (teacher_quantization none, teacher_dtype float32), or raise teacher_fidelity_max_error if this "
+            "error is acceptable for your run."
+        )
