@@ -70,11 +70,10 @@ def atomic_folder(path: str | os.PathLike, keep: Callable[[str], bool] | None = 
         shutil.rmtree(previous)
 
 
-def stale_staging_folders(path: str | os.PathLike) -> list[str]:
-    """The staging folders that an interrupted [`atomic_folder`] for `path` left next to it (`.NAME.XXXX.tmp`)."""
+def _sibling_folders(path: str | os.PathLike, suffix: str) -> list[str]:
     path = os.path.abspath(os.fspath(path))
     parent, base = os.path.split(path)
-    pattern = re.compile(rf"\.{re.escape(base)}\.[0-9a-f]{{12}}\.tmp")
+    pattern = re.compile(rf"\.{re.escape(base)}\.[0-9a-f]{{12}}\.{suffix}")
     if not os.path.isdir(parent):
         return []
     return [
@@ -82,6 +81,27 @@ def stale_staging_folders(path: str | os.PathLike) -> list[str]:
         for name in sorted(os.listdir(parent))
         if pattern.fullmatch(name) and os.path.isdir(os.path.join(parent, name))
     ]
+
+
+def stale_staging_folders(path: str | os.PathLike) -> list[str]:
+    """The staging folders that an interrupted [`atomic_folder`] for `path` left next to it (`.NAME.XXXX.tmp`)."""
+    return _sibling_folders(path, "tmp")
+
+
+def recover_swapped_folder(path: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> list[str]:
+    """Finish what an [`atomic_folder`] killed during its swap left undone, from the previous folder it had renamed
+    to a hidden sibling (`.NAME.XXXX.old`): each entry of it that `path` lacks and for which `keep(entry_name)` is
+    true is moved into `path` (created if the kill came between the two renames), then the sibling is deleted.
+    Returns the siblings recovered."""
+    previous_folders = _sibling_folders(path, "old")
+    for previous in previous_folders:
+        os.makedirs(path, exist_ok=True)
+        present = set(os.listdir(path))
+        for entry in os.listdir(previous):
+            if entry not in present and keep is not None and keep(entry):
+                os.replace(os.path.join(previous, entry), os.path.join(path, entry))
+        shutil.rmtree(previous)
+    return previous_folders
 
 
 def is_weight_file(name: str) -> bool:

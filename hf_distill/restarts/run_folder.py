@@ -20,7 +20,7 @@ import torch.distributed as dist
 from transformers import TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
-from ..io_utils import stale_staging_folders, write_json_atomically
+from ..io_utils import is_weight_file, recover_swapped_folder, stale_staging_folders, write_json_atomically
 from .checkpoints import (
     TRAINER_STATE,
     CheckpointCompletion,
@@ -37,10 +37,16 @@ logger = logging.getLogger(__name__)
 
 def remove_export_leftovers(output_dir: str) -> None:
     """Delete the staging folders next to `output_dir` (`.NAME.XXXX.tmp`) and the temporary files in it (`.*.tmp`)
-    of an export or a write that was killed. Called with the folder's lock held: no other run is writing them."""
+    of an export or a write that was killed, and bring back what an export killed during its swap left in the previous
+    folder (`.NAME.XXXX.old`). Called with the folder's lock held: no other run is writing them."""
     for path in stale_staging_folders(output_dir):
         logger.info("Removing %s, left by an export that was stopped.", path)
         shutil.rmtree(path, ignore_errors=True)
+    # an export killed between its renames: the checkpoints, logs and manifest of the previous folder come back; its
+    # weights too unless the new export's are in place (they are written again by the export the rerun finishes with)
+    new_weights = os.path.isdir(output_dir) and any(is_weight_file(name) for name in os.listdir(output_dir))
+    for path in recover_swapped_folder(output_dir, keep=lambda name: not (new_weights and is_weight_file(name))):
+        logger.warning("Recovered the files of %s, the previous folder of an export that was stopped.", path)
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):

@@ -193,6 +193,14 @@ def test_rerunning_a_finished_run_trains_nothing_and_redoes_a_killed_export(
     assert type(ViTModel.from_pretrained(output_dir)) is ViTModel and (output_dir / "README.md").is_file()
     assert not list(tmp_path.glob(".out.*")) and not list(output_dir.glob(".*.tmp"))
 
+    # killed between the two renames of the export's swap: the whole previous folder (checkpoints, manifest, weights)
+    # sits in a hidden sibling and no output folder exists; the rerun brings all of it back and trains nothing
+    os.replace(output_dir, tmp_path / ".out.0123456789ab.old")
+    trainer = unic.main(args, callbacks=[counter])
+    assert counter.steps == 0 and trainer.state.global_step == 6 and "Recovered the files of" in caplog.text
+    assert (output_dir / "model.safetensors").read_bytes() == exported
+    assert (output_dir / "checkpoint-6").is_dir() and not list(tmp_path.glob(".out.*"))
+
 
 def test_rerunning_a_finished_task_distill_run_keeps_its_results_and_refuses_a_new_teacher(task, tmp_path):  # noqa: F811
     args = test_task_distill.args(task, tmp_path)
