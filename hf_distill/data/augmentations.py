@@ -29,11 +29,13 @@ import torch.nn.functional as F
 __all__ = [
     "UnicAugmentation",
     "color_jitter",
+    "crop_boxes",
     "gaussian_blur",
     "hsv_to_rgb",
     "random_grayscale",
     "random_resized_crop",
     "resize_center",
+    "resized_crop",
     "rgb_to_grayscale",
     "rgb_to_hsv",
     "solarize",
@@ -162,20 +164,44 @@ def random_resized_crop(
     """
     images = _to_float(images)
     batch, _, height, width = images.shape
-    params = _uniform((batch, 5), 0.0, 1.0, generator, images)
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * params[:, 0])
+    boxes = crop_boxes(_uniform((batch, 5), 0.0, 1.0, generator, images), height, width, scale, ratio, flip_prob)
+    return resized_crop(images, boxes, size)
+
+
+def crop_boxes(
+    uniforms: torch.Tensor,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip_prob: float = 0.5,
+) -> torch.Tensor:
+    """The crop boxes of [`random_resized_crop`] from `U(0, 1)` draws `uniforms` `[..., 5]`: `[..., 5]` rows
+    `(left, top, crop_w, crop_h, flip)` in pixels of a `height x width` image, `flip` 1.0 or 0.0. Separate from the
+    resampling so that the boxes can be drawn once and stored (teacher-output cache of random crops)."""
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * uniforms[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * params[:, 1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * uniforms[..., 1])
     crop_w = torch.sqrt(area * aspect).clamp(min=1.0, max=float(width))
     crop_h = torch.sqrt(area / aspect).clamp(min=1.0, max=float(height))
-    left = (width - crop_w) * params[:, 2]
-    top = (height - crop_h) * params[:, 3]
-    flip = params[:, 4] < flip_prob
+    left = (width - crop_w) * uniforms[..., 2]
+    top = (height - crop_h) * uniforms[..., 3]
+    flip = (uniforms[..., 4] < flip_prob).to(crop_w.dtype)
+    return torch.stack((left, top, crop_w, crop_h, flip), dim=-1)
 
+
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop every image to its box `(left, top, crop_w, crop_h, flip)` (pixels, `[B, 5]`, see [`crop_boxes`]),
+    flipped horizontally where `flip` is 1, and resample it to `size x size`: one bicubic `F.grid_sample` (border
+    padding, no antialiasing) for the whole batch. Returns `[B, 3, size, size]` floats clamped to [0, 1]."""
+    images = _to_float(images)
+    batch, _, height, width = images.shape
+    boxes = boxes.to(images.device, torch.float32)
+    left, top, crop_w, crop_h, flip = boxes.unbind(-1)
     # Normalized coordinates (align_corners=False): -1 and +1 are the outer edges of the first and last pixels, so
     # the crop [left, left + crop_w] maps to center `(left + crop_w / 2) / W * 2 - 1` and half-extent `crop_w / W`.
     scale_x = crop_w / width
-    scale_x = torch.where(flip, -scale_x, scale_x)
+    scale_x = torch.where(flip > 0.5, -scale_x, scale_x)
     scale_y = crop_h / height
     center_x = (2.0 * left + crop_w) / width - 1.0
     center_y = (2.0 * top + crop_h) / height - 1.0

@@ -1,13 +1,23 @@
-"""A teacher-output cache for fixed views: run the teachers once, then train the student from stored outputs.
+"""A teacher-output cache: run the teachers once over `num_views` views of every image, then train the student from
+stored outputs.
 
-Useful when teachers dominate the cost (CPU runs, small datasets, task-specific probing). Every training image has
-`num_views` fixed views: view 0 is the resized center crop, view 1 its horizontal flip. For each teacher the summary
-token `[D]` and the patch tokens `[h * w, D]` of every (image, view) are stored in safetensors shards. During training
-a view is drawn per image and the stored outputs are read instead of running the teachers (no random crops or color
-augmentation in this mode).
+Useful when teachers dominate the cost (CPU runs, small datasets, task-specific probing). Two kinds of views:
+
+- fixed views (default): view 0 is the resized center crop, view 1 its horizontal flip;
+- random resized crops (`crops=CropViews(...)`): `num_views` crops (+ flips) per image, drawn ONCE from a seeded
+  generator as in UNIC's RandomResizedCrop, their boxes stored with the outputs (as fast knowledge distillation, Shen
+  & Xing 2021, stores the crop parameters with its soft labels). The student's view of a cached (image, view) is the
+  same crop of the same image ([`TeacherOutputCache.views`]), so cached training keeps the crop augmentation at the
+  student's cost only. The boxes depend only on the seed, the number of images and views, the crop options and the
+  load size (all in the cache key), so a resumed build draws the same crops.
+
+For each teacher the summary token `[D]` and the patch tokens `[h * w, D]` of every (image, view) are stored in
+safetensors shards. During training a view is drawn per image and the stored outputs are read instead of running the
+teachers (no color augmentation in this mode).
 
 Layout: `DIR/shard-00000.safetensors` ... with tensors `{teacher}.summary` `[n, V, D]` and `{teacher}.patch`
-`[n, V, h * w, D]`; beside each shard `shard-00000.json` (its cache key, rows, size and XXH3-128 checksum, written
+`[n, V, h * w, D]` (and, for crops, `views.boxes` `[n, V, 5]`: left, top, width, height in pixels of the image loaded
+at `load_size`, flip 0 / 1); beside each shard `shard-00000.json` (its cache key, rows, size and XXH3-128 checksum, written
 atomically after the shard); and `DIR/cache.json` (written last) describing teachers, sizes, grid, dataset and shards.
 
 Nothing stale, nothing mixed: the cache key covers everything that determines the stored values (each teacher's
@@ -21,6 +31,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import asdict, dataclass
 
 import torch
 import xxhash
@@ -30,7 +41,7 @@ from safetensors.torch import save as serialize_safetensors
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.augmentations import resize_center
+from ..data.augmentations import crop_boxes, resize_center, resized_crop
 from ..data.image_datasets import ImageCollator
 from ..io_utils import atomic_path, write_json_atomically
 from ..models.fingerprint import teacher_identity
@@ -39,6 +50,7 @@ logger = logging.getLogger(__name__)
 INDEX_COLUMN = "__sample_index__"
 CACHE_INDEX = "cache.json"
 CACHE_FORMAT = 2
+BOXES = "views.boxes"
 SHARD_PATTERN = re.compile(r"shard-(\d{5})\.(safetensors|json)$")
 # identity fields recorded for each teacher but not part of the key: they do not change the stored values
 _NOT_KEYED = ("source", "revision")
@@ -49,6 +61,34 @@ def fixed_views(pixel_values: torch.Tensor, size: int, views: torch.Tensor) -> t
     `views == 1`."""
     images = resize_center(pixel_values, size)
     return torch.where((views == 1).view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+@dataclass(frozen=True)
+class CropViews:
+    """Random resized crops (+ horizontal flips) of a teacher-output cache, drawn once per (image, view).
+
+    Args:
+        seed (`int`): seed of the generator the boxes are drawn from (part of the cache key).
+        scale (`tuple[float, float]`, defaults to `(0.08, 1.0)`): area range of the crops (UNIC's RandomResizedCrop).
+        ratio (`tuple[float, float]`, defaults to `(3 / 4, 4 / 3)`): aspect ratio range.
+        flip_prob (`float`, defaults to 0.5): probability of a horizontal flip.
+    """
+
+    seed: int = 0
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+
+    def describe(self) -> dict:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    def boxes(self, num_images: int, num_views: int, load_size: int) -> torch.Tensor:
+        """`[num_images, num_views, 5]` boxes (see [`~hf_distill.data.augmentations.crop_boxes`]) in pixels of the
+        `load_size` square images: a function of the seed and these sizes only (image `i` gets the same boxes whatever
+        the shard or batch it is built in)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        uniforms = torch.rand((num_images, num_views, 5), generator=generator, dtype=torch.float32)
+        return crop_boxes(uniforms, load_size, load_size, tuple(self.scale), tuple(self.ratio), self.flip_prob)
 
 
 def checksum(data: bytes | memoryview) -> str:
@@ -155,6 +195,27 @@ class TeacherOutputCache:
     def num_views(self) -> int:
         return self.info["num_views"]
 
+    @property
+    def crops(self) -> dict | None:
+        """The crop options (`seed`, `scale`, `ratio`, `flip_prob`) of a cache of random crops, `None` for fixed views."""
+        return self.info["content"].get("crops")
+
+    def describe_views(self) -> str:
+        if self.crops is None:
+            return f"{self.num_views} fixed views (center crop and flip)"
+        return (
+            f"{self.num_views} random resized crops (+ flips) per image, drawn once (seed {self.crops['seed']}, scale "
+            f"{self.crops['scale']}, flip probability {self.crops['flip_prob']})"
+        )
+
+    def views(self, pixel_values: torch.Tensor, indices: torch.Tensor, views: torch.Tensor, size: int) -> torch.Tensor:
+        """The student's view of cached (image `indices`, view `views`) pairs: uint8 `[B, 3, S, S]` images loaded at
+        the cache's load size -> float `[B, 3, size, size]` in [0, 1], the very view the teachers saw."""
+        if self.crops is None:
+            return fixed_views(pixel_values, size, views)
+        boxes = self._load()[BOXES][indices.cpu(), views.cpu()]
+        return resized_crop(pixel_values, boxes.to(pixel_values.device), size)
+
     def teacher_specs(self) -> list[dict]:
         """`{"name", "summary_dim", "patch_dim"}` per teacher, for the student config."""
         return [
@@ -235,6 +296,7 @@ class TeacherOutputCache:
         shard_size: int = 2048,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str = "cpu",
+        crops: CropViews | None = None,
     ) -> "TeacherOutputCache":
         """Run `teachers` (`(name, teacher module)` pairs) on every fixed view of `dataset` and store their outputs,
         reusing what is already in `directory` when it is intact and was built for exactly this configuration.
@@ -242,9 +304,15 @@ class TeacherOutputCache:
         Each shard is kept only if its checksum record names this cache key, its rows, its size and its checksum;
         the others (missing, interrupted, corrupt, or built for other teachers, options, sizes or data) are rebuilt
         and the log says which and why. `cache.json` is removed before any shard is rewritten and written last.
+        `crops` ([`CropViews`]): `num_views` random resized crops per image instead of the fixed views.
         """
-        if num_views not in (1, 2):
-            raise ValueError(f"num_views must be 1 (center) or 2 (center + flip), got {num_views}.")
+        if crops is None and num_views not in (1, 2):
+            raise ValueError(
+                f"num_views must be 1 (center) or 2 (center + flip) for fixed views, got {num_views}; pass crops= "
+                "for more random-crop views."
+            )
+        if num_views < 1:
+            raise ValueError(f"num_views must be at least 1, got {num_views}.")
         if len(dataset) == 0:
             raise ValueError("Cannot build a teacher-output cache of an empty dataset.")
         os.makedirs(directory, exist_ok=True)
@@ -264,6 +332,9 @@ class TeacherOutputCache:
             "shard_size": shard_size,
             "dtype": str(dtype).removeprefix("torch."),
         }
+        if crops is not None:  # only then: the key of a fixed-view cache is unchanged
+            description["crops"] = crops.describe()
+        boxes = crops.boxes(len(dataset), num_views, load_size) if crops is not None else None
         key = checksum(json.dumps(description, sort_keys=True).encode())
         index_path = os.path.join(directory, CACHE_INDEX)
         previous = _read_json(index_path)
@@ -295,7 +366,7 @@ class TeacherOutputCache:
             tensors = cls._teacher_outputs(
                 teachers, dataset.select(range(start, stop)).select_columns([image_column]), image_column,
                 image_size, load_size, student_mean, student_std, grid_size, num_views, batch_size, dtype, device,
-                progress,
+                progress, None if boxes is None else boxes[start:stop],
             )  # fmt: skip
             data = serialize_safetensors(tensors, metadata={"cache_key": key, "rows": f"{start}:{stop}"})
             with atomic_path(path) as temporary, open(temporary, "wb") as handle:
@@ -350,20 +421,25 @@ class TeacherOutputCache:
     @staticmethod
     def _teacher_outputs(
         teachers, subset, image_column, image_size, load_size, student_mean, student_std, grid_size, num_views,
-        batch_size, dtype, device, progress,
+        batch_size, dtype, device, progress, boxes=None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
-        """`{"{teacher}.summary": [n, V, D], "{teacher}.patch": [n, V, h * w, D]}` of the fixed views of `subset`."""
+        """`{"{teacher}.summary": [n, V, D], "{teacher}.patch": [n, V, h * w, D]}` of the fixed views of `subset`, or
+        of its crops `boxes` (`[n, V, 5]`, then also stored as `views.boxes`)."""
         device = torch.device(device)
         mean = torch.tensor(student_mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(student_std, device=device).view(1, -1, 1, 1)
         outputs: dict[str, list[torch.Tensor]] = {}
         collate = ImageCollator(load_size, image_column=image_column)
+        done = 0
         for batch in DataLoader(subset, batch_size=batch_size, collate_fn=collate):
             pixels = batch["pixel_values"].to(device)
             per_view = {}
             for view in range(num_views):
-                views = torch.full((pixels.shape[0],), view, device=device)
-                normalized = (fixed_views(pixels, image_size, views) - mean) / std
+                if boxes is None:
+                    views = fixed_views(pixels, image_size, torch.full((pixels.shape[0],), view, device=device))
+                else:
+                    views = resized_crop(pixels, boxes[done : done + pixels.shape[0], view].to(device), image_size)
+                normalized = (views - mean) / std
                 for name, teacher in teachers:
                     result = teacher(normalized, mean.flatten(), std.flatten(), grid_size=grid_size)
                     per_view.setdefault(f"{name}.summary", []).append(result.summary.to(dtype).cpu())
@@ -371,4 +447,8 @@ class TeacherOutputCache:
             for key, values in per_view.items():
                 outputs.setdefault(key, []).append(torch.stack(values, dim=1))  # [b, V, ...]
             progress.update(pixels.shape[0])
-        return {key: torch.cat(values).contiguous() for key, values in outputs.items()}
+            done += pixels.shape[0]
+        tensors = {key: torch.cat(values).contiguous() for key, values in outputs.items()}
+        if boxes is not None:
+            tensors[BOXES] = boxes.contiguous()
+        return tensors

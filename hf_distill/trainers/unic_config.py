@@ -72,7 +72,12 @@ class UnicConfig(
             Folder of a [`TeacherOutputCache`]: teacher outputs of fixed views (center crop and its flip) computed
             once and read during training instead of running the teachers.
         teacher_cache_views (`int`, defaults to 2):
-            Number of fixed views per image in the cache (1: center, 2: center and flip).
+            Number of views per image in the cache: fixed views 1 (center) or 2 (center and flip); any number of
+            random crops with `teacher_cache_crops`.
+        teacher_cache_crops (`bool`, defaults to `False`):
+            Cache random resized crops (+ flips) instead of the fixed views: `teacher_cache_views` crops per image,
+            drawn once with `seed`, `crop_scale` and `flip_prob` and stored with the outputs; the student trains on
+            the same crops ([`~hf_distill.trainers.teacher_cache.CropViews`]).
         export_adaptors (`bool`, defaults to `False`):
             Also export the encoder WITH its per-teacher heads to `output_dir/adaptors`, the standardization folded
             into the heads so that each adaptor outputs its teacher's own features
@@ -139,7 +144,16 @@ class UnicConfig(
             "teachers are not run during training (no crop / color augmentation in this mode)."
         },
     )
-    teacher_cache_views: int = field(default=2, metadata={"help": "Fixed views per image in the cache: 1 or 2."})
+    teacher_cache_views: int = field(
+        default=2, metadata={"help": "Views per image in the cache: 1 or 2 fixed views, or N random crops."}
+    )
+    teacher_cache_crops: bool = field(
+        default=False,
+        metadata={
+            "help": "Cache --teacher_cache_views random resized crops (+ flips) per image, drawn once with --seed, "
+            "instead of the fixed views; the student trains on the same crops."
+        },
+    )
     export_adaptors: bool = field(
         default=False,
         metadata={
@@ -199,8 +213,11 @@ class UnicConfig(
             raise ValueError(
                 f"--loss_normalization must be one of {COEFFICIENT_NORMALIZATIONS}, got {self.loss_normalization!r}."
             )
-        if self.teacher_cache_views not in (1, 2):
-            raise ValueError(f"--teacher_cache_views must be 1 or 2, got {self.teacher_cache_views}.")
+        if self.teacher_cache_views < 1 or (not self.teacher_cache_crops and self.teacher_cache_views > 2):
+            raise ValueError(
+                f"--teacher_cache_views must be 1 or 2 for fixed views (any number >= 1 with --teacher_cache_crops), "
+                f"got {self.teacher_cache_views}."
+            )
         self.check_views()
 
     def teacher_torch_dtype(self):

@@ -106,7 +106,7 @@ class UnicTrainer(DistillationTrainer):
                     f"The teacher-output cache holds {self.teacher_cache.teacher_names}, the student has heads for "
                     f"{model.config.teacher_names}."
                 )
-            self.teacher_cache.check(train_dataset, args.image_size, grid)
+            self.teacher_cache.check(train_dataset, args.image_size, grid, args.load_size)
             if eval_dataset is not None:
                 raise ValueError(
                     "Evaluation loss needs online teachers: do not pass an eval_dataset with a teacher cache."
@@ -211,11 +211,15 @@ class UnicTrainer(DistillationTrainer):
         training: bool,
         generator: torch.Generator | None,
         fixed_view_ids: torch.Tensor | None = None,
+        sample_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """uint8 `[B, 3, S, S]` -> the normalized student view `[B, 3, image_size, image_size]`: the cached fixed views
-        `fixed_view_ids` (teacher-output cache), the UNIC augmentations (training), or the center crop."""
+        """uint8 `[B, 3, S, S]` -> the normalized student view `[B, 3, image_size, image_size]`: the cached views
+        `fixed_view_ids` of images `sample_index` (teacher-output cache: the views the teachers saw), the UNIC
+        augmentations (training), or the center crop."""
         size = self.args.image_size
-        if fixed_view_ids is not None:
+        if fixed_view_ids is not None and self.teacher_cache is not None and sample_index is not None:
+            views = self.teacher_cache.views(pixel_values, sample_index, fixed_view_ids, size)
+        elif fixed_view_ids is not None:
             views = fixed_views(pixel_values, size, fixed_view_ids)
         elif training and self.args.augment:
             views = self.augmentation(pixel_values, size, generator)
@@ -234,7 +238,7 @@ class UnicTrainer(DistillationTrainer):
             views = torch.zeros(inputs["pixel_values"].shape[0], dtype=torch.long, device=device)
             if training:
                 views = torch.randint(self.teacher_cache.num_views, views.shape, generator=generator, device=device)
-        pixel_values = self.make_views(inputs["pixel_values"], training, generator, views)
+        pixel_values = self.make_views(inputs["pixel_values"], training, generator, views, inputs.get("sample_index"))
         grid = student.grid_size(*pixel_values.shape[-2:])
         weight = None
         if training:
@@ -387,7 +391,7 @@ class UnicTrainer(DistillationTrainer):
 
     def _augmentation_description(self) -> str:
         if self.teacher_cache is not None:
-            return f"none, teacher-output cache of {self.teacher_cache.num_views} fixed views (center crop and flip)"
+            return f"teacher-output cache of {self.teacher_cache.describe_views()}"
         if self.args.augment:
             return "UNIC (random resized crop, flip, color jitter, grayscale, blur, solarize)"
         return "none (center crop)"

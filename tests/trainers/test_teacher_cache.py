@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 from datasets import load_from_disk
@@ -7,21 +8,22 @@ from datasets import load_from_disk
 from hf_distill import UnicStudentConfig, UnicStudentModel, load_teacher
 from hf_distill.data.image_datasets import ImageCollator
 from hf_distill.trainers import UnicConfig, UnicTrainer
-from hf_distill.trainers.teacher_cache import TeacherOutputCache, fixed_views
+from hf_distill.trainers.teacher_cache import CropViews, TeacherOutputCache, fixed_views
 
 from ..conftest import tiny_vit_config
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def build_cache(directory, tiny_teachers, dataset, shard_size=8, teachers=None, load_size=36):
+def build_cache(directory, tiny_teachers, dataset, shard_size=8, teachers=None, load_size=36, num_views=2):
     teachers = teachers or [
         ("vit-p4", load_teacher(tiny_teachers["vit"])),
         ("dinov2-p7", load_teacher(tiny_teachers["dinov2"], grid_alignment="interpolate")),
     ]
     cache = TeacherOutputCache.build(
         str(directory), teachers, dataset, "image", image_size=32, load_size=load_size, student_mean=MEAN,
-        student_std=STD, grid_size=(4, 4), num_views=2, batch_size=4, shard_size=shard_size, dtype=torch.float32,
+        student_std=STD, grid_size=(4, 4), num_views=num_views, batch_size=4, shard_size=shard_size,
+        dtype=torch.float32,
     )  # fmt: skip
     return cache, dict(teachers)
 
@@ -186,3 +188,113 @@ def test_interrupted_build_resumed_with_another_teacher_uses_nothing_of_the_firs
     cache, _ = build_cache(tmp_path, tiny_teachers, dataset, teachers=[("vit-p4", second)])
     assert_cache_serves(cache, "vit-p4", second, dataset)  # shard 0 too: recomputed with teacher B
     assert cache.info["teachers"][0]["weights"] == cache.info["content"]["teachers"][0]["weights"]
+
+
+def numpy_crop(image: np.ndarray, box, size: int) -> np.ndarray:
+    """Float64 reference of the crop `box` = (left, top, width, height, flip) of a `[3, H, W]` image in [0, 1],
+    resampled to `size x size`: bicubic convolution (a = -0.75), taps clamped to the border, pixel centers at
+    `left + (j + 0.5) * width / size` (mirrored when flipped)."""
+    left, top, width, height, flip = (float(v) for v in box)
+    _, rows, cols = image.shape
+    j = (np.arange(size) + 0.5) / size
+    xs = left + (1.0 - j if flip > 0.5 else j) * width - 0.5
+    ys = top + j * height - 0.5
+
+    def taps(coords, limit):
+        base = np.floor(coords)
+        t = coords - base
+        a = -0.75
+        weights = np.stack(
+            [
+                ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+                ((a + 2) * t - (a + 3)) * t * t + 1,
+                ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+                ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+            ],
+            axis=1,
+        )
+        index = np.clip(base[:, None].astype(int) + np.arange(-1, 3)[None], 0, limit - 1)
+        return weights, index
+
+    wx, ix = taps(xs, cols)
+    wy, iy = taps(ys, rows)
+    out = np.einsum("yk,xl,cykxl->cyx", wy, wx, image[:, iy[:, :, None, None], ix[None, None, :, :]])
+    return np.clip(out, 0.0, 1.0)
+
+
+def build_crop_cache(directory, teacher, dataset, num_views=3, seed=0, shard_size=8):
+    return TeacherOutputCache.build(
+        str(directory), [("vit-p4", teacher)], dataset, "image", image_size=32, load_size=36, student_mean=MEAN,
+        student_std=STD, grid_size=(4, 4), num_views=num_views, batch_size=4, shard_size=shard_size,
+        dtype=torch.float32, crops=CropViews(seed=seed, scale=(0.3, 1.0)),
+    )  # fmt: skip
+
+
+def test_crop_cache_student_and_teachers_see_the_stored_crop(tiny_teachers, image_dataset_dir, tmp_path):
+    dataset = load_from_disk(image_dataset_dir).select(range(16))
+    teacher = load_teacher(tiny_teachers["vit"])
+    cache = build_crop_cache(tmp_path / "cache", teacher, dataset)
+    boxes = cache._load()["views.boxes"]
+    assert boxes.shape == (16, 3, 5) and cache.num_views == 3
+    left, top, width, height, flip = boxes.unbind(-1)
+    assert (left >= 0).all() and (left + width <= 36 + 1e-4).all() and (top + height <= 36 + 1e-4).all()
+    area = width * height / 36**2
+    assert (area > 0.3 - 1e-4).all() and ((flip == 0) | (flip == 1)).all() and 0 < flip.mean() < 1
+    loaded = ImageCollator(36)([dataset[i] for i in range(16)])["pixel_values"].double().numpy() / 255.0
+    # the teachers' stored outputs are those of the crop the boxes describe
+    indices, views = torch.tensor([0, 3, 3, 15]), torch.tensor([0, 0, 2, 1])
+    crops = np.stack([numpy_crop(loaded[i], boxes[i, v].numpy(), 32) for i, v in zip(indices, views)])
+    mean, std = torch.tensor(MEAN), torch.tensor(STD)
+    normalized = (torch.from_numpy(crops).float() - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    with torch.inference_mode():
+        online = teacher(normalized, mean, std, grid_size=(4, 4))
+    summary, patch = cache.lookup("vit-p4", indices, views)
+    torch.testing.assert_close(summary, online.summary, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(patch, online.patch_tokens, rtol=1e-4, atol=1e-4)
+
+    # the student's training input for a cached (image, view) is the same crop of the same image
+    student = UnicStudentModel(UnicStudentConfig(backbone_config=tiny_vit_config(), teachers=cache.teacher_specs()))
+    args = UnicConfig(
+        output_dir=str(tmp_path / "out"), teacher_cache=str(tmp_path / "cache"), image_size=32, load_size=36,
+        per_device_train_batch_size=8, max_steps=2, save_strategy="no", report_to="none", use_cpu=True,
+        teacher_cache_views=3, teacher_cache_crops=True,
+    )  # fmt: skip
+    trainer = UnicTrainer(model=student, args=args, train_dataset=dataset)
+    seen, looked_up = [], []
+    student.register_forward_pre_hook(lambda module, a, kw: seen.append(kw["pixel_values"].clone()), with_kwargs=True)
+    lookup = trainer.teacher_cache.lookup
+    trainer.teacher_cache.lookup = lambda name, i, v, device=None: (
+        looked_up.append((i, v)) or lookup(name, i, v, device)
+    )
+    trainer.train()
+    assert len(seen) == 2 and trainer.teacher_cache.describe_views().startswith("3 random resized crops")
+    for pixels, (rows, columns) in zip(seen, looked_up):
+        assert columns.unique().numel() > 1  # views drawn per image
+        expected = np.stack([numpy_crop(loaded[r], boxes[r, c].numpy(), 32) for r, c in zip(rows, columns)])
+        view = pixels * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+        torch.testing.assert_close(view, torch.from_numpy(expected).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_crop_cache_resumes_with_the_same_crops_and_the_seed_is_keyed(tiny_teachers, image_dataset_dir, tmp_path):
+    dataset = load_from_disk(image_dataset_dir).select(range(20))
+    teacher = load_teacher(tiny_teachers["vit"])
+    first = build_crop_cache(tmp_path, teacher, dataset)
+    boxes, outputs = (
+        first._load()["views.boxes"].clone(),
+        first.lookup("vit-p4", torch.arange(20), torch.ones(20).long()),
+    )
+    assert first.crops["seed"] == 0
+    os.remove(tmp_path / "cache.json")  # killed: shards 1 and 2 lost
+    os.remove(tmp_path / "shard-00001.safetensors")
+    os.remove(tmp_path / "shard-00002.safetensors")
+    kept = stamps(tmp_path)
+    resumed = build_crop_cache(tmp_path, teacher, dataset)
+    assert stamps(tmp_path)["shard-00000.safetensors"] == kept["shard-00000.safetensors"]
+    torch.testing.assert_close(resumed._load()["views.boxes"], boxes, rtol=0, atol=0)  # same crops as one build
+    torch.testing.assert_close(resumed.lookup("vit-p4", torch.arange(20), torch.ones(20).long()), outputs)
+    before = stamps(tmp_path)
+    other = build_crop_cache(tmp_path, teacher, dataset, seed=1)  # another seed: other crops, every shard rebuilt
+    assert all(stamps(tmp_path)[name] != before[name] for name in before)
+    assert not torch.allclose(other._load()["views.boxes"], boxes)
+    with pytest.raises(ValueError, match="num_views must be 1 .* or 2 .* for fixed views, got 3"):
+        build_cache(tmp_path / "fixed", tiny_teachers, dataset, teachers=[("vit-p4", teacher)], num_views=3)
