@@ -200,6 +200,7 @@ def build_teacher_cache(training_args, teacher_sources, names, train_dataset, sc
         crops=CropViews(training_args.seed, tuple(training_args.crop_scale), flip_prob=training_args.flip_prob)
         if training_args.teacher_cache_crops
         else None,
+        jpeg_draft=training_args.jpeg_draft,
     )
 
 

@@ -222,7 +222,14 @@ class TeacherOutputCache:
             {key: teacher[key] for key in ("name", "summary_dim", "patch_dim")} for teacher in self.info["teachers"]
         ]
 
-    def check(self, dataset, image_size: int, grid_size: tuple[int, int], load_size: int | None = None) -> None:
+    def check(
+        self,
+        dataset,
+        image_size: int,
+        grid_size: tuple[int, int],
+        load_size: int | None = None,
+        jpeg_draft: bool | None = None,
+    ) -> None:
         """Fail with a clear message when the cache was built for other data, another size or another grid, then
         read every shard and verify its checksum (so a corrupt shard is reported before training starts)."""
         problems = []
@@ -234,6 +241,10 @@ class TeacherOutputCache:
             problems.append(f"views of {self.info['image_size']} px cached, training uses {image_size} px")
         if load_size is not None and self.info["load_size"] != load_size:
             problems.append(f"images loaded at {self.info['load_size']} px cached, training uses {load_size} px")
+        if jpeg_draft is not None and self.info.get("jpeg_draft", False) != jpeg_draft:
+            problems.append(
+                f"JPEG draft decoding {self.info.get('jpeg_draft', False)} cached, training uses {jpeg_draft}"
+            )
         if tuple(self.info["grid_size"]) != tuple(grid_size):
             problems.append(f"grid {self.info['grid_size']} cached, the student's is {list(grid_size)}")
         if problems:
@@ -297,6 +308,7 @@ class TeacherOutputCache:
         dtype: torch.dtype = torch.float16,
         device: torch.device | str = "cpu",
         crops: CropViews | None = None,
+        jpeg_draft: bool = True,
     ) -> "TeacherOutputCache":
         """Run `teachers` (`(name, teacher module)` pairs) on every fixed view of `dataset` and store their outputs,
         reusing what is already in `directory` when it is intact and was built for exactly this configuration.
@@ -305,6 +317,7 @@ class TeacherOutputCache:
         the others (missing, interrupted, corrupt, or built for other teachers, options, sizes or data) are rebuilt
         and the log says which and why. `cache.json` is removed before any shard is rewritten and written last.
         `crops` ([`CropViews`]): `num_views` random resized crops per image instead of the fixed views.
+        `jpeg_draft`: JPEG images decoded at reduced size before the resize (as the training collator does).
         """
         if crops is None and num_views not in (1, 2):
             raise ValueError(
@@ -331,6 +344,7 @@ class TeacherOutputCache:
             "num_views": num_views,
             "shard_size": shard_size,
             "dtype": str(dtype).removeprefix("torch."),
+            "jpeg_draft": jpeg_draft,  # the decoded pixels of JPEG images differ
         }
         if crops is not None:  # only then: the key of a fixed-view cache is unchanged
             description["crops"] = crops.describe()
@@ -366,7 +380,7 @@ class TeacherOutputCache:
             tensors = cls._teacher_outputs(
                 teachers, dataset.select(range(start, stop)).select_columns([image_column]), image_column,
                 image_size, load_size, student_mean, student_std, grid_size, num_views, batch_size, dtype, device,
-                progress, None if boxes is None else boxes[start:stop],
+                progress, None if boxes is None else boxes[start:stop], jpeg_draft,
             )  # fmt: skip
             data = serialize_safetensors(tensors, metadata={"cache_key": key, "rows": f"{start}:{stop}"})
             with atomic_path(path) as temporary, open(temporary, "wb") as handle:
@@ -401,6 +415,7 @@ class TeacherOutputCache:
             "num_views": num_views,
             "image_size": image_size,
             "load_size": load_size,
+            "jpeg_draft": jpeg_draft,
             "grid_size": list(grid_size),
             "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
             "dtype": description["dtype"],
@@ -421,7 +436,7 @@ class TeacherOutputCache:
     @staticmethod
     def _teacher_outputs(
         teachers, subset, image_column, image_size, load_size, student_mean, student_std, grid_size, num_views,
-        batch_size, dtype, device, progress, boxes=None,
+        batch_size, dtype, device, progress, boxes=None, jpeg_draft=True,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         """`{"{teacher}.summary": [n, V, D], "{teacher}.patch": [n, V, h * w, D]}` of the fixed views of `subset`, or
         of its crops `boxes` (`[n, V, 5]`, then also stored as `views.boxes`)."""
@@ -429,7 +444,7 @@ class TeacherOutputCache:
         mean = torch.tensor(student_mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(student_std, device=device).view(1, -1, 1, 1)
         outputs: dict[str, list[torch.Tensor]] = {}
-        collate = ImageCollator(load_size, image_column=image_column)
+        collate = ImageCollator(load_size, image_column=image_column, jpeg_draft=jpeg_draft)
         done = 0
         for batch in DataLoader(subset, batch_size=batch_size, collate_fn=collate):
             pixels = batch["pixel_values"].to(device)

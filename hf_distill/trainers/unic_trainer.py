@@ -106,7 +106,7 @@ class UnicTrainer(DistillationTrainer):
                     f"The teacher-output cache holds {self.teacher_cache.teacher_names}, the student has heads for "
                     f"{model.config.teacher_names}."
                 )
-            self.teacher_cache.check(train_dataset, args.image_size, grid, args.load_size)
+            self.teacher_cache.check(train_dataset, args.image_size, grid, args.load_size, args.jpeg_draft)
             if eval_dataset is not None:
                 raise ValueError(
                     "Evaluation loss needs online teachers: do not pass an eval_dataset with a teacher cache."

@@ -15,7 +15,9 @@ from ..conftest import tiny_vit_config
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def build_cache(directory, tiny_teachers, dataset, shard_size=8, teachers=None, load_size=36, num_views=2):
+def build_cache(
+    directory, tiny_teachers, dataset, shard_size=8, teachers=None, load_size=36, num_views=2, jpeg_draft=True
+):
     teachers = teachers or [
         ("vit-p4", load_teacher(tiny_teachers["vit"])),
         ("dinov2-p7", load_teacher(tiny_teachers["dinov2"], grid_alignment="interpolate")),
@@ -23,7 +25,7 @@ def build_cache(directory, tiny_teachers, dataset, shard_size=8, teachers=None, 
     cache = TeacherOutputCache.build(
         str(directory), teachers, dataset, "image", image_size=32, load_size=load_size, student_mean=MEAN,
         student_std=STD, grid_size=(4, 4), num_views=num_views, batch_size=4, shard_size=shard_size,
-        dtype=torch.float32,
+        dtype=torch.float32, jpeg_draft=jpeg_draft,
     )  # fmt: skip
     return cache, dict(teachers)
 
@@ -142,6 +144,19 @@ def test_changed_teacher_option_or_load_size_is_rebuilt(change, tiny_teachers, i
     cache, _ = build_cache(tmp_path, tiny_teachers, dataset, teachers=[("vit-p4", teacher)], load_size=load_size)
     assert_cache_serves(cache, "vit-p4", teacher, dataset, load_size=load_size)
     assert cache.info["load_size"] == load_size
+
+
+def test_jpeg_draft_decoding_is_keyed_and_checked(tiny_teachers, image_dataset_dir, tmp_path):
+    dataset = load_from_disk(image_dataset_dir).select(range(8))
+    teachers = [("vit-p4", load_teacher(tiny_teachers["vit"]))]
+    build_cache(tmp_path, tiny_teachers, dataset, teachers=teachers, jpeg_draft=True)
+    before = stamps(tmp_path)
+    cache, _ = build_cache(tmp_path, tiny_teachers, dataset, teachers=teachers, jpeg_draft=False)
+    after = stamps(tmp_path)
+    assert all(after[name] != before[name] for name in before)  # other decoded pixels: every shard recomputed
+    assert cache.info["jpeg_draft"] is False
+    with pytest.raises(ValueError, match="JPEG draft decoding False cached, training uses True"):
+        cache.check(dataset, 32, (4, 4), 36, jpeg_draft=True)
 
 
 def test_corrupt_shard_is_reported_and_only_it_is_rebuilt(tiny_teachers, image_dataset_dir, tmp_path, caplog):
