@@ -275,7 +275,8 @@ class TeacherOutputCache:
                 except SafetensorError as error:
                     message = f"Shard {path} is not a readable safetensors file ({error}). {self._rebuild_hint}"
                     raise ValueError(message) from error
-            self._tensors = {key: torch.cat([shard[key] for shard in shards]) for key in shards[0]}
+            with torch.autocast("cpu", enabled=False):  # CPU autocast refuses to concatenate float16 tensors
+                self._tensors = {key: torch.cat([shard[key] for shard in shards]) for key in shards[0]}
         return self._tensors
 
     def lookup(

@@ -146,6 +146,21 @@ def test_changed_teacher_option_or_load_size_is_rebuilt(change, tiny_teachers, i
     assert cache.info["load_size"] == load_size
 
 
+def test_first_lookup_inside_bf16_autocast_reads_the_float16_shards(tiny_teachers, image_dataset_dir, tmp_path):
+    dataset = load_from_disk(image_dataset_dir).select(range(8))
+    teachers = [("vit-p4", load_teacher(tiny_teachers["vit"]))]
+    TeacherOutputCache.build(
+        str(tmp_path), teachers, dataset, "image", image_size=32, load_size=36, student_mean=MEAN, student_std=STD,
+        grid_size=(4, 4), batch_size=4, shard_size=4, dtype=torch.float16,
+    )  # fmt: skip
+    cache = TeacherOutputCache(str(tmp_path))  # nothing loaded yet: the first lookup concatenates the shards
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        summary, patch = cache.lookup("vit-p4", torch.tensor([0, 7]), torch.tensor([1, 0]))
+    expected = online_outputs(teachers[0][1], dataset, torch.tensor([0, 7]), torch.tensor([1, 0]))
+    assert summary.dtype == torch.float32
+    torch.testing.assert_close(summary, expected.summary.float(), atol=2e-3, rtol=2e-3)
+
+
 def test_jpeg_draft_decoding_is_keyed_and_checked(tiny_teachers, image_dataset_dir, tmp_path):
     dataset = load_from_disk(image_dataset_dir).select(range(8))
     teachers = [("vit-p4", load_teacher(tiny_teachers["vit"]))]
