@@ -45,9 +45,11 @@ def wheel_distribution(path: Path) -> str:
 
 
 def install_wheels(wheel_dir: Path, log) -> tuple[str, str]:
-    """Install the wheels of `wheel_dir` whose distribution is missing here and that fit this interpreter."""
+    """Install the wheels of `wheel_dir` that fit this interpreter and whose distribution is missing here or older
+    than the wheel (e.g. a GPU image's transformers older than the APIs hf_distill uses)."""
     from packaging.tags import sys_tags
     from packaging.utils import parse_wheel_filename
+    from packaging.version import Version
 
     if not wheel_dir.is_dir():
         return "SKIP", f"no {wheel_dir}/ (run `make gpu-wheels` on a machine with internet first)"
@@ -56,16 +58,16 @@ def install_wheels(wheel_dir: Path, log) -> tuple[str, str]:
     for wheel in sorted(wheel_dir.glob("*.whl")):
         name = wheel_distribution(wheel)
         try:
-            importlib.metadata.version(name)
-            present.append(name)
-            continue
+            if Version(importlib.metadata.version(name)) >= parse_wheel_filename(wheel.name)[1]:
+                present.append(name)
+                continue
         except importlib.metadata.PackageNotFoundError:
             pass
         if not set(parse_wheel_filename(wheel.name)[3]) & supported:
             unfit.append(wheel.name)
             continue
         chosen.setdefault(name, wheel)
-    log.write(f"already installed here (kept): {sorted(set(present))}\nnot for this Python: {unfit}\n")
+    log.write(f"already installed here, same or newer (kept): {sorted(set(present))}\nnot for this Python: {unfit}\n")
     if not chosen:
         return "PASS", "nothing to install"
     SITE.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 # `make gpu-wheels`: the packages a GPU machine without internet may lack, as wheels in .whl/ (git-ignored), for
 # `make gpu-check` there. Run on a machine with access to PyPI. The GPU image is assumed to have Python 3.12, torch,
 # transformers, accelerate, numpy, pyarrow, pandas, xxhash, pillow, safetensors and huggingface_hub; torch is never
-# downloaded. gpu_check installs only the wheels whose package is missing there, so extra ones are harmless.
+# downloaded. gpu_check installs only the wheels whose package is missing or older there, so extra ones are harmless.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -13,6 +13,7 @@ PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --p
 # name==version: datasets, diffusers, evaluate, deepspeed's runtime dependencies, pytest, and what they need that
 # the image may not have (each checked with: unzip -p .whl/NAME-*.whl '*/METADATA' | grep ^Requires-Dist)
 PACKAGES=(
+  transformers==5.24.0  # the image's may be older than the configuration APIs hf_distill uses (SubConfigSpec)
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 filelock==4.3.1
   diffusers==0.42.1 importlib_metadata==10.2.0 zipp==4.1.2 regex==2026.11.19
   requests==2.34.2 charset-normalizer==3.5.3 idna==3.20 urllib3==2.8.0 certifi==2026.10.19.post1

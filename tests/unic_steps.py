@@ -37,11 +37,13 @@ def build_student(teachers, standardization: str = "dune") -> UnicStudentModel:
     return UnicStudentModel(config)
 
 
-def unic_step(student, teachers, pixels, drop_prob: float = 0.0, generator=None) -> torch.Tensor:
-    """The UNIC loss of one batch of student-normalized `pixels`; `student` and `teachers` may be sharded."""
+def unic_step(student, teachers, pixels, drop_prob: float = 0.0, generator=None, normalization=None) -> torch.Tensor:
+    """The UNIC loss of one batch of student-normalized `pixels`; `student` and `teachers` may be sharded.
+    `normalization`: the student's (mean, std) already on the pixels' device, as the trainer keeps them (copying them
+    there each step is a host-to-device copy)."""
     student_module = getattr(student, "module", student)
     grid = student_module.grid_size(*pixels.shape[-2:])
-    mean, std = MEAN.to(pixels.device), STD.to(pixels.device)
+    mean, std = (MEAN.to(pixels.device), STD.to(pixels.device)) if normalization is None else normalization
     outputs = teacher_outputs(teachers, pixels, mean, std, grid)
     valid = [finite_rows(summary, patch) for summary, patch in outputs]
     targets = standardize_targets(student_module, outputs, 1.0, valid)

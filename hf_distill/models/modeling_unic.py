@@ -185,6 +185,14 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
             self.patch_heads[name] = LadderProjector(widths, patch_out, num_rungs, ladder_hidden, last_hidden)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The backbone's input (patch) embedding, which accelerate's FSDP2 preparation shards as its own unit; `None`
+        for a backbone that does not name one (transformers' lookup raises for a model without `embeddings`)."""
+        try:
+            return self.backbone.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            return None
+
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """The student's token grid for an input of `height x width` pixels."""
         patch = self.config.patch_size

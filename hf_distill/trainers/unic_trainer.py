@@ -176,6 +176,14 @@ class UnicTrainer(DistillationTrainer):
                 "--teacher_dtype bfloat16 (or auto) on a GPU instead."
             )
         what = quantization if quantization != "none" else str(dtype).removeprefix("torch.")
+        if any(hasattr(parameter, "ds_id") for parameter in teacher.parameters()):
+            # loaded under ZeRO-3 (zero.Init): each process holds a shard of the weights, which cannot be cast or run
+            # outside DeepSpeed's engine; the engine runs the teacher in the precision of the DeepSpeed config
+            logger.warning(
+                "Teacher %r is partitioned by DeepSpeed ZeRO-3: kept in float32 here (DeepSpeed's precision applies), "
+                "its %s form is not checked against float32.", name, what,
+            )  # fmt: skip
+            return teacher
         # int8 kernels run on the CPU: quantize there; a cast teacher is compared on the training device
         device = torch.device("cpu") if quantization != "none" else self.args.device
         teacher = teacher.to(device)

@@ -91,10 +91,11 @@ def test_training_step_has_no_host_sync():
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     batches = [pixels(seed=seed) for seed in range(3)]
+    normalization = (MEAN.to(DEVICE), STD.to(DEVICE))  # once, as the trainer does
 
     def step(batch):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = unic_step(student, teachers, batch, drop_prob=0.5, generator=generator)
+            loss = unic_step(student, teachers, batch, drop_prob=0.5, generator=generator, normalization=normalization)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
