@@ -18,7 +18,8 @@ schedule, only these options differing:
   makes twice as many steps (each batch half real, half synthetic) and sees each real image as often as the others.
 
 The seed changes the student's initialization, the data order and augmentations, the probe's held-out split and the
-synthetic set. The teacher's features for the probe are computed once and reused by every run.
+synthetic set. The teacher's features for the probe are computed once and reused by every run, its linear head
+fitted once per seed.
 
 Settings (the numbers in docs/results.md say which one produced them):
 
@@ -153,13 +154,15 @@ def pixel_mixup_set(source: str, num_images: int, seed: int, mix_alpha: float, f
     return folder
 
 
-def share_probe_features(first_run: str, run: str) -> None:
-    """Copy the teacher features of the first run's probe into `run` (they are keyed by the teacher's weights, the data
-    and the image size: the run reads them back instead of running the teacher on every image again)."""
-    cache = os.path.join(first_run, "probe", "features")
-    target = os.path.join(run, "probe", "features")
-    if os.path.isdir(cache) and not os.path.isdir(target):
-        shutil.copytree(cache, target)
+def share_probe(done: list[str], run: str, seed: int) -> None:
+    """Give `run` the probe of an earlier run: the whole probe (fitted head, results) of a run of the same seed, else
+    the teacher features only. Both are keyed (teacher weights, data, image size, seed for the head): the recipe
+    reads them back instead of running the teacher on every image or fitting the head again."""
+    same_seed = [earlier for earlier in done if earlier.endswith(f"-seed{seed}")]
+    source, part = (same_seed[0], "") if same_seed else (done[0] if done else None, "features")
+    target = os.path.join(run, "probe", part)
+    if source is not None and os.path.isdir(os.path.join(source, "probe", part)) and not os.path.isdir(target):
+        shutil.copytree(os.path.join(source, "probe", part), target)
 
 
 def summarize(accuracies: dict[str, dict[int, float]]) -> dict:
@@ -235,11 +238,11 @@ def main(argv=None) -> dict:
     task_distill = load_task_distill()
     source = training_images(args.dataset, values["max_train_samples"], os.path.join(root, "train-images"))
     accuracies = {arm: {} for arm in args.arms}
-    teacher_accuracy, wall_times, first_run = {}, {}, None
+    teacher_accuracy, wall_times, done = {}, {}, []
     started = time.perf_counter()
     os.makedirs(args.results_dir, exist_ok=True)
-    for seed in args.seeds:
-        for arm in args.arms:
+    for arm in args.arms:  # arm by arm: a stopped command has the first comparison over every seed
+        for seed in args.seeds:
             run = os.path.join(root, f"{arm}-seed{seed}")
             run_argv = [
                 "--config", str(CONFIG), "--teacher", args.teacher, "--dataset", args.dataset, "--seed", str(seed),
@@ -250,15 +253,14 @@ def main(argv=None) -> dict:
                 synthetic = os.path.join(root, f"pixel-mixup-seed{seed}")
                 pixel_mixup_set(source, values["max_train_samples"], seed, args.mix_alpha, synthetic)
                 run_argv += ["--synthetic_dataset", synthetic, "--synthetic_ratio", str(args.synthetic_ratio)]
-            if first_run is not None:
-                share_probe_features(first_run, run)
+            share_probe(done, run, seed)
             logger.info("Run %s, seed %d (%s): %s", arm, seed, ARMS[arm], run)
             run_started = time.perf_counter()
             _, results = task_distill.main(run_argv + list(args.extra_args))
             wall_times[f"{arm}-seed{seed}"] = round(time.perf_counter() - run_started, 1)
             accuracies[arm][seed] = results["student_accuracy"]
             teacher_accuracy[str(seed)] = results["teacher_probe_accuracy"]
-            first_run = first_run or run
+            done.append(run)
             logger.info("%s seed %d: student accuracy %.2f%%", arm, seed, results["student_accuracy"])
             report = build_report(args, argv, accuracies, teacher_accuracy, wall_times, started, complete=False)
             write_json_atomically(os.path.join(args.results_dir, f"kd_vs_cross_entropy_{tag}.partial.json"), report)

@@ -334,7 +334,8 @@ def synthesize(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if (pipeline is None) != (settings.generator == PIXEL_MIXUP):
-        raise ValueError(f"generator {settings.generator} needs {'no' if pipeline is None else 'a'} pipeline.")
+        needs = "an ImageMixer pipeline" if settings.generator == IMAGE_MIXER else "no pipeline (pass None)"
+        raise ValueError(f"generator {settings.generator} needs {needs}.")
     check_sources(sources, settings)
     check_output_dir(output_dir, settings, len(sources))
     data_dir = os.path.join(output_dir, DATA_DIR)
