@@ -25,7 +25,7 @@ Settings (the numbers in docs/results.md say which one produced them):
 
 - `quick` (default): the first 1000 training images, 3 epochs, 2000 test images, seeds 0 1 2; about 15 minutes on a
   quiet 2-core CPU (2-3 times longer on a loaded one);
-- `full`: the README setting, 6000 training images, 5 epochs, 2000 test images (about 70 minutes per seed on 2 cores).
+- `full`: the README setting, 6000 training images, 5 epochs, 2000 test images (about 35 to 40 minutes per seed on a quiet 2-core CPU).
 
 Writes `RESULTS_DIR/kd_vs_cross_entropy_{tag}.json` (per arm: per-seed accuracy, mean, sample std; per-seed paired
 differences; the verdicts; the setting and wall times) and `..._{tag}.png` (accuracy per arm, one point per seed, mean
