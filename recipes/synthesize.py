@@ -10,16 +10,22 @@
         --output_dir outputs/synthetic/my-mixes --random_weights --weights 0.3 0.7   # w ~ U(0.3, 0.7), 1 - w
     accelerate launch recipes/task_distill.py ... --synthetic_dataset outputs/synthetic/fashion-mnist-mixes \
         --synthetic_ratio 0.5
+    # a cheap stand-in without any model: pixel-space mixup of the pairs (labelled as such, not ImageMixer output)
+    python recipes/synthesize.py --generator pixel-mixup --mix_alpha 0.4 --dataset outputs/data/fashion-mnist \
+        --num_images 2000 --output_dir outputs/synthetic/fashion-mnist-pixel-mixup
 
 Synthetic image `i` mixes two distinct source images drawn at random whatever their classes, with `--weights` (fixed,
 equal by default as in ImageMixer's demo) or, with `--random_weights`, `w ~ U(low, high)` for the first and `1 - w`
-for the second. Its pair, weights and diffusion noise are a pure function of `(--seed, i)`.
+for the second. Its pair, weights and diffusion noise are a pure function of `(--seed, i)`. With `--generator
+pixel-mixup` (hf_distill/synthetic/pixel_mixup.py) no pipeline is loaded: image `i` is `lam * a + (1 - lam) * b` in
+pixel space, `lam ~ Beta(--mix_alpha, --mix_alpha)` recorded as its weights, and the rows and card call it "pixel mixup
+(stand-in for ImageMixer)".
 
 The output folder holds `synthesis_config.json` (the settings) and `data/shard-{start:08d}-{stop:08d}.parquet`, each
 written atomically: a `datasets` parquet set (`hf_distill.synthetic.load_synthetic_dataset(folder)`, or
 `--synthetic_dataset FOLDER` in recipes/task_distill.py) with the columns `image` (PNG), `index` and the provenance
 `source_indices`, `source_labels`, `weights`, `seed`, `num_inference_steps`, `guidance_scale`, `pipeline`,
-`source_dataset`. Rerunning the same command after a kill generates only the missing shards, so the set ends with
+`source_dataset`, `generator`. Rerunning the same command after a kill generates only the missing shards, so the set ends with
 exactly `--num_images` distinct indices; a rerun with other settings in the same folder stops before loading anything.
 When the set is complete, a dataset card (`README.md`) recording its provenance (source dataset, pipeline and
 scheduler, number of images, seed, weights distribution, steps, guidance, size, dtype, a license note) is written
@@ -39,6 +45,8 @@ from hf_distill.data.synthetic_dataset import is_synthesis_folder
 from hf_distill.precision import resolve_dtype
 from hf_distill.recipe_utils import dataclass_from_namespace, parse_namespace_with_yaml
 from hf_distill.synthetic import (
+    GENERATOR_LABELS,
+    IMAGE_MIXER,
     TORCH_DTYPES,
     ImageMixerPipeline,
     SynthesisSettings,
@@ -76,7 +84,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[SynthesizeArguments, Synt
         defaults={"num_images": 1000, "source_dataset": None, "pipeline": None},
     )
     args = dataclass_from_namespace(SynthesizeArguments, namespace)
-    options = {"dataset": namespace.source_dataset, "pipeline": namespace.pipeline, "output_dir": args.output_dir}
+    options = {"dataset": namespace.source_dataset, "output_dir": args.output_dir}
+    if namespace.generator == IMAGE_MIXER:
+        options["pipeline"] = namespace.pipeline
     missing = [f"--{name}" for name, value in options.items() if not value]
     if missing:
         raise ValueError(f"{', '.join(missing)} required (on the command line or in the --config YAML).")
@@ -100,6 +110,9 @@ def main(argv: list[str] | None = None) -> Dataset:
     check_output_dir(args.output_dir, settings, len(sources))
     if is_synthesis_folder(args.output_dir) and not missing_shards(args.output_dir):
         logger.info("%s already holds the complete set: nothing to generate", args.output_dir)
+    elif settings.generator != IMAGE_MIXER:  # no model to load
+        logger.info("Generator: %s (no pipeline)", GENERATOR_LABELS[settings.generator])
+        synthesize(settings, args.output_dir, None, sources, batch_size=args.batch_size)
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         logger.info("Loading the pipeline %s on %s (%s)", settings.pipeline, device, settings.torch_dtype)

@@ -22,7 +22,8 @@ from ..data.synthetic_dataset import (
 from ..hub.provenance import is_hub_id, is_local_path, publishable_name, scrub_local_paths
 from ..hub.push import check_no_secret
 from ..io_utils import write_text_atomically
-from .synthesis import SynthesisSettings
+from .pixel_mixup import GENERATOR_LABELS, PIXEL_MIXUP
+from .synthesis import _OLDER_SETS, SynthesisSettings
 
 __all__ = ["CARD_FILE", "dataset_file_list", "push_synthetic_dataset", "synthesis_card", "write_dataset_card"]
 
@@ -67,8 +68,12 @@ def synthesis_card(output_dir: str, repo_id: str | None = None) -> DatasetCard:
         output_dir: a synthesis folder (`synthesis_config.json` + `data/`).
         repo_id: the Hub dataset id the set is (or will be) pushed to, for the loading example.
     """
-    config = _published_config(output_dir)
+    config = {**_OLDER_SETS, **_published_config(output_dir)}
     settings = SynthesisSettings(**{key: config[key] for key in SynthesisSettings.__dataclass_fields__})
+    if settings.generator == PIXEL_MIXUP:
+        return _pixel_mixup_card(
+            settings, config, repo_id or f"<user>/{os.path.basename(os.path.abspath(output_dir))}"
+        )
     low, high = settings.weights
     if settings.random_weights:
         weights = f"random per image: `w ~ U({low}, {high})` for the first source, `1 - w` for the second"
@@ -112,6 +117,41 @@ def synthesis_card(output_dir: str, repo_id: str | None = None) -> DatasetCard:
         size=size,
         torch_dtype=settings.torch_dtype,
         repo_id=repo_id or f"<user>/{os.path.basename(os.path.abspath(output_dir))}",
+    )
+
+
+def _pixel_mixup_card(settings: SynthesisSettings, config: dict, repo_id: str) -> DatasetCard:
+    """The card of a pixel mixup set: named for what it is, a stand-in for ImageMixer, never ImageMixer output."""
+    label = GENERATOR_LABELS[PIXEL_MIXUP]
+    source = settings.source_dataset
+    title = f"{label[0].upper()}{label[1:]} of {source}"
+    size = "the first source's size" if settings.height is None else f"{settings.height} x {settings.width}"
+    card_data = DatasetCardData(
+        pretty_name=title,
+        license="other",
+        size_categories=[_size_category(settings.num_images)],
+        source_datasets=[source] if is_hub_id(source) else None,
+        tags=["synthetic", "mixup", "knowledge-distillation", "hf_distill"],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": f"{DATA_DIR}/*.parquet"}]}],
+        hf_distill={"synthesis": {**config, "generator_label": label}},
+    )
+    template = importlib.resources.files("hf_distill").joinpath("hub", "templates", "pixel_mixup_dataset_card.md")
+    return DatasetCard.from_template(
+        card_data,
+        template_str=template.read_text(encoding="utf-8"),
+        pretty_name=title,
+        label=label,
+        source_dataset=source,
+        split=settings.split,
+        image_column=settings.image_column,
+        num_source_images=config.get("num_source_images", "?"),
+        num_images=settings.num_images,
+        num_shards=len(expected_shards(settings.num_images, settings.shard_size)),
+        shard_size=settings.shard_size,
+        mix_alpha=settings.mix_alpha,
+        seed=settings.seed,
+        size=size,
+        repo_id=repo_id,
     )
 
 
@@ -159,13 +199,16 @@ def push_synthetic_dataset(
     token: str | None = None,
     private: bool | None = None,
     revision: str | None = None,
-    commit_message: str = "Upload synthetic ImageMixer set with hf_distill",
+    commit_message: str | None = None,
 ) -> str:
     """Push the complete synthetic set of `output_dir` to the Hub dataset repo `repo_id` (created if needed), in one
     commit of exactly [`dataset_file_list`]: the card, the published `synthesis_config.json` and the data shards.
     Everything is checked before any network call (complete set, card, no local path, no Hub token in a file).
-    Returns the URL of the commit."""
+    Returns the URL of the commit; the default message names the generator of the set."""
     files = dataset_file_list(output_dir)
+    if commit_message is None:
+        generator = {**_OLDER_SETS, **read_synthesis_config(output_dir)}["generator"]
+        commit_message = f"Upload synthetic set ({GENERATOR_LABELS[generator]}) with hf_distill"
     config = (json.dumps(_published_config(output_dir), indent=2) + "\n").encode()
     check_no_secret(Path(output_dir), [name for name in files if name != CONFIG_FILE], token)
     api = HfApi(token=token)

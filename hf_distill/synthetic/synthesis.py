@@ -1,5 +1,6 @@
 """Class-agnostic synthetic images for distillation (docs/methods.md section 3): random pairs of training images mixed
-by an [`ImageMixerPipeline`], written as a resumable, sharded `datasets` parquet set with provenance columns.
+by an [`ImageMixerPipeline`] (or, with `generator="pixel-mixup"`, by the cheap pixel-space stand-in of
+`pixel_mixup.py`), written as a resumable, sharded `datasets` parquet set with provenance columns.
 
 Synthetic image `i` is a pure function of `(seed, i)` and the settings: its two source images (distinct, drawn
 uniformly whatever their classes), its mixing weights and its diffusion noise (the initial latents and the noise of
@@ -35,7 +36,7 @@ and the upload: `hf_distill/synthetic/publishing.py`.
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -57,6 +58,7 @@ from ..hub.provenance import publishable_name
 from ..io_utils import atomic_path, write_json_atomically
 from ..precision import DTYPES
 from .pipeline_image_mixer import ImageMixerPipeline
+from .pixel_mixup import GENERATOR_LABELS, GENERATORS, IMAGE_MIXER, PIXEL_MIXUP, mix_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +76,12 @@ FEATURES = Features(
         "guidance_scale": Value("float32"),
         "pipeline": Value("string"),
         "source_dataset": Value("string"),
+        "generator": Value("string"),
     }
 )
 """The columns of a synthetic set: the PNG image, its index, its provenance and the generation settings (`pipeline`
-and `source_dataset` as published names: a Hub id, or the folder name of a local path)."""
+and `source_dataset` as published names: a Hub id, or the folder name of a local path; `generator` the name of what
+made the image, `GENERATOR_LABELS`). Pixel mixup rows have no pipeline and no diffusion settings (null)."""
 
 
 @dataclass
@@ -87,7 +91,7 @@ class SynthesisSettings:
     Args:
         source_dataset, split, image_column, label_column: the labelled source images (`label_column` `None` or
             `""`: no labels, `source_labels` is -1; labels are only recorded as provenance, pairs ignore them).
-        pipeline: path or Hub id of the ImageMixer pipeline.
+        pipeline: path or Hub id of the ImageMixer pipeline (`None` with `generator="pixel-mixup"`).
         num_images: size of the synthetic set.
         seed: seed of the pairs, weights and noise (>= 0).
         num_inference_steps, guidance_scale, height, width: generation settings (`height` / `width` `None`: the
@@ -98,6 +102,11 @@ class SynthesisSettings:
         random_weights: draw the weights per image.
         shard_size: images per output file.
         torch_dtype: dtype of the pipeline (one of `TORCH_DTYPES`): it changes the pixels, so a set is made in one.
+        generator: `"image-mixer"` (the diffusion pipeline) or `"pixel-mixup"`: `lam * a + (1 - lam) * b` in pixel
+            space, `lam ~ Beta(mix_alpha, mix_alpha)` recorded as the weights `[lam, 1 - lam]`; a cheap stand-in,
+            labelled "pixel mixup (stand-in for ImageMixer)" in the rows and the card. It uses no pipeline and no
+            diffusion setting (`weights`, `random_weights`, steps, guidance, dtype stay at their defaults).
+        mix_alpha: the Beta parameter of pixel mixup (> 0; mixup's usual 0.2-0.4 puts most images near a source).
     """
 
     source_dataset: str = field(
@@ -106,9 +115,10 @@ class SynthesisSettings:
             "aliases": ["--dataset"],
         }
     )
-    pipeline: str = field(
-        metadata={"help": "ImageMixer pipeline: a converted folder (convert_image_mixer) or Hub id."}
-    )
+    pipeline: str | None = field(
+        metadata={"help": "ImageMixer pipeline: a converted folder (convert_image_mixer) or Hub id (none for "
+                  "--generator pixel-mixup)."}
+    )  # fmt: skip
     num_images: int = field(metadata={"help": "Number of synthetic images N (indices 0..N-1)."})
     split: str = field(
         default="train", metadata={"help": "Split of the source dataset.", "aliases": ["--dataset_split"]}
@@ -140,10 +150,38 @@ class SynthesisSettings:
         },
     )
 
+    generator: str = field(
+        default=IMAGE_MIXER,
+        metadata={"help": f"What mixes the pairs, one of {list(GENERATORS)}: {PIXEL_MIXUP} is a cheap pixel-space "
+                  "stand-in for ImageMixer (no model), labelled as such in the set.", "choices": list(GENERATORS)},
+    )  # fmt: skip
+    mix_alpha: float = field(
+        default=0.4, metadata={"help": f"{PIXEL_MIXUP}: the weight of the first image is lam ~ Beta(a, a)."}
+    )
+
     def __post_init__(self):
         self.weights = tuple(float(w) for w in self.weights)
         self.label_column = self.label_column or None
+        self.pipeline = self.pipeline or None
         problems = []
+        if self.generator == IMAGE_MIXER and self.pipeline is None:
+            problems.append(f"pipeline is required with generator {IMAGE_MIXER} (or use generator {PIXEL_MIXUP})")
+        elif self.generator == PIXEL_MIXUP:
+            if self.pipeline is not None:
+                problems.append(f"generator {PIXEL_MIXUP} runs no pipeline: leave pipeline unset")
+            unused = ("weights", "random_weights", "num_inference_steps", "guidance_scale", "torch_dtype")
+            defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(self)
+                        if f.name in unused}  # fmt: skip
+            defaults["weights"] = tuple(defaults["weights"])
+            changed = [name for name in unused if getattr(self, name) != defaults[name]]
+            if changed:
+                problems.append(f"generator {PIXEL_MIXUP} does not use {', '.join(changed)}: leave them unset")
+            if (self.height is None) != (self.width is None):
+                problems.append(f"generator {PIXEL_MIXUP} needs both height and width, or neither (the source size)")
+            if not (np.isfinite(self.mix_alpha) and self.mix_alpha > 0):
+                problems.append(f"mix_alpha must be > 0, got {self.mix_alpha}")
+        elif self.generator not in GENERATORS:
+            problems.append(f"generator must be one of {list(GENERATORS)}, got {self.generator!r}")
         for name in ("num_images", "shard_size", "num_inference_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -179,7 +217,10 @@ def mix_plan(settings: SynthesisSettings, indices: np.ndarray, num_sources: int)
         first = rng.integers(num_sources)
         second = (first + 1 + rng.integers(num_sources - 1)) % num_sources  # uniform over the other rows
         pairs[row] = first, second
-        if settings.random_weights:
+        if settings.generator == PIXEL_MIXUP:
+            lam = rng.beta(settings.mix_alpha, settings.mix_alpha)
+            weights[row] = lam, 1.0 - lam
+        elif settings.random_weights:
             w = rng.uniform(*settings.weights)
             weights[row] = w, 1.0 - w
         else:
@@ -203,7 +244,7 @@ def check_output_dir(output_dir: str, settings: SynthesisSettings, num_source_im
                 f"{output_dir} exists and is not a synthesis folder (no {CONFIG_FILE}): choose another --output_dir."
             )
         return
-    saved = read_synthesis_config(output_dir)
+    saved = {**_OLDER_SETS, **read_synthesis_config(output_dir)}
     changed = {key: (saved.get(key), value) for key, value in settings.to_dict().items() if saved.get(key) != value}
     if changed:
         raise ValueError(
@@ -217,6 +258,9 @@ def check_output_dir(output_dir: str, settings: SynthesisSettings, num_source_im
             f"{output_dir} was made from {saved_sources} source images but {settings.source_dataset} split "
             f"{settings.split!r} now has {num_source_images}: the pairs would differ. Use another --output_dir."
         )
+
+
+_OLDER_SETS = {"generator": IMAGE_MIXER, "mix_alpha": 0.4}  # what a set made before these settings existed used
 
 
 def check_sources(sources: Dataset, settings: SynthesisSettings) -> None:
@@ -269,7 +313,7 @@ def _remove_stray_temporary_files(data_dir: str) -> None:
 def synthesize(
     settings: SynthesisSettings,
     output_dir: str,
-    pipeline: ImageMixerPipeline,
+    pipeline: ImageMixerPipeline | None,
     sources: Dataset,
     batch_size: int = 8,
     show_progress: bool = True,
@@ -279,7 +323,9 @@ def synthesize(
     Args:
         settings: what to generate; checked against `output_dir/synthesis_config.json` when it exists.
         output_dir: the synthesis folder (created; an existing non-synthesis folder must be empty).
-        pipeline: the ImageMixer pipeline, already on its device and in `settings.torch_dtype`.
+        pipeline: the ImageMixer pipeline, already on its device and in `settings.torch_dtype` (`None` for
+            `settings.generator == "pixel-mixup"`, which mixes the pixels of the sources, at `height` x `width` when
+            set, else at the first source's size).
         sources: the source split (`load_image_dataset(settings.source_dataset, ...)`).
         batch_size: mixes per pipeline call; the CLIP embedding of a source image used twice in a batch is computed
             once. It does not change which images are made (only float rounding).
@@ -287,6 +333,9 @@ def synthesize(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if (pipeline is None) != (settings.generator == PIXEL_MIXUP):
+        needs = "an ImageMixer pipeline" if settings.generator == IMAGE_MIXER else "no pipeline (pass None)"
+        raise ValueError(f"generator {settings.generator} needs {needs}.")
     check_sources(sources, settings)
     check_output_dir(output_dir, settings, len(sources))
     data_dir = os.path.join(output_dir, DATA_DIR)
@@ -299,19 +348,21 @@ def synthesize(
     paths = [os.path.join(data_dir, shard_name(start, stop)) for start, stop in shards]
     todo = [(shard, path) for shard, path in zip(shards, paths) if not os.path.exists(path)]
     done_images = settings.num_images - sum(stop - start for (start, stop), _ in todo)
+    label = GENERATOR_LABELS[settings.generator]
     logger.info(
-        "%d of %d shards already written (%d images); generating %d images in %d shards",
-        len(shards) - len(todo), len(shards), done_images, settings.num_images - done_images, len(todo),
+        "%d of %d shards already written (%d images); generating %d images in %d shards with %s",
+        len(shards) - len(todo), len(shards), done_images, settings.num_images - done_images, len(todo), label,
     )  # fmt: skip
-    scale = pipeline.vae_scale_factor
-    height = settings.height or pipeline.unet.config.sample_size * scale
-    width = settings.width or pipeline.unet.config.sample_size * scale
-    latent_shape = (pipeline.unet.config.in_channels, height // scale, width // scale)
+    if pipeline is not None:
+        scale = pipeline.vae_scale_factor
+        height = settings.height or pipeline.unet.config.sample_size * scale
+        width = settings.width or pipeline.unet.config.sample_size * scale
+        latent_shape = (pipeline.unet.config.in_channels, height // scale, width // scale)
+        pipeline.set_progress_bar_config(disable=True)
     label_ids = _label_ids(sources, settings.label_column)
     progress = tqdm(
         total=settings.num_images, initial=done_images, unit="img", desc="Synthesizing", disable=not show_progress
     )
-    pipeline.set_progress_bar_config(disable=True)
     started, generated = time.perf_counter(), 0
     for (start, stop), path in todo:
         indices = np.arange(start, stop)
@@ -326,21 +377,26 @@ def synthesize(
                 [(loaded[a], float(wa)), (loaded[b], float(wb))]
                 for (a, b), (wa, wb) in zip(pairs[batch], weights[batch])
             ]
-            generators = noise_generators(settings, indices[batch])
-            latents = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])  # CPU float32
-            images += pipeline(
-                mixes,
-                num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale,
-                height=height,
-                width=width,
-                latents=latents,
-                generator=generators,  # the same per-image streams go on with the scheduler's step noise
-            ).images
+            if pipeline is None:  # pixel mixup: lam * a + (1 - lam) * b, lam the recorded first weight
+                size = (settings.width, settings.height) if settings.width and settings.height else None
+                images += [mix_pixels(a, b, float(wa), size) for (a, wa), (b, _) in mixes]
+            else:
+                generators = noise_generators(settings, indices[batch])
+                latents = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])  # CPU float32
+                images += pipeline(
+                    mixes,
+                    num_inference_steps=settings.num_inference_steps,
+                    guidance_scale=settings.guidance_scale,
+                    height=height,
+                    width=width,
+                    latents=latents,
+                    generator=generators,  # the same per-image streams go on with the scheduler's step noise
+                ).images
             progress.update(len(mixes))
             generated += len(mixes)
             progress.set_postfix(img_per_s=f"{generated / (time.perf_counter() - started):.2f}")
         count = len(indices)
+        diffusion = pipeline is not None  # pixel mixup: no denoising steps nor guidance (null)
         _write_shard(
             path,
             {
@@ -350,14 +406,16 @@ def synthesize(
                 "source_labels": label_ids[pairs].tolist(),
                 "weights": weights.tolist(),
                 "seed": [settings.seed] * count,
-                "num_inference_steps": [settings.num_inference_steps] * count,
-                "guidance_scale": [settings.guidance_scale] * count,
+                "num_inference_steps": [settings.num_inference_steps if diffusion else None] * count,
+                "guidance_scale": [settings.guidance_scale if diffusion else None] * count,
                 "pipeline": [publishable_name(settings.pipeline)] * count,
                 "source_dataset": [publishable_name(settings.source_dataset)] * count,
+                "generator": [label] * count,
             },
         )
         logger.debug("Wrote %s", path)
     progress.close()
     if generated:
-        logger.info("Generated %d images at %.2f img/s", generated, generated / (time.perf_counter() - started))
+        rate = generated / (time.perf_counter() - started)
+        logger.info("Generated %d images with %s at %.2f img/s", generated, label, rate)
     return paths

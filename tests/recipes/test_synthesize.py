@@ -64,14 +64,15 @@ def test_synthetic_set_columns_provenance_and_loading(inputs, tmp_path):
     assert dataset.features["source_labels"].feature.dtype == "int64"
     assert dataset.features["weights"].feature.dtype == "float32"
     assert set(dataset.column_names) == {"image", "index", "source_indices", "source_labels", "weights", "seed",
-                                         "num_inference_steps", "guidance_scale", "pipeline", "source_dataset"}  # fmt: skip
+                                         "num_inference_steps", "guidance_scale", "pipeline", "source_dataset",
+                                         "generator"}  # fmt: skip
     sources = Dataset.load_from_disk(str(inputs / "digits"))
     for row in dataset:
         a, b = row["source_indices"]
         assert a != b and row["source_labels"] == [sources[a]["label"], sources[b]["label"]]
         assert row["weights"] == [1.0, 1.0] and row["seed"] == 7 and row["num_inference_steps"] == 2
         assert row["guidance_scale"] == 3.0 and row["source_dataset"] == "digits"  # a local path: its folder name
-        assert row["pipeline"] == "pipeline" and row["image"].size == (8, 8)
+        assert row["pipeline"] == "pipeline" and row["image"].size == (8, 8) and row["generator"] == "ImageMixer"
     assert all(image.startswith(b"\x89PNG") for image in png_bytes(out / "data" / SHARDS[0]))
     config = json.loads((out / "synthesis_config.json").read_text())
     assert config["num_images"] == 10 and config["shard_size"] == 4 and config["num_source_images"] == 20
@@ -156,6 +157,18 @@ def test_killed_run_completes_with_exactly_n_distinct_indices_and_the_same_bytes
     recipe.main(args(inputs, killed))
     assert png_bytes(killed / "data" / SHARDS[1]) == clean[SHARDS[1]]
     assert (killed / "data" / SHARDS[0]).stat().st_mtime_ns == first_shard
+
+
+def test_a_set_made_before_the_generator_setting_resumes_and_gets_its_card(inputs, tmp_path):
+    out = tmp_path / "older"
+    recipe.main(args(inputs, out, "--num_images", "4"))
+    config = json.loads((out / "synthesis_config.json").read_text())
+    for key in ("generator", "mix_alpha"):  # what synthesis_config.json held before pixel mixup existed
+        del config[key]
+    (out / "synthesis_config.json").write_text(json.dumps(config))
+    (out / "data" / "shard-00000000-00000004.parquet").unlink()
+    assert recipe.main(args(inputs, out, "--num_images", "4"))["index"] == [0, 1, 2, 3]
+    assert "# ImageMixer mixes of digits" in (out / "README.md").read_text()
 
 
 def test_weights_change_the_images(inputs, tmp_path):
