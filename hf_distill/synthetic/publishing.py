@@ -87,15 +87,8 @@ def synthesis_card(output_dir: str, repo_id: str | None = None) -> DatasetCard:
     source = settings.source_dataset
     title = f"ImageMixer mixes of {source}"
     scheduler = _scheduler_name(read_synthesis_config(output_dir)["pipeline"])
-    card_data = DatasetCardData(
-        pretty_name=title,
-        license="other",
-        size_categories=[_size_category(settings.num_images)],
-        source_datasets=[source] if is_hub_id(source) else None,
-        tags=["synthetic", "image-mixer", "knowledge-distillation", "hf_distill"],
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": f"{DATA_DIR}/*.parquet"}]}],
-        hf_distill={"synthesis": {**config, **({"scheduler": scheduler} if scheduler else {})}},
-    )
+    synthesis = {**config, **({"scheduler": scheduler} if scheduler else {})}
+    card_data = _card_data(settings, title, "image-mixer", synthesis)
     template = importlib.resources.files("hf_distill").joinpath("hub", "templates", "synthetic_dataset_card.md")
     return DatasetCard.from_template(
         card_data,
@@ -104,12 +97,7 @@ def synthesis_card(output_dir: str, repo_id: str | None = None) -> DatasetCard:
         source_dataset=source,
         pipeline=settings.pipeline,
         scheduler=scheduler,
-        split=settings.split,
-        image_column=settings.image_column,
-        num_source_images=config.get("num_source_images", "?"),
-        num_images=settings.num_images,
-        num_shards=len(expected_shards(settings.num_images, settings.shard_size)),
-        shard_size=settings.shard_size,
+        **_set_values(settings, config),
         weights=weights,
         seed=settings.seed,
         num_inference_steps=settings.num_inference_steps,
@@ -120,21 +108,40 @@ def synthesis_card(output_dir: str, repo_id: str | None = None) -> DatasetCard:
     )
 
 
+def _set_values(settings: SynthesisSettings, config: dict) -> dict:
+    """What every synthetic set's card template says about the set itself: source split and column, sizes, shards."""
+    return {
+        "split": settings.split,
+        "image_column": settings.image_column,
+        "num_source_images": config.get("num_source_images", "?"),
+        "num_images": settings.num_images,
+        "num_shards": len(expected_shards(settings.num_images, settings.shard_size)),
+        "shard_size": settings.shard_size,
+    }
+
+
+def _card_data(settings: SynthesisSettings, title: str, generator_tag: str, synthesis: dict) -> DatasetCardData:
+    """The metadata every synthetic set's card carries: size, source, tags, the parquet data files and, under
+    `hf_distill.synthesis`, the settings that made it."""
+    source = settings.source_dataset
+    return DatasetCardData(
+        pretty_name=title,
+        license="other",
+        size_categories=[_size_category(settings.num_images)],
+        source_datasets=[source] if is_hub_id(source) else None,
+        tags=["synthetic", generator_tag, "knowledge-distillation", "hf_distill"],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": f"{DATA_DIR}/*.parquet"}]}],
+        hf_distill={"synthesis": synthesis},
+    )
+
+
 def _pixel_mixup_card(settings: SynthesisSettings, config: dict, repo_id: str) -> DatasetCard:
     """The card of a pixel mixup set: named for what it is, a stand-in for ImageMixer, never ImageMixer output."""
     label = GENERATOR_LABELS[PIXEL_MIXUP]
     source = settings.source_dataset
     title = f"{label[0].upper()}{label[1:]} of {source}"
     size = "the first source's size" if settings.height is None else f"{settings.height} x {settings.width}"
-    card_data = DatasetCardData(
-        pretty_name=title,
-        license="other",
-        size_categories=[_size_category(settings.num_images)],
-        source_datasets=[source] if is_hub_id(source) else None,
-        tags=["synthetic", "mixup", "knowledge-distillation", "hf_distill"],
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": f"{DATA_DIR}/*.parquet"}]}],
-        hf_distill={"synthesis": {**config, "generator_label": label}},
-    )
+    card_data = _card_data(settings, title, "mixup", {**config, "generator_label": label})
     template = importlib.resources.files("hf_distill").joinpath("hub", "templates", "pixel_mixup_dataset_card.md")
     return DatasetCard.from_template(
         card_data,
@@ -142,12 +149,7 @@ def _pixel_mixup_card(settings: SynthesisSettings, config: dict, repo_id: str) -
         pretty_name=title,
         label=label,
         source_dataset=source,
-        split=settings.split,
-        image_column=settings.image_column,
-        num_source_images=config.get("num_source_images", "?"),
-        num_images=settings.num_images,
-        num_shards=len(expected_shards(settings.num_images, settings.shard_size)),
-        shard_size=settings.shard_size,
+        **_set_values(settings, config),
         mix_alpha=settings.mix_alpha,
         seed=settings.seed,
         size=size,

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass
 
 import torch
 import xxhash
@@ -41,10 +40,11 @@ from safetensors.torch import save as serialize_safetensors
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.augmentations import crop_boxes, resize_center, resized_crop
+from ..data.augmentations import resized_crop
 from ..data.image_datasets import ImageCollator
 from ..io_utils import atomic_path, write_json_atomically
 from ..models.fingerprint import teacher_identity
+from .cache_views import CropViews, fixed_views
 
 logger = logging.getLogger(__name__)
 INDEX_COLUMN = "__sample_index__"
@@ -54,41 +54,6 @@ BOXES = "views.boxes"
 SHARD_PATTERN = re.compile(r"shard-(\d{5})\.(safetensors|json)$")
 # identity fields recorded for each teacher but not part of the key: they do not change the stored values
 _NOT_KEYED = ("source", "revision")
-
-
-def fixed_views(pixel_values: torch.Tensor, size: int, views: torch.Tensor) -> torch.Tensor:
-    """uint8 `[B, 3, S, S]` -> float `[B, 3, size, size]` in [0, 1]: center view, horizontally flipped where
-    `views == 1`."""
-    images = resize_center(pixel_values, size)
-    return torch.where((views == 1).view(-1, 1, 1, 1), images.flip(-1), images)
-
-
-@dataclass(frozen=True)
-class CropViews:
-    """Random resized crops (+ horizontal flips) of a teacher-output cache, drawn once per (image, view).
-
-    Args:
-        seed (`int`): seed of the generator the boxes are drawn from (part of the cache key).
-        scale (`tuple[float, float]`, defaults to `(0.08, 1.0)`): area range of the crops (UNIC's RandomResizedCrop).
-        ratio (`tuple[float, float]`, defaults to `(3 / 4, 4 / 3)`): aspect ratio range.
-        flip_prob (`float`, defaults to 0.5): probability of a horizontal flip.
-    """
-
-    seed: int = 0
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_prob: float = 0.5
-
-    def describe(self) -> dict:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
-
-    def boxes(self, num_images: int, num_views: int, load_size: int) -> torch.Tensor:
-        """`[num_images, num_views, 5]` boxes (see [`~hf_distill.data.augmentations.crop_boxes`]) in pixels of the
-        `load_size` square images: a function of the seed and these sizes only (image `i` gets the same boxes whatever
-        the shard or batch it is built in)."""
-        generator = torch.Generator().manual_seed(self.seed)
-        uniforms = torch.rand((num_images, num_views, 5), generator=generator, dtype=torch.float32)
-        return crop_boxes(uniforms, load_size, load_size, tuple(self.scale), tuple(self.ratio), self.flip_prob)
 
 
 def checksum(data: bytes | memoryview) -> str:
@@ -378,7 +343,7 @@ class TeacherOutputCache:
             rebuilt.append(f"{name} ({problem})")
             if os.path.exists(index_path):
                 os.remove(index_path)  # a build killed from here on leaves no index naming a mix of old and new shards
-            tensors = cls._teacher_outputs(
+            tensors = cls.view_outputs(
                 teachers, dataset.select(range(start, stop)).select_columns([image_column]), image_column,
                 image_size, load_size, student_mean, student_std, grid_size, num_views, batch_size, dtype, device,
                 progress, None if boxes is None else boxes[start:stop], jpeg_draft,
@@ -435,12 +400,13 @@ class TeacherOutputCache:
         return cls(directory)
 
     @staticmethod
-    def _teacher_outputs(
+    def view_outputs(
         teachers, subset, image_column, image_size, load_size, student_mean, student_std, grid_size, num_views,
         batch_size, dtype, device, progress, boxes=None, jpeg_draft=True,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
-        """`{"{teacher}.summary": [n, V, D], "{teacher}.patch": [n, V, h * w, D]}` of the fixed views of `subset`, or
-        of its crops `boxes` (`[n, V, 5]`, then also stored as `views.boxes`)."""
+        """`{"{teacher}.summary": [n, V, D], "{teacher}.patch": [n, V, h * w, D]}` of the fixed views of `subset` (a
+        dataset or a list of examples), or of its crops `boxes` (`[n, V, 5]`, then also stored as `views.boxes`);
+        `progress` (a tqdm bar, or `None`) advances by the images done."""
         device = torch.device(device)
         mean = torch.tensor(student_mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(student_std, device=device).view(1, -1, 1, 1)
@@ -462,7 +428,8 @@ class TeacherOutputCache:
                     per_view.setdefault(f"{name}.patch", []).append(result.patch_tokens.to(dtype).cpu())
             for key, values in per_view.items():
                 outputs.setdefault(key, []).append(torch.stack(values, dim=1))  # [b, V, ...]
-            progress.update(pixels.shape[0])
+            if progress is not None:
+                progress.update(pixels.shape[0])
             done += pixels.shape[0]
         tensors = {key: torch.cat(values).contiguous() for key, values in outputs.items()}
         if boxes is not None:

@@ -30,10 +30,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.image_datasets import ImageCollator
 from ..io_utils import atomic_path, write_json_atomically
 from ..models.fingerprint import teacher_identity
-from .teacher_cache import CACHE_INDEX, checksum, file_checksum, fixed_views
+from .teacher_cache import CACHE_INDEX, TeacherOutputCache, checksum, file_checksum
 
 logger = logging.getLogger(__name__)
 SHARDS_FORMAT = "webdataset-1"
@@ -208,26 +207,13 @@ class TeacherOutputShards:
         }
         key = checksum(json.dumps(description, sort_keys=True).encode())
         index_path = os.path.join(directory, CACHE_INDEX)
-        collate = ImageCollator(load_size, image_column=image_column)
-        device = torch.device(device)
-        mean = torch.tensor(student_mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(student_std, device=device).view(1, -1, 1, 1)
 
         def outputs_of(chunk: list[dict]) -> dict[str, np.ndarray]:
-            found: dict[str, list[torch.Tensor]] = {}
-            for start in range(0, len(chunk), batch_size):
-                pixels = collate(chunk[start : start + batch_size])["pixel_values"].to(device)
-                per_view: dict[str, list[torch.Tensor]] = {}
-                for view in range(num_views):
-                    views = torch.full((pixels.shape[0],), view, device=device)
-                    normalized = (fixed_views(pixels, image_size, views) - mean) / std
-                    for name, teacher in teachers:
-                        result = teacher(normalized, mean.flatten(), std.flatten(), grid_size=grid_size)
-                        per_view.setdefault(f"{name}.summary", []).append(result.summary.to(dtype).cpu())
-                        per_view.setdefault(f"{name}.patch", []).append(result.patch_tokens.to(dtype).cpu())
-                for field, values in per_view.items():
-                    found.setdefault(field, []).append(torch.stack(values, dim=1))  # [b, V, ...]
-            return {field: torch.cat(values).numpy() for field, values in found.items()}
+            outputs = TeacherOutputCache.view_outputs(
+                teachers, chunk, image_column, image_size, load_size, student_mean, student_std, grid_size,
+                num_views, batch_size, dtype, device, progress=None,
+            )  # fmt: skip
+            return {field: values.numpy() for field, values in outputs.items()}
 
         records, written, number, first = [], 0, 0, 0
         progress = tqdm(desc="Caching teacher outputs as shards", unit="img")
