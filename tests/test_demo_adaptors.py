@@ -47,7 +47,7 @@ def test_demo_evaluation_scores_the_adaptors_of_both_teachers(tmp_path, image_da
          "--knn_k", "5", "--output_dir", str(tmp_path / "eval"), *emulation_args(str(student), [dinov2, EFFICIENTNET])]
     )  # fmt: skip
     table = capsys.readouterr().out
-    for name in ("dinov2", "efficientnet-lite0"):
+    for name in ("dinov2", "efficientnet-lite0-128"):  # the teachers' names in the demo (its 128 px factory)
         assert f"| mnist/emulation/{name}/patch_r2 |" in table
-    assert "| mnist/emulation/efficientnet-lite0/top1_agreement |" in table
-    assert 0.0 <= results["student"]["mnist/emulation/efficientnet-lite0/top1_agreement"] <= 100.0
+    assert "| mnist/emulation/efficientnet-lite0-128/top1_agreement |" in table
+    assert 0.0 <= results["student"]["mnist/emulation/efficientnet-lite0-128/top1_agreement"] <= 100.0

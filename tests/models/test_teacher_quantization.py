@@ -69,6 +69,24 @@ def test_measure_fidelity_matches_an_independent_computation(teacher):
     assert 0 < fidelity.max_error < 0.05
 
 
+def test_fidelity_leaves_out_images_the_float32_teacher_is_not_finite_on(teacher, caplog):
+    batch = pixels()
+    batch[1] = float("nan")  # the float32 teacher gives NaN on image 1 only: the non-finite guard's case
+    candidate = cheaper_teacher(teacher, torch.bfloat16)
+    fidelity = measure_fidelity(teacher, candidate, batch, MEAN, STD, (4, 4))
+    keep = [i for i in range(batch.shape[0]) if i != 1]
+    with torch.inference_mode():
+        expected = teacher(batch[keep], MEAN, STD, grid_size=(4, 4))
+        got = candidate(batch[keep], MEAN, STD, grid_size=(4, 4))
+    assert (fidelity.summary_cosine, fidelity.summary_error) == pytest.approx(
+        numpy_fidelity(expected.summary, got.summary), rel=1e-6
+    )
+    batch[:] = float("nan")  # finite on no image: nothing to compare, accepted with a warning
+    assert measure_fidelity(teacher, candidate, batch, MEAN, STD, (4, 4)) is None
+    check_fidelity("vit", None, 0.15, "bfloat16")
+    assert "not finite on any calibration image" in caplog.text
+
+
 def test_guard_refuses_a_broken_teacher_and_accepts_a_good_one(teacher, caplog):
     broken = copy.deepcopy(teacher)
     with torch.no_grad():
