@@ -92,13 +92,16 @@ def inference_cost(source: str, image_size: int, batch_size: int = 64, repeats: 
 
 
 def demo_table(results: dict, costs: dict) -> str:
-    """Markdown table: the evaluation metrics (top-1 %), then parameters and inference images/s per model."""
+    """Markdown table: the evaluation metrics (top-1 %; `-` where a model has none, e.g. a teacher's emulation), then
+    parameters and inference images/s per model."""
     names = list(results)
     metrics = list(dict.fromkeys(metric for values in results.values() for metric in values))
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for metric in metrics:
         lines.append(
-            f"| {metric} | " + " | ".join(f"{results[n].get(metric, float('nan')):.2f}" for n in names) + " |"
+            f"| {metric} | "
+            + " | ".join(f"{results[n][metric]:.2f}" if metric in results[n] else "-" for n in names)
+            + " |"
         )
     lines.append("| parameters (M) | " + " | ".join(f"{costs[n]['parameters'] / 1e6:.2f}" for n in names) + " |")
     lines.append("| input side (px) | " + " | ".join(str(costs[n]["image_size"]) for n in names) + " |")
