@@ -56,6 +56,26 @@ SHARD_PATTERN = re.compile(r"shard-(\d{5})\.(safetensors|json)$")
 _NOT_KEYED = ("source", "revision")
 
 
+def output_description(
+    identities: list[dict], image_column, image_size, load_size, student_mean, student_std, grid_size, num_views, dtype,
+    jpeg_draft: bool,
+) -> dict:  # fmt: skip
+    """What determines the teacher outputs a cache stores for each image, in every cache format's key: the teachers
+    (their identities less `_NOT_KEYED`), how the images are read and viewed, and the storage dtype."""
+    return {
+        "teachers": [{k: v for k, v in identity.items() if k not in _NOT_KEYED} for identity in identities],
+        "image_column": image_column,
+        "image_size": image_size,
+        "load_size": load_size,
+        "student_mean": [float(v) for v in student_mean],
+        "student_std": [float(v) for v in student_std],
+        "grid_size": list(grid_size),
+        "num_views": num_views,
+        "dtype": str(dtype).removeprefix("torch."),
+        "jpeg_draft": jpeg_draft,  # the decoded pixels of JPEG images differ
+    }
+
+
 def checksum(data: bytes | memoryview) -> str:
     """XXH3-128 hex digest (about 4 GB/s on one core: every shard is verified each time the cache is opened)."""
     return xxhash.xxh3_128(data).hexdigest()
@@ -298,19 +318,21 @@ class TeacherOutputCache:
         identities = [{"name": name, **teacher_identity(teacher)} for name, teacher in teachers]
         description = {  # everything that determines the stored values and the shard layout
             "format": CACHE_FORMAT,
-            "teachers": [{k: v for k, v in identity.items() if k not in _NOT_KEYED} for identity in identities],
+            **output_description(
+                identities,
+                image_column,
+                image_size,
+                load_size,
+                student_mean,
+                student_std,
+                grid_size,
+                num_views,
+                dtype,
+                jpeg_draft,
+            ),  # fmt: skip
             "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
             "num_samples": len(dataset),
-            "image_column": image_column,
-            "image_size": image_size,
-            "load_size": load_size,
-            "student_mean": [float(v) for v in student_mean],
-            "student_std": [float(v) for v in student_std],
-            "grid_size": list(grid_size),
-            "num_views": num_views,
             "shard_size": shard_size,
-            "dtype": str(dtype).removeprefix("torch."),
-            "jpeg_draft": jpeg_draft,  # the decoded pixels of JPEG images differ
         }
         if crops is not None:  # only then: the key of a fixed-view cache is unchanged
             description["crops"] = crops.describe()

@@ -32,11 +32,10 @@ from tqdm.auto import tqdm
 
 from ..io_utils import atomic_path, write_json_atomically
 from ..models.fingerprint import teacher_identity
-from .teacher_cache import CACHE_INDEX, TeacherOutputCache, checksum, file_checksum
+from .teacher_cache import CACHE_INDEX, TeacherOutputCache, checksum, file_checksum, output_description
 
 logger = logging.getLogger(__name__)
 SHARDS_FORMAT = "webdataset-1"
-_NOT_KEYED = ("source", "revision")
 _SHARD = re.compile(r"shard-(\d{5})\.(tar|json)$")
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
@@ -193,17 +192,20 @@ class TeacherOutputShards:
         identities = [{"name": name, **teacher_identity(teacher)} for name, teacher in teachers]
         description = {
             "format": SHARDS_FORMAT,
-            "teachers": [{k: v for k, v in identity.items() if k not in _NOT_KEYED} for identity in identities],
+            **output_description(
+                identities,
+                image_column,
+                image_size,
+                load_size,
+                student_mean,
+                student_std,
+                grid_size,
+                num_views,
+                dtype,
+                jpeg_draft=True,  # the images are read as view_outputs reads them by default
+            ),  # fmt: skip
             "data_fingerprint": data_fingerprint,
-            "image_column": image_column,
-            "image_size": image_size,
-            "load_size": load_size,
-            "student_mean": [float(v) for v in student_mean],
-            "student_std": [float(v) for v in student_std],
-            "grid_size": list(grid_size),
-            "num_views": num_views,
             "samples_per_shard": samples_per_shard,
-            "dtype": str(dtype).removeprefix("torch."),
         }
         key = checksum(json.dumps(description, sort_keys=True).encode())
         index_path = os.path.join(directory, CACHE_INDEX)
