@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, PreTrainedModel, ViTImageProcessor
+from transformers import PreTrainedModel, ViTImageProcessor
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -24,7 +24,13 @@ from .adaptors import export_adaptors
 from .configuration_unic import UnicStudentConfig
 from .phi_s import PhiSStandardizer
 from .standardization import FeatureStandardizer, build_standardizer
-from .student_backbones import feature_map_ladder_features, is_feature_map_config, ladder_widths, output_width
+from .student_backbones import (
+    build_backbone,
+    feature_map_ladder_features,
+    is_feature_map_config,
+    ladder_widths,
+    output_width,
+)
 
 # Backbone parameters that never get a gradient from UNIC's objective: frozen so DDP needs no unused-parameter search.
 _UNUSED_BACKBONE_PARAMETERS = ("pooler.", "embeddings.mask_token")
@@ -159,7 +165,7 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
 
     def __init__(self, config: UnicStudentConfig):
         super().__init__(config)
-        self.backbone = AutoModel.from_config(config.backbone_config)
+        self.backbone = build_backbone(config.backbone_config)
         for name, parameter in self.backbone.named_parameters():
             if name.startswith(_UNUSED_BACKBONE_PARAMETERS):
                 parameter.requires_grad_(False)
@@ -185,13 +191,12 @@ class UnicStudentModel(UnicStudentPreTrainedModel):
             self.patch_heads[name] = LadderProjector(widths, patch_out, num_rungs, ladder_hidden, last_hidden)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module | None:
-        """The backbone's input (patch) embedding, which accelerate's FSDP2 preparation shards as its own unit; `None`
-        for a backbone that does not name one (transformers' lookup raises for a model without `embeddings`)."""
-        try:
-            return self.backbone.get_input_embeddings()
-        except (NotImplementedError, AttributeError):
-            return None
+    def get_input_embeddings(self) -> None:
+        """None: the student has no token embedding to carve out as its own FSDP2 unit. Accelerate's FSDP2 preparation
+        shards `get_input_embeddings()` separately after the auto-wrap policy; the backbone's patch embedding sits
+        inside a module that policy already shards (`ViTEmbeddings` is in `_no_split_modules`), and sharding its
+        parameters a second time fails inside torch's device mesh ("Invariant encountered: value was None")."""
+        return None
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """The student's token grid for an input of `height x width` pixels."""

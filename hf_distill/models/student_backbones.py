@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,25 @@ def _grid(config: PreTrainedConfig) -> tuple[int, int]:
     return height // patch, width // patch
 
 
+def build_backbone(config: PreTrainedConfig) -> nn.Module:
+    """A randomly initialised backbone for `config` (e.g. a `ViTModel` for a `ViTConfig`), always built as a plain
+    module: not through `AutoModel.from_config`, which under DeepSpeed ZeRO-3 creates it inside `zero.Init`, already
+    partitioned and cast to the training dtype. The student's heads are plain modules; a student half-partitioned at
+    construction (backbone in bf16, heads in fp32) makes DeepSpeed's ZeRO-3 optimizer fail on mixed dtypes. A student
+    built plain is cast and partitioned as one model by the engine (students are small enough to build whole)."""
+    return MODEL_MAPPING[type(config)](config)
+
+
+def _gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s full state dict, also when DeepSpeed ZeRO-3 loaded it partitioned (each process holding a shard)."""
+    if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            return {key: tensor.detach().clone() for key, tensor in model.state_dict().items()}
+    return model.state_dict()
+
+
 def load_pretrained_backbone(
     source: str, image_size: int, revision: str | None = None
 ) -> tuple[PreTrainedConfig, dict[str, torch.Tensor]]:
@@ -166,9 +186,9 @@ def load_pretrained_backbone(
             f"--student_model {source!r} loads as {type(model).__name__}, not a {native_config.model_type} encoder: "
             "give the checkpoint of the vision encoder itself."
         )
-    state_dict = model.state_dict()
+    state_dict = _gathered_state_dict(model)
     with torch.device("meta"):  # the expected shapes at the new size, without allocating or initializing weights
-        expected = AutoModel.from_config(config).state_dict()
+        expected = build_backbone(config).state_dict()
     if expected.keys() != state_dict.keys():
         raise ValueError(f"--student_model {source!r}: its weights do not match its config's model.")
     for key, tensor in state_dict.items():
