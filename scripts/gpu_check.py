@@ -231,12 +231,12 @@ class Check:
             common += ["--dataloader_num_workers", "0"]
         return common
 
-    def launch(self, config, name, steps, extra=()):
+    def launch(self, config, name, steps, extra=(), cpu_precision="no"):
         self.port += 1
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
         command += ["--num_processes", "1", "--main_process_port", self.port]
         if not self.cuda:
-            command += ["--mixed_precision", "no"]
+            command += ["--mixed_precision", cpu_precision]
         return command + [ROOT / "recipes" / "unic.py", *self.recipe_args(name, steps), *extra]
 
     def main(self):
@@ -271,10 +271,12 @@ class Check:
         self.run("unic_fsdp2", self.launch(fsdp, "unic_fsdp2", 10 if self.cuda else 3), 120, expect_refusal=not self.cuda,
                  note_from=throughput)  # fmt: skip
         zero3 = ROOT / "recipes" / "accelerate_configs" / "deepspeed_zero3.yaml"
-        extra = () if self.cuda else ("--bf16", "false")
+        # bf16 on CPU too: DeepSpeed's CPU accelerator runs it, and the ZeRO-3 bf16 setup is where the student's dtypes
+        # once disagreed (a backbone partitioned in bf16 at construction next to fp32 heads)
+        extra = () if self.cuda else ("--bf16", "true")
         self.run(
             "unic_zero3",
-            self.launch(zero3, "unic_zero3", 10 if self.cuda else 3, extra),
+            self.launch(zero3, "unic_zero3", 10 if self.cuda else 3, extra, cpu_precision="bf16"),
             150 if self.cuda else 400,
             note_from=throughput,
         )
