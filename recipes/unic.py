@@ -35,7 +35,6 @@ from hf_distill.data.streaming import load_streaming_train_dataset
 from hf_distill.distributed_checks import check_distributed_setup
 from hf_distill.hub import take_hub_options
 from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher, load_teacher_config
-from hf_distill.models.adaptors import check_adaptor_backbone
 from hf_distill.models.builders import load_student_backbone_config
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
 from hf_distill.models.standardization import STANDARDIZATION_MODES
@@ -237,8 +236,6 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         )
     else:
         backbone_config = load_student_backbone_config(script_args.student_config, training_args.image_size)
-    if training_args.export_adaptors:
-        check_adaptor_backbone(backbone_config)
     if script_args.streaming:  # read shard by shard, never materialized (images are not verified ahead)
         train_dataset = load_streaming_train_dataset(
             script_args.train_data, script_args.image_column, script_args.dataset_split, training_args,

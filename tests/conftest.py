@@ -19,8 +19,11 @@ from PIL import Image  # noqa: E402
 from transformers import (  # noqa: E402
     CLIPConfig,
     CLIPModel,
+    ConvNextConfig,
     Dinov2Config,
     Dinov2Model,
+    ResNetConfig,
+    SwinConfig,
     TrainerCallback,
     ViTConfig,
     ViTImageProcessor,
@@ -50,6 +53,22 @@ def tiny_vit_config(image_size=32, patch_size=8, **kwargs) -> ViTConfig:
 
 def tiny_dinov2_config(image_size=28, patch_size=7, **kwargs) -> Dinov2Config:
     return Dinov2Config(**TINY, image_size=image_size, patch_size=patch_size, **kwargs)
+
+
+def tiny_convnext_config() -> ConvNextConfig:
+    """Three stages of widths 8, 16, 32: stride 16, a 2x2 grid at 32 px."""
+    return ConvNextConfig(hidden_sizes=[8, 16, 32], depths=[1, 1, 1], num_stages=3)
+
+
+def tiny_resnet_config() -> ResNetConfig:
+    """Three stages of widths 8, 16, 32: stride 16, a 2x2 grid at 32 px."""
+    return ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32], depths=[1, 1, 1], layer_type="basic")
+
+
+def tiny_swin_config(**kwargs) -> SwinConfig:
+    """Three stages of widths 8, 16, 32 (before patch merging): stride 8, a 4x4 grid at 32 px."""
+    swin = {"image_size": 32, "patch_size": 2, "embed_dim": 8, "depths": [1, 1, 1], "num_heads": [1, 1, 2]}
+    return SwinConfig(**swin, window_size=4, **kwargs)
 
 
 def save_with_processor(model, path, mean, std, size):

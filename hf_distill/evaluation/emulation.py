@@ -131,7 +131,12 @@ def evaluate_emulation(
         raise ValueError(f"Teachers / heads given for {unknown or 'no adaptor'}; the adaptors are {known}.")
     if image_column not in dataset.column_names:
         raise ValueError(f"Dataset has no column {image_column!r}; its columns are {dataset.column_names}.")
-    image_size = image_size or default_size or config.backbone_config.image_size
+    image_size = image_size or default_size or getattr(config.backbone_config, "image_size", None)
+    if image_size is None:
+        raise ValueError(
+            "The adaptor model records no image size (no image processor, no backbone image size): pass image_size "
+            "(--image_size)."
+        )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = list(teachers)
     loaded = [teacher if isinstance(teacher, nn.Module) else load_teacher(teacher) for teacher in teachers.values()]
@@ -140,7 +145,9 @@ def evaluate_emulation(
     model.to(device)
     mean = torch.tensor(config.image_mean, device=device)
     std = torch.tensor(config.image_std, device=device)
-    patch = config.backbone_config.patch_size
+    # pixels per student token: the export's patch_size (a ViT's patch, a feature-map student's last-stage stride);
+    # exports that predate feature-map students record only their ViT backbone's patch size
+    patch = getattr(config, "patch_size", None) or config.backbone_config.patch_size
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
     grid = (image_size // patch, image_size // patch)
 

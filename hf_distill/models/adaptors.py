@@ -9,7 +9,8 @@ The exported adaptors then output the teacher's own features, directly comparabl
 
 The export ships [`UnicAdaptorModel`] (`modeling_unic_adaptors.py` and `configuration_unic_adaptors.py`, which import
 only torch and transformers) next to its weights, so that `AutoModel.from_pretrained(folder, trust_remote_code=True)`
-works without hf_distill.
+works without hf_distill. Every student exports: ViT-family encoders (the ladder reads blocks) and feature-map
+backbones (ConvNeXt, ResNet, Swin: the ladder reads stages, each rung of its stage's width).
 """
 
 import logging
@@ -50,21 +51,10 @@ def folded_heads(student, teachers: list[str]) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_adaptor_backbone(backbone_config) -> None:
-    """Adaptors read the ladder from a ViT-family encoder's hidden states: refuse a feature-map student (ConvNeXt,
-    ResNet, Swin), whose rungs are stages, before any training is spent on a run that could not export them."""
-    if is_feature_map_config(backbone_config):
-        raise ValueError(
-            f"Adaptor export supports ViT-family students; this student is a {backbone_config.model_type} "
-            "(feature-map) backbone. Train without --export_adaptors, or use a ViT-family --student_config."
-        )
-
-
 def adaptor_model(student, teachers: list[str] | None = None, state_dict: dict | None = None) -> UnicAdaptorModel:
     """The [`UnicAdaptorModel`] of `student` (a [`UnicStudentModel`]) for `teachers` (names; default: all), a CPU
     copy sharing nothing with it. `state_dict`: the student's full state dict when its parameters are not all local
     (gathered under FSDP / ZeRO-3)."""
-    check_adaptor_backbone(student.config.backbone_config)
     names = student.config.teacher_names
     teachers = list(names if teachers is None else teachers)
     unknown = [name for name in teachers if name not in names]
@@ -103,7 +93,10 @@ def adaptor_model(student, teachers: list[str] | None = None, state_dict: dict |
             if teacher["name"] in teachers
         ],
         ladder_layers=student.config.ladder_block_indices,
+        rung_input_sizes=[rung[0].in_features for rung in rungs],
         rung_hidden_sizes=[rung[0].out_features for rung in rungs],
+        feature_map_backbone=is_feature_map_config(student.config.backbone_config),
+        patch_size=student.config.patch_size,
         image_mean=student.config.image_mean,
         image_std=student.config.image_std,
     )
@@ -130,15 +123,21 @@ def export_adaptors(
         student ([`UnicStudentModel`]): the trained student with its heads and standardizers.
         output_dir (`str` or `os.PathLike`): the export folder (replaced if it exists).
         teachers (`list[str]`, *optional*): names of the teachers whose adaptors are exported (default: all).
-        image_size (`int`, *optional*): side of the images the processor produces (default: the student config's).
+        image_size (`int`, *optional*): side of the images the processor produces (default: the student config's;
+            required for a backbone whose config has no image size, e.g. ResNet).
         state_dict (`dict`, *optional*): the student's full state dict, when gathered from shards.
         kwargs: passed to `save_pretrained` (e.g. `max_shard_size`).
 
     Returns:
         `str`: the export folder.
     """
+    image_size = image_size or getattr(student.config.backbone_config, "image_size", None)
+    if image_size is None:
+        raise ValueError(
+            f"Pass image_size: the student's {student.config.backbone_config.model_type} config records no image size "
+            "for the exported image processor."
+        )
     model = adaptor_model(student, teachers, state_dict)
-    image_size = image_size or student.config.backbone_config.image_size
     UnicAdaptorConfig.register_for_auto_class()
     UnicAdaptorModel.register_for_auto_class("AutoModel")
     with atomic_folder(output_dir) as staging:

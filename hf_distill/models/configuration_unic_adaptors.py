@@ -14,15 +14,22 @@ class UnicAdaptorConfig(PreTrainedConfig):
     Configuration of [`UnicAdaptorModel`].
 
     Args:
-        backbone_config (`dict` or `PreTrainedConfig`): the student encoder (a ViT-family transformers config).
+        backbone_config (`dict` or `PreTrainedConfig`): the student encoder: a ViT-family transformers config, or a
+            feature-map backbone (ConvNeXt, ResNet, Swin; see `feature_map_backbone`).
         teachers (`list[dict]`): every exported adaptor, in order: `{"name": str, "summary_dim": int, "patch_dim":
             int}` (the teacher's own feature widths), plus informative keys (`standardization`, `source`).
         adaptors (`list[str]`, *optional*): the adaptors to build and run; `None` (default): all of `teachers`. Set it
             at load time to load only some: `AutoModel.from_pretrained(path, trust_remote_code=True,
             adaptors=["dinov2-base"])`.
-        ladder_layers (`list[int]`): 1-based encoder blocks whose outputs feed the heads (the last block is read
-            after the final norm); one MLP per block, summed.
+        ladder_layers (`list[int]`): 1-based encoder blocks (stages of a feature-map backbone) whose outputs feed the
+            heads (the last block is read after the final norm); one MLP per block, summed.
+        rung_input_sizes (`list[int]`): input width of each of those MLPs (the encoder's width, or each stage's).
         rung_hidden_sizes (`list[int]`): hidden width of each of those MLPs.
+        feature_map_backbone (`bool`, defaults to `False`): the encoder is a feature-map backbone: its last stage's
+            map flattened gives the patch tokens and its `pooler_output` the summary; an earlier stage's rung reads
+            its map average-pooled to the last stage's grid (patch tokens) and its mean (summary).
+        patch_size (`int`): pixels per student token: the ViT patch size, or the last stage's stride of a
+            feature-map backbone.
         image_mean, image_std (`list[float]`): pixel normalization of the student (the saved image processor
             applies it).
     """
@@ -34,7 +41,10 @@ class UnicAdaptorConfig(PreTrainedConfig):
     teachers: list[dict] | None = None
     adaptors: list[str] | None = None
     ladder_layers: list[int] | None = None
+    rung_input_sizes: list[int] | None = None
     rung_hidden_sizes: list[int] | None = None
+    feature_map_backbone: bool = False
+    patch_size: int | None = None
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
 
@@ -42,8 +52,10 @@ class UnicAdaptorConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.teachers = [dict(teacher) for teacher in (self.teachers or [])]
         self.check_adaptors()
-        if len(self.ladder_layers or []) != len(self.rung_hidden_sizes or []):
-            raise ValueError("ladder_layers and rung_hidden_sizes must have one entry per block feeding the heads.")
+        if not len(self.ladder_layers or []) == len(self.rung_input_sizes or []) == len(self.rung_hidden_sizes or []):
+            raise ValueError(
+                "ladder_layers, rung_input_sizes and rung_hidden_sizes must have one entry per block feeding the heads."
+            )
 
     def check_adaptors(self) -> None:
         """Raise a clear error for an `adaptors` selection naming an adaptor this model does not have (also run by

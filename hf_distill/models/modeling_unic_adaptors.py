@@ -6,7 +6,13 @@ feature space (the training-time standardization is folded into the last layers 
     outputs.adaptors["dinov2-base"].summary       # (batch_size, teacher_dim)
     outputs.adaptors["dinov2-base"].patch_tokens  # (batch_size, num_patches, teacher_dim), on the student's grid
 
-This file is copied next to the exported weights: it imports only torch and transformers, never hf_distill.
+The encoder is a ViT-family model (the ladder reads its blocks' hidden states) or a feature-map backbone (ConvNeXt,
+ResNet, Swin: the ladder reads its stages).
+
+This file is copied next to the exported weights: it imports only torch and transformers, never hf_distill. It
+therefore repeats, on purpose, the pieces of hf_distill's student it needs (the ladder MLPs, how the ladder reads a
+ViT's blocks), which must compute exactly what the training-time student computes; the training-time student
+imports `feature_map_ladder_features` from here rather than keeping a copy.
 """
 
 import functools
@@ -14,6 +20,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
@@ -39,7 +46,7 @@ class UnicAdaptorModelOutput(ModelOutput):
     """
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): the encoder's
-            normed final output.
+            normed final output (a feature-map backbone: its last feature map flattened).
         adaptors (`dict[str, AdaptorOutput]`): per adaptor (teacher name), its [`AdaptorOutput`].
     """
 
@@ -55,11 +62,11 @@ class AdaptorMLP(nn.Sequential):
 
 
 class LadderAdaptor(nn.Module):
-    """Sum over the selected encoder blocks of one MLP per block."""
+    """Sum over the selected encoder blocks (stages) of one MLP per block, of input widths `in_sizes`."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_sizes: list[int]):
+    def __init__(self, in_sizes: list[int], out_dim: int, hidden_sizes: list[int]):
         super().__init__()
-        self.rungs = nn.ModuleList(AdaptorMLP(in_dim, hidden, out_dim) for hidden in hidden_sizes)
+        self.rungs = nn.ModuleList(AdaptorMLP(d, hidden, out_dim) for d, hidden in zip(in_sizes, hidden_sizes))
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         output = self.rungs[0](features[0])
@@ -70,6 +77,42 @@ class LadderAdaptor(nn.Module):
 
 def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def feature_map_ladder_features(
+    backbone: nn.Module, pixel_values: torch.Tensor, blocks: list[int], grid: tuple[int, int]
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Run a feature-map backbone (ConvNeXt, ResNet, Swin); return its final patch tokens `[B, h * w, C]` and, per
+    1-based stage of `blocks`, the summary `[B, C_s]` and patch tokens `[B, h * w, C_s]` the adaptors read on the
+    final grid `grid = (h, w)`: the last stage gives `pooler_output` and its `last_hidden_state` flattened, an earlier
+    stage the mean of its map and its map average-pooled to `grid` (Swin: the map before the stage's patch merging).
+
+    The training-time student (`hf_distill.models.UnicStudentModel`) uses this very function: a feature-map student's
+    adaptors read the features its heads were trained on.
+    """
+    swin = backbone.config.model_type == "swin"
+    num_stages = len(backbone.config.depths)
+    intermediate = [block for block in blocks if block < num_stages]
+    kwargs = {}
+    if intermediate:
+        kwargs["output_hidden_states"] = True
+        if swin:
+            kwargs["output_hidden_states_before_downsampling"] = True
+    outputs = backbone(pixel_values=pixel_values, **kwargs)
+    last = outputs.last_hidden_state
+    patches = last if last.dim() == 3 else last.flatten(2).transpose(1, 2)  # Swin: already [B, h * w, C]
+    summary = outputs.pooler_output.flatten(1)
+    maps = (outputs.reshaped_hidden_states if swin else outputs.hidden_states) if intermediate else None
+    summary_features, patch_features = [], []
+    for block in blocks:
+        if block == num_stages:
+            summary_features.append(summary)
+            patch_features.append(patches)
+        else:
+            feature_map = maps[block]  # maps[0] is the stem
+            summary_features.append(feature_map.mean(dim=(-2, -1)))
+            patch_features.append(F.adaptive_avg_pool2d(feature_map, grid).flatten(2).transpose(1, 2))
+    return patches, summary_features, patch_features
 
 
 @functools.cache
@@ -91,14 +134,13 @@ class UnicAdaptorModel(PreTrainedModel):
         super().__init__(config)
         config.check_adaptors()
         self.backbone = AutoModel.from_config(config.backbone_config)
-        width = config.backbone_config.hidden_size
         self.summary_heads = nn.ModuleDict()
         self.patch_heads = nn.ModuleDict()
         teachers = {teacher["name"]: teacher for teacher in config.teachers}
         for name in config.adaptor_names:
             teacher = teachers[name]
-            self.summary_heads[name] = LadderAdaptor(width, teacher["summary_dim"], config.rung_hidden_sizes)
-            self.patch_heads[name] = LadderAdaptor(width, teacher["patch_dim"], config.rung_hidden_sizes)
+            for heads, dim in ((self.summary_heads, teacher["summary_dim"]), (self.patch_heads, teacher["patch_dim"])):
+                heads[name] = LadderAdaptor(config.rung_input_sizes, dim, config.rung_hidden_sizes)
         # the weights of adaptors left out at load time are in the checkpoint: expected, not worth a warning
         left_out = [name for name in teachers if name not in config.adaptor_names]
         self._keys_to_ignore_on_load_unexpected = [
@@ -107,9 +149,11 @@ class UnicAdaptorModel(PreTrainedModel):
         self.post_init()
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        patch = _pair(self.config.backbone_config.patch_size)[0]
+        patch = self.config.patch_size
         if height % patch or width % patch:
-            raise ValueError(f"Image size {height}x{width} is not divisible by the student's patch size {patch}.")
+            raise ValueError(
+                f"Image size {height}x{width} is not divisible by the student's patch size (stride) {patch}."
+            )
         return height // patch, width // patch
 
     def forward(self, pixel_values: torch.Tensor, adaptors: list[str] | None = None, **kwargs):
@@ -123,7 +167,28 @@ class UnicAdaptorModel(PreTrainedModel):
         missing = [name for name in names if name not in self.summary_heads]
         if missing:
             raise ValueError(f"Adaptors {missing} are not loaded; loaded: {list(self.summary_heads)}.")
-        height, width = self.grid_size(*pixel_values.shape[-2:])
+        grid = self.grid_size(*pixel_values.shape[-2:])
+        if self.config.feature_map_backbone:
+            ladder = feature_map_ladder_features(self.backbone, pixel_values, self.config.ladder_layers, grid)
+        else:
+            ladder = self.hidden_state_ladder_features(pixel_values, grid)
+        last_hidden_state, summary_features, patch_features = ladder
+        return UnicAdaptorModelOutput(
+            last_hidden_state=last_hidden_state,
+            adaptors={
+                name: AdaptorOutput(
+                    summary=self.summary_heads[name](summary_features),
+                    patch_tokens=self.patch_heads[name](patch_features),
+                )
+                for name in names
+            },
+        )
+
+    def hidden_state_ladder_features(
+        self, pixel_values: torch.Tensor, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Run a ViT-family encoder; return its normed output and, per block of `ladder_layers`, its summary (CLS)
+        token and patch tokens."""
         options = {}
         native = getattr(self.config.backbone_config, "image_size", None)
         if (
@@ -139,19 +204,10 @@ class UnicAdaptorModel(PreTrainedModel):
             outputs.last_hidden_state if layer == num_layers else outputs.hidden_states[layer]
             for layer in self.config.ladder_layers
         ]
-        num_prefix = blocks[0].shape[1] - height * width
+        num_prefix = blocks[0].shape[1] - grid[0] * grid[1]
         summary_features = [block[:, 0] for block in blocks]
         patch_features = [block[:, num_prefix:] for block in blocks]
-        return UnicAdaptorModelOutput(
-            last_hidden_state=outputs.last_hidden_state,
-            adaptors={
-                name: AdaptorOutput(
-                    summary=self.summary_heads[name](summary_features),
-                    patch_tokens=self.patch_heads[name](patch_features),
-                )
-                for name in names
-            },
-        )
+        return outputs.last_hidden_state, summary_features, patch_features
 
 
 __all__ = ["AdaptorOutput", "UnicAdaptorModel", "UnicAdaptorModelOutput"]

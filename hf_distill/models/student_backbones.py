@@ -8,7 +8,9 @@ Two kinds of transformers backbones:
   flattened row-major gives the patch tokens `[B, h * w, C]`, its pooled vector (`pooler_output`) the summary; the
   token grid is the image size divided by the last stage's stride. The ladder has one rung per stage: a rung reads
   its stage's map (Swin: before the stage's patch merging), average-pooled to the last stage's grid for the patch
-  tokens and over all positions for the summary, with an MLP of the stage's own input width.
+  tokens and over all positions for the summary, with an MLP of the stage's own input width
+  ([`feature_map_ladder_features`], defined in the self-contained adaptor code that the adaptor export ships, so
+  that training and export compute the same features).
 
 Pretrained students (`load_pretrained_backbone`) are loaded at the training image size: ViT-family position
 embeddings are resized once to the new patch grid, with the same bicubic resampling transformers applies under
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from .modeling_unic_adaptors import feature_map_ladder_features
 
 logger = logging.getLogger(__name__)
 
@@ -208,40 +212,6 @@ def load_pretrained_backbone(
                 f"{tuple(expected[key].shape)}."
             )
     return config, state_dict
-
-
-def feature_map_ladder_features(
-    backbone: nn.Module, pixel_values: torch.Tensor, blocks: list[int], grid: tuple[int, int]
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Run a feature-map backbone; return its final patch tokens `[B, h * w, C]` and, per 1-based stage of `blocks`,
-    the summary `[B, C_s]` and patch tokens `[B, h * w, C_s]` the heads read on the final grid `grid = (h, w)`.
-
-    The last stage gives `pooler_output` (the model's own pooled, and where it has one normed, vector) and its
-    `last_hidden_state` flattened; an earlier stage gives the mean of its map and its map average-pooled to `grid`.
-    """
-    swin = backbone.config.model_type == "swin"
-    num_stages = len(feature_map_stages(backbone.config))
-    intermediate = [block for block in blocks if block < num_stages]
-    kwargs = {}
-    if intermediate:
-        kwargs["output_hidden_states"] = True
-        if swin:
-            kwargs["output_hidden_states_before_downsampling"] = True
-    outputs = backbone(pixel_values=pixel_values, **kwargs)
-    last = outputs.last_hidden_state
-    patches = last if last.dim() == 3 else last.flatten(2).transpose(1, 2)  # Swin: already [B, h * w, C]
-    summary = outputs.pooler_output.flatten(1)
-    maps = (outputs.reshaped_hidden_states if swin else outputs.hidden_states) if intermediate else None
-    cls_features, patch_features = [], []
-    for block in blocks:
-        if block == num_stages:
-            cls_features.append(summary)
-            patch_features.append(patches)
-        else:
-            feature_map = maps[block]  # maps[0] is the stem
-            cls_features.append(feature_map.mean(dim=(-2, -1)))
-            patch_features.append(F.adaptive_avg_pool2d(feature_map, grid).flatten(2).transpose(1, 2))
-    return patches, cls_features, patch_features
 
 
 __all__ = [

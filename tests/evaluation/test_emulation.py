@@ -14,7 +14,7 @@ from hf_distill.evaluation.emulation import EmulationScore, evaluate_emulation
 from hf_distill.models import load_teacher, load_teacher_config, teacher_spec, unique_teacher_names
 from hf_distill.models.modeling_unic_adaptors import AdaptorOutput
 
-from ..conftest import tiny_vit_config
+from ..conftest import tiny_resnet_config, tiny_vit_config
 
 
 def numpy_scores(prediction: np.ndarray, target: np.ndarray) -> tuple[float, float]:
@@ -39,19 +39,23 @@ def test_streaming_scores_match_float64_numpy():
 
 
 @pytest.fixture(scope="module")
-def teachers_and_student(tiny_teachers):
+def teachers_and_specs(tiny_teachers):
     sources = [tiny_teachers["vit"], tiny_teachers["dinov2"]]
     names = unique_teacher_names(sources)
     specs = [teacher_spec(name, load_teacher_config(source)) for name, source in zip(names, sources)]
-    torch.manual_seed(0)
-    student = UnicStudentModel(UnicStudentConfig(backbone_config=tiny_vit_config(), teachers=specs)).eval()
-    return dict(zip(names, sources)), student
+    return dict(zip(names, sources)), specs
 
 
-def test_protocol_scores_adaptors_against_their_teachers(teachers_and_student, image_dataset_dir, tmp_path):
+@pytest.mark.parametrize("backbone, grid", [("vit", 4), ("resnet", 2)])  # a ViT /8, a ResNet of stride 16
+def test_protocol_scores_adaptors_against_their_teachers(
+    backbone, grid, teachers_and_specs, image_dataset_dir, tmp_path
+):
     """The protocol's numbers are the float64 metrics of the adaptor outputs and of the teachers' outputs on the
-    same center views; the head's agreement is the fraction of equal argmaxes."""
-    teachers, student = teachers_and_student
+    same center views (on the student's token grid); the head's agreement is the fraction of equal argmaxes."""
+    teachers, specs = teachers_and_specs
+    make_config = {"vit": tiny_vit_config, "resnet": tiny_resnet_config}[backbone]
+    torch.manual_seed(0)
+    student = UnicStudentModel(UnicStudentConfig(backbone_config=make_config(), teachers=specs)).eval()
     student.export_adaptors(tmp_path / "adaptors", image_size=32)
     dataset = load_from_disk(image_dataset_dir).select(range(10))
     torch.manual_seed(1)
@@ -73,7 +77,7 @@ def test_protocol_scores_adaptors_against_their_teachers(teachers_and_student, i
     with torch.no_grad():
         outputs = model(pixels).adaptors
         for name, source in teachers.items():
-            teacher = load_teacher(source)(pixels, mean, std, grid_size=(4, 4))
+            teacher = load_teacher(source)(pixels, mean, std, grid_size=(grid, grid))
             adaptor = outputs[name]
             cosine, r2 = numpy_scores(adaptor.summary.double().numpy(), teacher.summary.double().numpy())
             np.testing.assert_allclose(results[f"{name}/summary_cosine"], cosine, rtol=1e-4, atol=1e-5)

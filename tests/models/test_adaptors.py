@@ -1,5 +1,6 @@
 """Adaptor export: the student with its heads, the standardization folded in, loads without hf_distill and outputs the
-training-time head predictions de-standardized (every standardization mode), for all teachers or a chosen subset."""
+training-time head predictions de-standardized (every standardization mode), for all teachers or a chosen subset; for
+ViT-family and feature-map (ResNet, ConvNeXt) students."""
 
 import json
 import os
@@ -14,12 +15,25 @@ from transformers import AutoModel
 from hf_distill import UnicStudentConfig, UnicStudentModel
 from hf_distill.hub import upload_file_list
 
-from ..conftest import tiny_dinov2_config, tiny_vit_config
+from ..conftest import (
+    tiny_convnext_config,
+    tiny_dinov2_config,
+    tiny_resnet_config,
+    tiny_swin_config,
+    tiny_vit_config,
+)
 
 TEACHERS = [{"name": "a", "summary_dim": 48, "patch_dim": 48}, {"name": "b", "summary_dim": 16, "patch_dim": 10}]
+# student backbone -> (config, tokens of a 32 px image): ViT /8, feature-map students of stride 16 (Swin: 8)
+STUDENTS = {
+    "vit": (tiny_vit_config, 16),
+    "resnet": (tiny_resnet_config, 4),
+    "convnext": (tiny_convnext_config, 4),
+    "swin": (tiny_swin_config, 16),
+}
 
 
-def trained_student(mode: str, backbone_config=None) -> UnicStudentModel:
+def trained_student(mode: str, backbone_config=None, **kwargs) -> UnicStudentModel:
     """A tiny 2-teacher student whose standardizers saw three training batches of offset, anisotropic features."""
     torch.manual_seed(0)
     config = UnicStudentConfig(
@@ -27,6 +41,7 @@ def trained_student(mode: str, backbone_config=None) -> UnicStudentModel:
         teachers=TEACHERS,
         standardization=mode,
         standardization_warmup_steps=2,
+        **kwargs,
     )
     student = UnicStudentModel(config)
     generator = torch.Generator().manual_seed(1)
@@ -52,9 +67,23 @@ def destandardized(prediction: torch.Tensor, standardizer) -> np.ndarray:
     return prediction * scale + (0 if standardizer.mode == "none" else mean)
 
 
-@pytest.mark.parametrize("mode", ["unic", "dune", "phi-s"])
-def test_adaptors_output_the_destandardized_head_predictions(mode, tmp_path):
-    student = trained_student(mode)
+@pytest.mark.parametrize(
+    "backbone, mode, ladder_layers",
+    [
+        ("vit", "unic", None),
+        ("vit", "dune", None),
+        ("vit", "phi-s", None),
+        ("resnet", "unic", None),
+        ("resnet", "phi-s", [1]),  # stages 1 and 3: rungs of widths 8 and 32
+        ("convnext", "unic", [2]),
+        ("convnext", "phi-s", None),
+        ("swin", "unic", None),
+    ],
+    ids=str,
+)
+def test_adaptors_output_the_destandardized_head_predictions(backbone, mode, ladder_layers, tmp_path):
+    make_config, num_tokens = STUDENTS[backbone]
+    student = trained_student(mode, make_config(), ladder_layers=ladder_layers)
     pixels = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         predictions = student(pixels)
@@ -68,14 +97,19 @@ def test_adaptors_output_the_destandardized_head_predictions(mode, tmp_path):
         patch = destandardized(predictions.patch_predictions[index], student.patch_standardizers[name])
         np.testing.assert_allclose(outputs.adaptors[name].summary.double().numpy(), summary, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(outputs.adaptors[name].patch_tokens.double().numpy(), patch, atol=1e-5, rtol=1e-5)
-    assert outputs.adaptors["b"].patch_tokens.shape == (3, 16, 10)  # the teacher's width (PHI-S pads to 12 inside)
+    assert outputs.adaptors["b"].patch_tokens.shape == (3, num_tokens, 10)  # the teacher's width (PHI-S pads inside)
     torch.testing.assert_close(outputs.last_hidden_state, predictions.last_hidden_state)
 
 
-def test_a_subset_of_teachers_at_export_and_at_load_time(tmp_path):
-    student = trained_student("unic", tiny_dinov2_config())
-    pixels = torch.randn(2, 3, 28, 28)
-    student.export_adaptors(tmp_path / "all")
+@pytest.mark.parametrize("backbone", ["dinov2", "resnet"])
+def test_a_subset_of_teachers_at_export_and_at_load_time(backbone, tmp_path):
+    make_config, size = {"dinov2": (tiny_dinov2_config, 28), "resnet": (tiny_resnet_config, 32)}[backbone]
+    student = trained_student("unic", make_config())
+    pixels = torch.randn(2, 3, size, size)
+    if backbone == "resnet":  # a ResNet config has no image size: the export's image processor needs one
+        with pytest.raises(ValueError, match="Pass image_size: the student's resnet config records no image size"):
+            student.export_adaptors(tmp_path / "all")
+    student.export_adaptors(tmp_path / "all", image_size=size)
     full = AutoModel.from_pretrained(tmp_path / "all", trust_remote_code=True).eval()
     only_b = AutoModel.from_pretrained(tmp_path / "all", trust_remote_code=True, adaptors=["b"]).eval()
     assert list(only_b.summary_heads) == ["b"] and not any(key.startswith(("summary_heads.a", "patch_heads.a"))
@@ -90,11 +124,11 @@ def test_a_subset_of_teachers_at_export_and_at_load_time(tmp_path):
     with pytest.raises(ValueError, match=r"Unknown adaptors \['c'\]"):
         AutoModel.from_pretrained(tmp_path / "all", trust_remote_code=True, adaptors=["c"])
 
-    student.export_adaptors(tmp_path / "a", teachers=["a"])
+    student.export_adaptors(tmp_path / "a", teachers=["a"], image_size=size)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert [teacher["name"] for teacher in config["teachers"]] == ["a"]
     with pytest.raises(ValueError, match=r"Cannot export adaptors for \['x'\].*heads for \['a', 'b'\]"):
-        student.export_adaptors(tmp_path / "x", teachers=["x"])
+        student.export_adaptors(tmp_path / "x", teachers=["x"], image_size=size)
 
 
 BLOCKED_RUN = r"""
@@ -123,10 +157,11 @@ print("loaded without hf_distill")
 """
 
 
-def test_export_loads_without_hf_distill(tmp_path):
-    student = trained_student("phi-s")
+@pytest.mark.parametrize("backbone", ["vit", "resnet"])
+def test_export_loads_without_hf_distill(backbone, tmp_path):
+    student = trained_student("phi-s", STUDENTS[backbone][0]())
     folder = tmp_path / "adaptors"
-    student.export_adaptors(folder)
+    student.export_adaptors(folder, image_size=32)
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "configuration_unic_adaptors.py",
             "modeling_unic_adaptors.py"} <= set(os.listdir(folder))  # fmt: skip
     config = json.loads((folder / "config.json").read_text())

@@ -5,12 +5,9 @@ import pytest
 import torch
 from transformers import (
     AutoModel,
-    ConvNextConfig,
     ConvNextModel,
     Dinov2Model,
-    ResNetConfig,
     ResNetModel,
-    SwinConfig,
     SwinModel,
     ViTModel,
 )
@@ -24,16 +21,14 @@ from hf_distill.models.student_backbones import (
     resize_position_embeddings,
 )
 
-from ..conftest import tiny_dinov2_config, tiny_vit_config
+from ..conftest import (
+    tiny_convnext_config,
+    tiny_dinov2_config,
+    tiny_resnet_config,
+    tiny_swin_config,
+    tiny_vit_config,
+)
 
-TINY_SWIN = {
-    "image_size": 32,
-    "patch_size": 2,
-    "embed_dim": 8,
-    "depths": [1, 1, 1],
-    "num_heads": [1, 1, 2],
-    "window_size": 4,
-}
 TEACHERS = [{"name": "a", "summary_dim": 12, "patch_dim": 12}, {"name": "b", "summary_dim": 20, "patch_dim": 20}]
 
 
@@ -85,7 +80,7 @@ def test_resize_position_embeddings_is_bicubic_and_keeps_the_prefix(old, new, pr
     [
         (ViTModel, tiny_vit_config(image_size=32, patch_size=8), 48),
         (Dinov2Model, tiny_dinov2_config(), 42),
-        (SwinModel, SwinConfig(**TINY_SWIN, use_absolute_embeddings=True), 48),  # absolute embeddings, no prefix
+        (SwinModel, tiny_swin_config(use_absolute_embeddings=True), 48),  # absolute embeddings, no prefix
     ],
 )
 def test_pretrained_student_runs_at_the_new_size_and_exports_without_flags(tmp_path, model_class, config, image_size):
@@ -120,22 +115,10 @@ def test_pretrained_student_that_does_not_fit_is_refused(tmp_path):
         load_pretrained_backbone(str(tmp_path / "missing"), 32)
 
 
-def tiny_convnext():
-    return ConvNextConfig(hidden_sizes=[8, 16, 32], depths=[1, 1, 1], num_stages=3)
-
-
-def tiny_resnet():
-    return ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32], depths=[1, 1, 1], layer_type="basic")
-
-
-def tiny_swin():
-    return SwinConfig(**TINY_SWIN)
-
-
 FEATURE_MAP_STUDENTS = {
-    "convnext": (tiny_convnext, ConvNextModel, 16, [8, 16, 32]),  # stride 4 * 2 * 2
-    "resnet": (tiny_resnet, ResNetModel, 16, [8, 16, 32]),
-    "swin": (tiny_swin, SwinModel, 8, [8, 16, 32]),  # stride 2 * 2 * 2, widths before patch merging
+    "convnext": (tiny_convnext_config, ConvNextModel, 16, [8, 16, 32]),  # stride 4 * 2 * 2
+    "resnet": (tiny_resnet_config, ResNetModel, 16, [8, 16, 32]),
+    "swin": (tiny_swin_config, SwinModel, 8, [8, 16, 32]),  # stride 2 * 2 * 2, widths before patch merging
 }
 
 
@@ -203,16 +186,16 @@ def test_feature_map_student_learns_fixed_targets(family):
 
 def test_feature_map_student_needs_an_image_size_its_stride_divides():
     with pytest.raises(ValueError, match="--image_size 40 is not divisible by the student's total stride 16"):
-        check_student_backbone_config(tiny_convnext(), 40, "convnext")
+        check_student_backbone_config(tiny_convnext_config(), 40, "convnext")
 
 
 def test_grouped_heads_match_per_teacher_heads_with_one_width_per_stage():
     torch.manual_seed(0)
     per_teacher = UnicStudentModel(
-        UnicStudentConfig(backbone_config=tiny_convnext(), teachers=TEACHERS, grouped_heads=False)
+        UnicStudentConfig(backbone_config=tiny_convnext_config(), teachers=TEACHERS, grouped_heads=False)
     ).eval()
     grouped = UnicStudentModel(
-        UnicStudentConfig(backbone_config=tiny_convnext(), teachers=TEACHERS, grouped_heads=True)
+        UnicStudentConfig(backbone_config=tiny_convnext_config(), teachers=TEACHERS, grouped_heads=True)
     )
     grouped.load_state_dict(per_teacher.state_dict())
     pixels = torch.randn(2, 3, 32, 32)

@@ -1,15 +1,15 @@
-"""The UNIC recipe with a pretrained student (`--student_model`) and with a convolutional student."""
+"""The UNIC recipe with a pretrained student (`--student_model`) and with a convolutional student (and its adaptors)."""
 
 import json
 import math
 
 import pytest
 import torch
-from transformers import AutoModel, ConvNextConfig, ConvNextModel, ViTModel
+from transformers import AutoModel, ConvNextModel, ViTModel
 
 from hf_distill.models.student_backbones import resize_position_embeddings
 
-from ..conftest import load_recipe, tiny_vit_config
+from ..conftest import load_recipe, tiny_convnext_config, tiny_vit_config
 from .test_unic import recipe_args
 
 recipe = load_recipe("unic")
@@ -54,23 +54,26 @@ def test_student_model_and_student_config_together_are_refused(
     assert not (tmp_path / "out").exists()
 
 
-def test_adaptor_export_of_a_feature_map_student_is_refused_before_training(
+def test_convnext_student_trains_and_exports_a_stock_convnext_and_its_adaptors(
     tiny_teachers, image_dataset_dir, tmp_path
 ):
-    ConvNextConfig(hidden_sizes=[8, 16, 32], depths=[1, 1, 1], num_stages=3).save_pretrained(tmp_path / "convnext")
+    tiny_convnext_config().save_pretrained(tmp_path / "convnext")
     args = recipe_args(tiny_teachers, image_dataset_dir, str(tmp_path / "convnext"), tmp_path / "out")
-    with pytest.raises(ValueError, match="Adaptor export supports ViT-family students; this student is a convnext"):
-        recipe.main([*args, "--export_adaptors", "true"])
-    assert not (tmp_path / "out").exists()
-
-
-def test_convnext_student_trains_and_exports_a_stock_convnext(tiny_teachers, image_dataset_dir, tmp_path):
-    ConvNextConfig(hidden_sizes=[8, 16, 32], depths=[1, 1, 1], num_stages=3).save_pretrained(tmp_path / "convnext")
-    args = recipe_args(tiny_teachers, image_dataset_dir, str(tmp_path / "convnext"), tmp_path / "out")
-    trainer = recipe.main([*args, "--max_steps", "3", "--save_steps", "3"])
+    trainer = recipe.main([*args, "--max_steps", "3", "--save_steps", "3", "--export_adaptors", "true"])
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
-    assert type(AutoModel.from_pretrained(tmp_path / "out")) is ConvNextModel
+    encoder = AutoModel.from_pretrained(tmp_path / "out").eval()
+    assert type(encoder) is ConvNextModel
+    # the adaptors: the same encoder (its last map flattened: a 2x2 grid at 32 px), one adaptor per teacher
+    adaptors = AutoModel.from_pretrained(tmp_path / "out" / "adaptors", trust_remote_code=True).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outputs, last_map = adaptors(pixels), encoder(pixels).last_hidden_state
+    torch.testing.assert_close(outputs.last_hidden_state, last_map.flatten(2).transpose(1, 2))
+    widths = {teacher["name"]: teacher["patch_dim"] for teacher in trainer.model.config.teachers}
+    assert {name: adaptor.patch_tokens.shape for name, adaptor in outputs.adaptors.items()} == {
+        name: (2, 4, width) for name, width in widths.items()
+    }
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| student | convnext (3 stages, widths 8, 16, 32, stride 16) |" in card
     assert "| student initialization | random weights |" in card
