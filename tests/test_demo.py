@@ -139,3 +139,23 @@ def test_short_demo_run_with_both_kinds_of_teachers(tmp_path, image_dataset_dir)
         "py:demo.teachers:efficientnet_lite0_teacher" in card
         and "teacher-output cache of 2 random resized crops" in card
     )
+
+
+def test_demo_student_is_a_small_resnet_on_the_teachers_7x7_grid(tmp_path):
+    from transformers import AutoModel, ResNetModel
+
+    from demo.run_demo import STUDENT_IMAGE_SIZE, save_untrained_student, student_config
+    from hf_distill.models.student_backbones import backbone_stride
+
+    config = student_config()
+    assert STUDENT_IMAGE_SIZE // backbone_stride(config) == 7  # the grid the teachers' patch tokens are aligned to
+    model = AutoModel.from_config(config)
+    assert 3.0e6 < sum(p.numel() for p in model.parameters()) < 3.5e6
+    assert model(torch.zeros(1, 3, 56, 56)).last_hidden_state.shape == (1, 256, 7, 7)
+
+    student_dir = tmp_path / "student"
+    student_dir.mkdir()
+    (student_dir / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5]}')
+    untrained = save_untrained_student(str(student_dir), str(tmp_path / "untrained"))
+    assert type(AutoModel.from_pretrained(untrained)) is ResNetModel
+    assert (tmp_path / "untrained" / "preprocessor_config.json").read_text() == '{"image_mean": [0.5, 0.5, 0.5]}'
