@@ -74,7 +74,7 @@ kd-evidence: install
 
 # UDON (dynamic sampler, round-robin) vs USCRR from the pretrained DINOv2 ViT-S/14 on MNIST, Fashion-MNIST and
 # scikit-learn digits, backbone frozen for the first epoch, 3 seeds; R@1 / mMP@5 per domain, results JSON + plot in
-# benchmarks/results. Larger settings: make udon-evidence UDON_EVIDENCE_ARGS="--train_per_domain 300 --seeds 0 1 2".
+# benchmarks/results (~30 min under heavy load). Larger: make udon-evidence UDON_EVIDENCE_ARGS="--train_per_domain 300".
 udon-evidence: install
 	@test -f $(FASHION_MNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 		|| (echo "Fashion-MNIST is missing: install the Debian package dataset-fashion-mnist" && exit 1)
