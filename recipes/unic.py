@@ -24,6 +24,7 @@ space): `AutoModel.from_pretrained(output_dir + "/adaptors", trust_remote_code=T
 """
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -37,13 +38,15 @@ from hf_distill.hub import take_hub_options
 from hf_distill.models import UnicStudentConfig, UnicStudentModel, load_teacher, load_teacher_config
 from hf_distill.models.builders import load_student_backbone_config
 from hf_distill.models.configuration_teacher import IMAGENET_MEAN, IMAGENET_STD
+from hf_distill.models.fingerprint import teacher_identity
 from hf_distill.models.standardization import STANDARDIZATION_MODES
 from hf_distill.models.student_backbones import describe_backbone, load_pretrained_backbone
 from hf_distill.models.teacher_loading import is_factory_spec
 from hf_distill.recipe_utils import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.restarts import start_run
 from hf_distill.trainers import UnicConfig, UnicTrainer, teacher_spec, unique_teacher_names
-from hf_distill.trainers.teacher_cache import CropViews, TeacherOutputCache
+from hf_distill.trainers.teacher_cache import CacheOptions, CropViews, TeacherOutputCache
+from hf_distill.trainers.teacher_cache_shards import TeacherOutputShards
 
 logger = logging.getLogger("hf_distill.recipes.unic")  # under "hf_distill" so it follows the same level
 
@@ -84,6 +87,10 @@ class ScriptArguments:
     )
     shuffle_buffer_size: int = field(
         default=1000, metadata={"help": "Examples in the shuffle buffer of --streaming (0: shards read in order)."}
+    )
+    teacher_cache_shard_size: int = field(
+        default=1000,
+        metadata={"help": "Images per WebDataset shard when --streaming writes the --teacher_cache shards."},
     )
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     dataset_split: str = field(default="train", metadata={"help": "Split of --train_data to train on."})
@@ -143,11 +150,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, UnicConf
             "evaluation loss is the distillation loss on their center crops, without teacher dropping), or leave "
             "--eval_strategy no."
         )
-    if script_args.streaming and training_args.teacher_cache:
-        raise ValueError(
-            "--teacher_cache indexes the outputs by row of a map-style dataset; with --streaming the teachers run "
-            "online (see README 'Data at web scale' for teacher outputs precomputed as WebDataset shards)."
-        )
     if script_args.eval_data and training_args.teacher_cache:
         raise ValueError(
             "--eval_data needs the teachers run on the held-out images, --teacher_cache replaces them by cached "
@@ -169,38 +171,85 @@ def load_eval_dataset(script_args: ScriptArguments):
     return dataset
 
 
-def build_teacher_cache(training_args, teacher_sources, names, train_dataset, script_args, student) -> None:
-    """Run the teachers once over the cached views (fixed, or random crops drawn once) of the training set. A cache already there is reused only where it
-    was built for exactly these teachers (weights fingerprints), options, sizes, views and data, and its shards pass
-    their checksums; the other shards are rebuilt. The other local processes wait for this one and read its result."""
-    if training_args.local_process_index != 0:
-        return
+def cache_options(training_args, script_args, student) -> dict:
+    """The [`CacheOptions`] of this run (less the image column) for a teacher-output cache of either format."""
+    crops = None
+    if training_args.teacher_cache_crops:
+        crops = CropViews(training_args.seed, tuple(training_args.crop_scale), flip_prob=training_args.flip_prob)
+    return {
+        "image_size": training_args.image_size,
+        "load_size": training_args.load_size,
+        "student_mean": student.config.image_mean,
+        "student_std": student.config.image_std,
+        "grid_size": student.grid_size(training_args.image_size, training_args.image_size),
+        "num_views": training_args.teacher_cache_views,
+        "jpeg_draft": training_args.jpeg_draft,
+        "crops": crops,
+    }
+
+
+def load_cache_teachers(training_args, teacher_sources, names) -> list[tuple[str, object]]:
+    """`(name, teacher)` pairs loaded as for training, on the training device, to build or check a cache."""
     dtype = training_args.teacher_torch_dtype()
     teachers = []
     for index, (name, source) in enumerate(zip(names, teacher_sources)):
         teacher = load_teacher(source, dtype=dtype, **training_args.teacher_options(index))
         teachers.append((name, teacher.to(training_args.device)))
+    return teachers
+
+
+def build_teacher_cache(training_args, teacher_sources, names, train_dataset, script_args, student) -> None:
+    """Run the teachers once over the cached views (fixed, or random crops drawn once) of the training set. A cache
+    already there is reused only where it was built for exactly these teachers (weights fingerprints), options, sizes,
+    views and data, and its shards pass their checksums; the other shards are rebuilt. The other local processes wait
+    for this one and read its result."""
+    if training_args.local_process_index != 0:
+        return
+    teachers = load_cache_teachers(training_args, teacher_sources, names)
     logger.info(
         "Checking (and building what is missing of) the teacher-output cache in %s", training_args.teacher_cache
     )
     TeacherOutputCache.build(
-        training_args.teacher_cache,
-        teachers,
-        train_dataset,
-        image_column=script_args.image_column,
-        image_size=training_args.image_size,
-        load_size=training_args.load_size,
-        student_mean=student.config.image_mean,
-        student_std=student.config.image_std,
-        grid_size=student.grid_size(training_args.image_size, training_args.image_size),
-        num_views=training_args.teacher_cache_views,
-        batch_size=training_args.per_device_train_batch_size,
-        device=training_args.device,
-        crops=CropViews(training_args.seed, tuple(training_args.crop_scale), flip_prob=training_args.flip_prob)
-        if training_args.teacher_cache_crops
-        else None,
-        jpeg_draft=training_args.jpeg_draft,
+        training_args.teacher_cache, teachers, train_dataset, script_args.image_column,
+        batch_size=training_args.per_device_train_batch_size, device=training_args.device,
+        **cache_options(training_args, script_args, student),
+    )  # fmt: skip
+
+
+def trains_from_shards(script_args, training_args) -> bool:
+    """`--streaming --teacher_cache DIR --train_data DIR`: training reads teacher-output shards built before."""
+    return bool(
+        script_args.streaming
+        and training_args.teacher_cache
+        and os.path.realpath(script_args.train_data) == os.path.realpath(training_args.teacher_cache)
     )
+
+
+def prepare_teacher_shards(training_args, teacher_sources, names, source, script_args, student) -> None:
+    """`--streaming --teacher_cache DIR`: write the teachers' outputs of every image of the `source` stream with the
+    images as WebDataset shards in DIR (intact shards of this configuration are kept), or, when `--train_data` is DIR,
+    check that its shards were built for these teachers and options (their cache key). On the local main process;
+    the others wait for it."""
+    if training_args.local_process_index != 0:
+        return
+    teachers = load_cache_teachers(training_args, teacher_sources, names)
+    options = cache_options(training_args, script_args, student)
+    if trains_from_shards(script_args, training_args):
+        shards = TeacherOutputShards(training_args.teacher_cache)
+        identities = [{"name": name, **teacher_identity(teacher)} for name, teacher in teachers]
+        shards.check_key(identities, CacheOptions(shards.options.image_column, **options))
+        logger.info("Training from the teacher-output shards in %s (%s)", shards.directory, shards.describe_views())
+        return
+    logger.info(
+        "Writing (what is missing of) the teacher-output shards of %s in %s",
+        script_args.train_data,
+        training_args.teacher_cache,
+    )
+    TeacherOutputShards.build(
+        training_args.teacher_cache, teachers, source.dataset, script_args.image_column,
+        batch_size=training_args.per_device_train_batch_size, samples_per_shard=script_args.teacher_cache_shard_size,
+        device=training_args.device, **options,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None, teachers: list | None = None, callbacks: list | None = None) -> UnicTrainer:
@@ -237,8 +286,11 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
     else:
         backbone_config = load_student_backbone_config(script_args.student_config, training_args.image_size)
     if script_args.streaming:  # read shard by shard, never materialized (images are not verified ahead)
+        image_column = script_args.image_column
+        if trains_from_shards(script_args, training_args):  # a missing shard is refused here
+            image_column = TeacherOutputShards(training_args.teacher_cache).image_column
         train_dataset = load_streaming_train_dataset(
-            script_args.train_data, script_args.image_column, script_args.dataset_split, training_args,
+            script_args.train_data, image_column, script_args.dataset_split, training_args,
             script_args.shuffle_buffer_size, script_args.max_train_samples,
         )  # fmt: skip
     else:
@@ -281,11 +333,21 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         if script_args.student_model else {},
         student_config=student_config, data={"train": train_dataset}, options=(script_args, training_args),
     )  # fmt: skip
-    if script_args.streaming and run.checkpoint is not None:  # continue each worker's stream where it stopped
-        train_dataset.load_state(run.checkpoint, training_args.dataloader_num_workers)
+    image_column = script_args.image_column
     if training_args.teacher_cache is not None:
         with training_args.main_process_first(desc="teacher-output cache"):
-            build_teacher_cache(training_args, teacher_sources, names, train_dataset, script_args, student)
+            if script_args.streaming:
+                prepare_teacher_shards(training_args, teacher_sources, names, train_dataset, script_args, student)
+            else:
+                build_teacher_cache(training_args, teacher_sources, names, train_dataset, script_args, student)
+        if script_args.streaming:  # the training stream reads the shards: images with their teachers' outputs
+            image_column = TeacherOutputShards(training_args.teacher_cache).image_column
+            if not trains_from_shards(script_args, training_args):
+                train_dataset = load_streaming_train_dataset(
+                    training_args.teacher_cache, image_column, "train", training_args, script_args.shuffle_buffer_size
+                )
+    if script_args.streaming and run.checkpoint is not None:  # continue each worker's stream where it stopped
+        train_dataset.load_state(run.checkpoint, training_args.dataloader_num_workers)
 
     trainer = UnicTrainer(
         model=student,
@@ -293,7 +355,7 @@ def main(argv: list[str] | None = None, teachers: list | None = None, callbacks:
         teachers=teacher_sources,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        image_column=script_args.image_column,
+        image_column=image_column,
         callbacks=(callbacks or []) + profiler_callbacks(script_args.profile, training_args),
     )
     result = run.train(trainer)  # a finished run trains nothing; a stopped one raises TrainingStopped

@@ -35,10 +35,13 @@ class CropViews:
     def describe(self) -> dict:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
-    def boxes(self, num_images: int, num_views: int, load_size: int) -> torch.Tensor:
+    def boxes(
+        self, num_images: int, num_views: int, load_size: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """`[num_images, num_views, 5]` boxes (see [`~hf_distill.data.augmentations.crop_boxes`]) in pixels of the
         `load_size` square images: a function of the seed and these sizes only (image `i` gets the same boxes whatever
-        the shard or batch it is built in)."""
-        generator = torch.Generator().manual_seed(self.seed)
+        the shard or batch it is built in). Images read as a stream pass one `generator` (seeded with `seed`) to the
+        calls for consecutive runs of images: the draws continue, and image `i` gets the same boxes as in one call."""
+        generator = generator if generator is not None else torch.Generator().manual_seed(self.seed)
         uniforms = torch.rand((num_images, num_views, 5), generator=generator, dtype=torch.float32)
         return crop_boxes(uniforms, load_size, load_size, tuple(self.scale), tuple(self.ratio), self.flip_prob)

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 import xxhash
@@ -56,24 +57,117 @@ SHARD_PATTERN = re.compile(r"shard-(\d{5})\.(safetensors|json)$")
 _NOT_KEYED = ("source", "revision")
 
 
-def output_description(
-    identities: list[dict], image_column, image_size, load_size, student_mean, student_std, grid_size, num_views, dtype,
-    jpeg_draft: bool,
-) -> dict:  # fmt: skip
-    """What determines the teacher outputs a cache stores for each image, in every cache format's key: the teachers
-    (their identities less `_NOT_KEYED`), how the images are read and viewed, and the storage dtype."""
-    return {
-        "teachers": [{k: v for k, v in identity.items() if k not in _NOT_KEYED} for identity in identities],
-        "image_column": image_column,
-        "image_size": image_size,
-        "load_size": load_size,
-        "student_mean": [float(v) for v in student_mean],
-        "student_std": [float(v) for v in student_std],
-        "grid_size": list(grid_size),
-        "num_views": num_views,
-        "dtype": str(dtype).removeprefix("torch."),
-        "jpeg_draft": jpeg_draft,  # the decoded pixels of JPEG images differ
-    }
+@dataclass(frozen=True)
+class CacheOptions:
+    """How the images are read and viewed for the teachers, and how their outputs are stored: the build options that
+    both cache formats ([`TeacherOutputCache`], [`~hf_distill.trainers.teacher_cache_shards.TeacherOutputShards`])
+    share, and with the teachers the part of their cache key that determines the stored values.
+
+    Args:
+        image_column (`str`): column holding the images.
+        image_size (`int`): side of the student's (and the teachers') views.
+        load_size (`int`): side of the decoded images the views are cut from.
+        student_mean, student_std (`list[float]`): the student's normalization, which the teachers' inputs go through.
+        grid_size (`tuple[int, int]`): the student's patch grid, which the teachers' patch tokens are aligned to.
+        num_views (`int`, defaults to 2): fixed views 1 (center) or 2 (center + flip), or the number of `crops`.
+        dtype (`torch.dtype`, defaults to `torch.float16`): storage dtype of the outputs.
+        jpeg_draft (`bool`, defaults to `True`): JPEG images decoded at reduced size before the resize (as the
+            training collator does).
+        crops ([`CropViews`], *optional*): `num_views` random resized crops per image instead of the fixed views.
+    """
+
+    image_column: str
+    image_size: int
+    load_size: int
+    student_mean: list[float]
+    student_std: list[float]
+    grid_size: tuple[int, int]
+    num_views: int = 2
+    dtype: torch.dtype = torch.float16
+    jpeg_draft: bool = True
+    crops: CropViews | None = None
+
+    def __post_init__(self):
+        if self.crops is None and self.num_views not in (1, 2):
+            raise ValueError(
+                f"num_views must be 1 (center) or 2 (center + flip) for fixed views, got {self.num_views}; pass crops= "
+                "for more random-crop views."
+            )
+        if self.num_views < 1:
+            raise ValueError(f"num_views must be at least 1, got {self.num_views}.")
+
+    def description(self, identities: list[dict]) -> dict:
+        """What determines the teacher outputs a cache stores for each image, in every cache format's key: the
+        teachers (their identities less `_NOT_KEYED`), how the images are read and viewed, and the storage dtype."""
+        description = {
+            "teachers": [{k: v for k, v in identity.items() if k not in _NOT_KEYED} for identity in identities],
+            "image_column": self.image_column,
+            "image_size": self.image_size,
+            "load_size": self.load_size,
+            "student_mean": [float(v) for v in self.student_mean],
+            "student_std": [float(v) for v in self.student_std],
+            "grid_size": list(self.grid_size),
+            "num_views": self.num_views,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "jpeg_draft": self.jpeg_draft,  # the decoded pixels of JPEG images differ
+        }
+        if self.crops is not None:  # only then: the key of a fixed-view cache is unchanged
+            description["crops"] = self.crops.describe()
+        return description
+
+    def describe_views(self) -> str:
+        if self.crops is None:
+            return f"{self.num_views} fixed views (center crop and flip)"
+        return (
+            f"{self.num_views} random resized crops (+ flips) per image, drawn once (seed {self.crops.seed}, scale "
+            f"{list(self.crops.scale)}, flip probability {self.crops.flip_prob})"
+        )
+
+    @staticmethod
+    def from_description(description: dict) -> "CacheOptions":
+        """The options a cache was built with, from the `content` of its index."""
+        crops = description.get("crops")
+        return CacheOptions(
+            description["image_column"], description["image_size"], description["load_size"],
+            description["student_mean"], description["student_std"], tuple(description["grid_size"]),
+            description["num_views"], getattr(torch, description["dtype"]), description.get("jpeg_draft", False),
+            None if crops is None else CropViews(crops["seed"], tuple(crops["scale"]), tuple(crops["ratio"]),
+                                                 crops["flip_prob"]),
+        )  # fmt: skip
+
+    def outputs(self, teachers, subset, batch_size, device, progress, boxes=None) -> dict[str, torch.Tensor]:
+        """`{"{teacher}.summary": [n, V, D], "{teacher}.patch": [n, V, h * w, D]}` of the fixed views of `subset` (a
+        dataset or a list of examples), or of its crops `boxes` (`[n, V, 5]`, then also stored as `views.boxes`);
+        `progress` (a tqdm bar, or `None`) advances by the images done."""
+        device = torch.device(device)
+        mean = torch.tensor(self.student_mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.student_std, device=device).view(1, -1, 1, 1)
+        outputs: dict[str, list[torch.Tensor]] = {}
+        collate = ImageCollator(self.load_size, image_column=self.image_column, jpeg_draft=self.jpeg_draft)
+        done = 0
+        for batch in DataLoader(subset, batch_size=batch_size, collate_fn=collate):
+            pixels = batch["pixel_values"].to(device)
+            per_view = {}
+            for view in range(self.num_views):
+                if boxes is None:
+                    views = fixed_views(pixels, self.image_size, torch.full((pixels.shape[0],), view, device=device))
+                else:
+                    crops = boxes[done : done + pixels.shape[0], view].to(device)
+                    views = resized_crop(pixels, crops, self.image_size)
+                normalized = (views - mean) / std
+                for name, teacher in teachers:
+                    result = teacher(normalized, mean.flatten(), std.flatten(), grid_size=self.grid_size)
+                    per_view.setdefault(f"{name}.summary", []).append(result.summary.to(self.dtype).cpu())
+                    per_view.setdefault(f"{name}.patch", []).append(result.patch_tokens.to(self.dtype).cpu())
+            for key, values in per_view.items():
+                outputs.setdefault(key, []).append(torch.stack(values, dim=1))  # [b, V, ...]
+            if progress is not None:
+                progress.update(pixels.shape[0])
+            done += pixels.shape[0]
+        tensors = {key: torch.cat(values).contiguous() for key, values in outputs.items()}
+        if boxes is not None:
+            tensors[BOXES] = boxes.contiguous()
+        return tensors
 
 
 def checksum(data: bytes | memoryview) -> str:
@@ -186,12 +280,7 @@ class TeacherOutputCache:
         return self.info["content"].get("crops")
 
     def describe_views(self) -> str:
-        if self.crops is None:
-            return f"{self.num_views} fixed views (center crop and flip)"
-        return (
-            f"{self.num_views} random resized crops (+ flips) per image, drawn once (seed {self.crops['seed']}, scale "
-            f"{self.crops['scale']}, flip probability {self.crops['flip_prob']})"
-        )
+        return CacheOptions.from_description(self.info["content"]).describe_views()
 
     def views(self, pixel_values: torch.Tensor, indices: torch.Tensor, views: torch.Tensor, size: int) -> torch.Tensor:
         """The student's view of cached (image `indices`, view `views`) pairs: uint8 `[B, 3, S, S]` images loaded at
@@ -283,60 +372,36 @@ class TeacherOutputCache:
         teachers: list[tuple[str, torch.nn.Module]],
         dataset,
         image_column: str,
-        image_size: int,
-        load_size: int,
-        student_mean: list[float],
-        student_std: list[float],
-        grid_size: tuple[int, int],
-        num_views: int = 2,
         batch_size: int = 64,
         shard_size: int = 2048,
-        dtype: torch.dtype = torch.float16,
         device: torch.device | str = "cpu",
-        crops: CropViews | None = None,
-        jpeg_draft: bool = True,
+        **options,
     ) -> "TeacherOutputCache":
-        """Run `teachers` (`(name, teacher module)` pairs) on every fixed view of `dataset` and store their outputs,
+        """Run `teachers` (`(name, teacher module)` pairs) on every cached view of `dataset` and store their outputs,
         reusing what is already in `directory` when it is intact and was built for exactly this configuration.
+
+        `options`: the other fields of [`CacheOptions`] (`image_size`, `load_size`, `student_mean`, `student_std`,
+        `grid_size`, `num_views`, `dtype`, `jpeg_draft`, and `crops`: [`CropViews`] for `num_views` random resized
+        crops per image instead of the fixed views).
 
         Each shard is kept only if its checksum record names this cache key, its rows, its size and its checksum;
         the others (missing, interrupted, corrupt, or built for other teachers, options, sizes or data) are rebuilt
         and the log says which and why. `cache.json` is removed before any shard is rewritten and written last.
-        `crops` ([`CropViews`]): `num_views` random resized crops per image instead of the fixed views.
-        `jpeg_draft`: JPEG images decoded at reduced size before the resize (as the training collator does).
         """
-        if crops is None and num_views not in (1, 2):
-            raise ValueError(
-                f"num_views must be 1 (center) or 2 (center + flip) for fixed views, got {num_views}; pass crops= "
-                "for more random-crop views."
-            )
-        if num_views < 1:
-            raise ValueError(f"num_views must be at least 1, got {num_views}.")
+        options = CacheOptions(image_column, **options)
         if len(dataset) == 0:
             raise ValueError("Cannot build a teacher-output cache of an empty dataset.")
         os.makedirs(directory, exist_ok=True)
         identities = [{"name": name, **teacher_identity(teacher)} for name, teacher in teachers]
         description = {  # everything that determines the stored values and the shard layout
             "format": CACHE_FORMAT,
-            **output_description(
-                identities,
-                image_column,
-                image_size,
-                load_size,
-                student_mean,
-                student_std,
-                grid_size,
-                num_views,
-                dtype,
-                jpeg_draft,
-            ),  # fmt: skip
+            **options.description(identities),
             "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
             "num_samples": len(dataset),
             "shard_size": shard_size,
         }
-        if crops is not None:  # only then: the key of a fixed-view cache is unchanged
-            description["crops"] = crops.describe()
-        boxes = crops.boxes(len(dataset), num_views, load_size) if crops is not None else None
+        crops, num_views = options.crops, options.num_views
+        boxes = crops.boxes(len(dataset), num_views, options.load_size) if crops is not None else None
         key = checksum(json.dumps(description, sort_keys=True).encode())
         index_path = os.path.join(directory, CACHE_INDEX)
         previous = _read_json(index_path)
@@ -365,11 +430,10 @@ class TeacherOutputCache:
             rebuilt.append(f"{name} ({problem})")
             if os.path.exists(index_path):
                 os.remove(index_path)  # a build killed from here on leaves no index naming a mix of old and new shards
-            tensors = cls.view_outputs(
-                teachers, dataset.select(range(start, stop)).select_columns([image_column]), image_column,
-                image_size, load_size, student_mean, student_std, grid_size, num_views, batch_size, dtype, device,
-                progress, None if boxes is None else boxes[start:stop], jpeg_draft,
-            )  # fmt: skip
+            subset = dataset.select(range(start, stop)).select_columns([image_column])
+            tensors = options.outputs(
+                teachers, subset, batch_size, device, progress, None if boxes is None else boxes[start:stop]
+            )
             data = serialize_safetensors(tensors, metadata={"cache_key": key, "rows": f"{start}:{stop}"})
             with atomic_path(path) as temporary, open(temporary, "wb") as handle:
                 handle.write(data)
@@ -401,10 +465,10 @@ class TeacherOutputCache:
             ],
             "num_samples": len(dataset),
             "num_views": num_views,
-            "image_size": image_size,
-            "load_size": load_size,
-            "jpeg_draft": jpeg_draft,
-            "grid_size": list(grid_size),
+            "image_size": options.image_size,
+            "load_size": options.load_size,
+            "jpeg_draft": options.jpeg_draft,
+            "grid_size": list(options.grid_size),
             "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
             "dtype": description["dtype"],
             "shards": records,
@@ -420,40 +484,3 @@ class TeacherOutputCache:
         else:
             logger.info("Using the teacher-output cache in %s (all %d shards verified)", directory, len(starts))
         return cls(directory)
-
-    @staticmethod
-    def view_outputs(
-        teachers, subset, image_column, image_size, load_size, student_mean, student_std, grid_size, num_views,
-        batch_size, dtype, device, progress, boxes=None, jpeg_draft=True,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
-        """`{"{teacher}.summary": [n, V, D], "{teacher}.patch": [n, V, h * w, D]}` of the fixed views of `subset` (a
-        dataset or a list of examples), or of its crops `boxes` (`[n, V, 5]`, then also stored as `views.boxes`);
-        `progress` (a tqdm bar, or `None`) advances by the images done."""
-        device = torch.device(device)
-        mean = torch.tensor(student_mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(student_std, device=device).view(1, -1, 1, 1)
-        outputs: dict[str, list[torch.Tensor]] = {}
-        collate = ImageCollator(load_size, image_column=image_column, jpeg_draft=jpeg_draft)
-        done = 0
-        for batch in DataLoader(subset, batch_size=batch_size, collate_fn=collate):
-            pixels = batch["pixel_values"].to(device)
-            per_view = {}
-            for view in range(num_views):
-                if boxes is None:
-                    views = fixed_views(pixels, image_size, torch.full((pixels.shape[0],), view, device=device))
-                else:
-                    views = resized_crop(pixels, boxes[done : done + pixels.shape[0], view].to(device), image_size)
-                normalized = (views - mean) / std
-                for name, teacher in teachers:
-                    result = teacher(normalized, mean.flatten(), std.flatten(), grid_size=grid_size)
-                    per_view.setdefault(f"{name}.summary", []).append(result.summary.to(dtype).cpu())
-                    per_view.setdefault(f"{name}.patch", []).append(result.patch_tokens.to(dtype).cpu())
-            for key, values in per_view.items():
-                outputs.setdefault(key, []).append(torch.stack(values, dim=1))  # [b, V, ...]
-            if progress is not None:
-                progress.update(pixels.shape[0])
-            done += pixels.shape[0]
-        tensors = {key: torch.cat(values).contiguous() for key, values in outputs.items()}
-        if boxes is not None:
-            tensors[BOXES] = boxes.contiguous()
-        return tensors

@@ -70,7 +70,9 @@ class UnicConfig(
             Apply the training augmentations. When `False`, training views are resized and center-cropped.
         teacher_cache (`str`, *optional*):
             Folder of a [`TeacherOutputCache`]: teacher outputs of fixed views (center crop and its flip) computed
-            once and read during training instead of running the teachers.
+            once and read during training instead of running the teachers. With `--streaming` (recipe), a folder of
+            WebDataset shards ([`~hf_distill.trainers.teacher_cache_shards.TeacherOutputShards`]) holding each image
+            with its teachers' outputs (and crops), streamed during training; the format is read from the folder.
         teacher_cache_views (`int`, defaults to 2):
             Number of views per image in the cache: fixed views 1 (center) or 2 (center and flip); any number of
             random crops with `teacher_cache_crops`.
@@ -140,8 +142,10 @@ class UnicConfig(
     teacher_cache: str | None = field(
         default=None,
         metadata={
-            "help": "Folder of a teacher-output cache of fixed views (center, flip): built on first use, then the "
-            "teachers are not run during training (no crop / color augmentation in this mode)."
+            "help": "Folder of a teacher-output cache of fixed views (center, flip) or stored random crops: built on "
+            "first use, then the teachers are not run during training (no color augmentation in this mode). With "
+            "--streaming: WebDataset shards of the images with their teachers' outputs, streamed (--train_data the "
+            "source to build them from, or the same folder to train from shards built before)."
         },
     )
     teacher_cache_views: int = field(

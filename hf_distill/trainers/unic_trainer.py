@@ -26,7 +26,8 @@ from ..models.teacher_loading import load_teacher, teacher_outputs, teacher_sour
 from ..models.teacher_quantization import cheaper_teacher, check_fidelity, measure_fidelity
 from .base import DistillationTrainer
 from .nonfinite import assert_finite_weights, finite_rows
-from .teacher_cache import INDEX_COLUMN, TeacherOutputCache, fixed_views
+from .teacher_cache import BOXES, INDEX_COLUMN, fixed_views
+from .teacher_cache_shards import TeacherOutputShards, open_teacher_cache
 from .unic_config import UnicConfig
 
 logger = logging.getLogger(__name__)
@@ -99,19 +100,33 @@ class UnicTrainer(DistillationTrainer):
         grid = model.grid_size(
             args.image_size, args.image_size
         )  # fails early on a size the patch size does not divide
-        self.teacher_cache = TeacherOutputCache(args.teacher_cache) if args.teacher_cache else None
+        # a map-style cache (indexed by row) or WebDataset shards (the outputs streamed with their images)
+        self.teacher_cache = open_teacher_cache(args.teacher_cache) if args.teacher_cache else None
+        shards = isinstance(self.teacher_cache, TeacherOutputShards)
         if self.teacher_cache is not None:
             if self.teacher_cache.teacher_names != model.config.teacher_names:
                 raise ValueError(
                     f"The teacher-output cache holds {self.teacher_cache.teacher_names}, the student has heads for "
                     f"{model.config.teacher_names}."
                 )
+            cached = {spec["name"]: spec for spec in self.teacher_cache.teacher_specs()}
+            for spec in model.config.teachers:
+                if (spec["summary_dim"], spec["patch_dim"]) != (
+                    cached[spec["name"]]["summary_dim"],
+                    cached[spec["name"]]["patch_dim"],
+                ):
+                    raise ValueError(
+                        f"The teacher-output cache holds {cached[spec['name']]['summary_dim']}-d summary / "
+                        f"{cached[spec['name']]['patch_dim']}-d patch tokens for {spec['name']!r}, the student's "
+                        f"heads predict {spec['summary_dim']} / {spec['patch_dim']}: it was built for other teachers."
+                    )
             self.teacher_cache.check(train_dataset, args.image_size, grid, args.load_size, args.jpeg_draft)
             if eval_dataset is not None:
                 raise ValueError(
                     "Evaluation loss needs online teachers: do not pass an eval_dataset with a teacher cache."
                 )
-            train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
+            if not shards:
+                train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
             teachers = []  # the cache replaces the teachers
         else:
             teachers = list(teachers if teachers is not None else (args.teachers or []))
@@ -121,10 +136,12 @@ class UnicTrainer(DistillationTrainer):
                     f"({model.config.teacher_names}) but {len(teachers)} teachers were given."
                 )
         if data_collator is None:
-            index_column = INDEX_COLUMN if self.teacher_cache is not None else None
+            index_column = INDEX_COLUMN if self.teacher_cache is not None and not shards else None
             data_collator = ImageCollator(
                 args.load_size, image_column=image_column, index_column=index_column, jpeg_draft=args.jpeg_draft
             )
+            if shards:  # the batch also holds each sample's stored outputs (and crops)
+                data_collator = self.teacher_cache.collator(data_collator)
         super().__init__(
             model, args, train_dataset, eval_dataset, data_collator, processing_class, callbacks, optimizers,
             image_mean=model.config.image_mean, image_std=model.config.image_std,
@@ -220,12 +237,15 @@ class UnicTrainer(DistillationTrainer):
         generator: torch.Generator | None,
         fixed_view_ids: torch.Tensor | None = None,
         sample_index: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """uint8 `[B, 3, S, S]` -> the normalized student view `[B, 3, image_size, image_size]`: the cached views
-        `fixed_view_ids` of images `sample_index` (teacher-output cache: the views the teachers saw), the UNIC
-        augmentations (training), or the center crop."""
+        `fixed_view_ids` of images `sample_index` (map-style teacher-output cache) or of stored crops `boxes`
+        (teacher-output shards): the views the teachers saw; the UNIC augmentations (training), or the center crop."""
         size = self.args.image_size
-        if fixed_view_ids is not None and self.teacher_cache is not None and sample_index is not None:
+        if fixed_view_ids is not None and isinstance(self.teacher_cache, TeacherOutputShards):
+            views = self.teacher_cache.views(pixel_values, boxes, fixed_view_ids, size)
+        elif fixed_view_ids is not None and self.teacher_cache is not None and sample_index is not None:
             views = self.teacher_cache.views(pixel_values, sample_index, fixed_view_ids, size)
         elif fixed_view_ids is not None:
             views = fixed_views(pixel_values, size, fixed_view_ids)
@@ -246,16 +266,17 @@ class UnicTrainer(DistillationTrainer):
             views = torch.zeros(inputs["pixel_values"].shape[0], dtype=torch.long, device=device)
             if training:
                 views = torch.randint(self.teacher_cache.num_views, views.shape, generator=generator, device=device)
-        pixel_values = self.make_views(inputs["pixel_values"], training, generator, views, inputs.get("sample_index"))
+        pixel_values = self.make_views(
+            inputs["pixel_values"], training, generator, views, inputs.get("sample_index"), inputs.get(BOXES)
+        )
         grid = student.grid_size(*pixel_values.shape[-2:])
         weight = None
         if training:
             weight = ema_weight(self.state.global_step, self.state.max_steps)
 
-        if self.teacher_cache is not None:
-            outputs = [
-                self.teacher_cache.lookup(name, inputs["sample_index"], views, device) for name in self.teacher_names
-            ]
+        if self.teacher_cache is not None:  # the stored outputs: of the batch (shards) or looked up by row
+            rows = inputs if isinstance(self.teacher_cache, TeacherOutputShards) else inputs["sample_index"]
+            outputs = [self.teacher_cache.lookup(name, rows, views, device) for name in self.teacher_names]
         else:
             outputs = teacher_outputs(self.teachers, pixel_values, self._student_mean, self._student_std, grid)
         # a teacher's non-finite rows: out of its statistics (standardized to 0) and of its loss, counted
