@@ -209,6 +209,7 @@ def export(trainer, script_args, training_args, results, names, teacher: str, hu
         output_dir, results, teacher=teacher, teacher_source=script_args.teacher, dataset=script_args.dataset,
         eval_split=script_args.eval_split, num_classes=len(names), settings=settings,
         log_history=trainer.state.log_history, repo_id=training_args.hub_model_id, paper=trainer._paper,
+        tags=trainer._tag_names,
     )  # fmt: skip
     if hub_options is not None:
         hub_options.push(output_dir, "Upload task-distilled classifier")
