@@ -6,7 +6,9 @@ feature space (the training-time standardization is folded into the last layers 
     outputs.adaptors["dinov2-base"].summary       # (batch_size, teacher_dim)
     outputs.adaptors["dinov2-base"].patch_tokens  # (batch_size, num_patches, teacher_dim), on the student's grid
 
-This file is copied next to the exported weights: it imports only torch and transformers, never hf_distill.
+This file is copied next to the exported weights: it imports only torch and transformers, never hf_distill. It
+therefore repeats, on purpose, the model code it needs (the ladder features of `modeling_unic.py`, the
+`PreTrainedModel` attributes of `modeling_udon_embedding.py`): a change there must be made here too.
 """
 
 import functools
