@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -29,7 +28,8 @@ import torch
 from PIL import Image
 
 from hf_distill.data.image_datasets import ImageCollator
-from hf_distill.io_utils import write_json_atomically, write_text_atomically
+
+from .report import command_line, write_report
 
 
 def shipped_photos() -> list[str]:
@@ -192,16 +192,13 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "device": f"{platform.processor() or platform.machine()}",
         "pillow": PIL.__version__,
-        "command": "python -m benchmarks.bench_decode " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("bench_decode", argv),
         "files": list(files),
         "results": rows,
         "feeding": feeding(rows, step_results),
     }
     table = format_tables(report)
-    stem = os.path.join(args.output_dir, "decode")
-    write_json_atomically(stem + ".json", report)
-    write_text_atomically(stem + ".md", table + "\n")
-    print(table)
+    write_report(os.path.join(args.output_dir, "decode"), report, table)
     return report
 
 

@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from hf_distill.data.image_datasets import ImageCollator, load_image_dataset
 from hf_distill.data.streaming import PositionCollator, StreamingImageDataset, load_streaming_dataset
-from hf_distill.io_utils import write_json_atomically, write_text_atomically
+
+from .report import write_report
 
 
 def make_jpegs(count: int, seed: int = 0) -> list[bytes]:
@@ -137,12 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     for key, rate in results["images_per_second"].items():
         kind, workers = key.split(", ")
         lines.append(f"| {kind} | {workers.split()[0]} | {rate} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
     name = args.name or f"cpu{os.cpu_count()}"
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_json_atomically(os.path.join(args.output_dir, f"streaming_{name}.json"), results)
-    write_text_atomically(os.path.join(args.output_dir, f"streaming_{name}.md"), table)
+    write_report(os.path.join(args.output_dir, f"streaming_{name}"), results, "\n".join(lines) + "\n")
     return results
 
 

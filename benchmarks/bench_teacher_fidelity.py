@@ -11,18 +11,17 @@ tokens, so that `teacher_fidelity_max_error` can be judged against real teachers
 
 import argparse
 import os
-import sys
 import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
 
-from hf_distill.io_utils import write_json_atomically, write_text_atomically
 from hf_distill.models import load_teacher
 from hf_distill.models.teacher_quantization import cheaper_teacher, measure_fidelity
 
 from .bench_decode import shipped_photos
+from .report import command_line, write_report
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 
@@ -70,8 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name} {what}: {fidelity}", flush=True)
     lines = [
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, {args.images} crops "
-        "of 224 px from the shipped photos; python -m benchmarks.bench_teacher_fidelity "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        f"of 224 px from the shipped photos; {command_line('bench_teacher_fidelity', argv)}",
         "",
         "| teacher | form | summary cosine | summary rel. error | patch cosine | patch rel. error |",
         "|---|---|---:|---:|---:|---:|",
@@ -82,10 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['patch_cosine']:.4f} | {row['patch_error']:.4f} |"
         )
     report = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "images": args.images, "results": rows}
-    stem = os.path.join(args.output_dir, "teacher_fidelity")
-    write_json_atomically(stem + ".json", report)
-    write_text_atomically(stem + ".md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(os.path.join(args.output_dir, "teacher_fidelity"), report, "\n".join(lines))
     return report
 
 

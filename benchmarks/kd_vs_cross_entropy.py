@@ -56,6 +56,8 @@ from hf_distill.synthetic import (
     write_dataset_card,
 )
 
+from .report import write_report
+
 logger = logging.getLogger("hf_distill.benchmarks.kd_vs_cross_entropy")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,10 +269,10 @@ def main(argv=None) -> dict:
 
     report = build_report(args, argv, accuracies, teacher_accuracy, wall_times, started, complete=True)
     stem = os.path.join(args.results_dir, f"kd_vs_cross_entropy_{tag}")
-    write_json_atomically(f"{stem}.json", report)
+    title = f"Fashion-MNIST, {tag}, seeds {args.seeds}: student accuracy per arm"
+    write_report(stem, report, plot=lambda path: plot(report, title, path))
     if os.path.exists(f"{stem}.partial.json"):
         os.remove(f"{stem}.partial.json")
-    plot(report, f"Fashion-MNIST, {tag}, seeds {args.seeds}: student accuracy per arm", f"{stem}.png")
     print(format_table(report))
     print(f"Wrote {stem}.json and {stem}.png")
     return report

@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
     mean, std = student_normalization(script_args.student, script_args.image_mean, script_args.image_std)
     logger.info("Student %s: %s parameters", student.config.model_type, f"{student.num_parameters():,}")
     train_data = concatenate_datasets([train, synthetic]) if synthetic is not None else train
+    processor = CLIPImageProcessorPil(  # the evaluation transform: shorter side to `size`, center crop, normalize
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=mean, image_std=std
+    )  # saved with the student by the final (atomic) save_model
     trainer = KDTrainer(
         model=student,
         teacher=probed,
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
         num_synthetic=len(synthetic) if synthetic is not None else 0,
         image_mean=mean,
         image_std=std,
+        processing_class=processor,
         callbacks=callbacks,
     )
     run.train(trainer)  # a finished run trains nothing; a stopped one raises TrainingStopped
@@ -179,20 +183,18 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> tuple[
         "num_synthetic": len(synthetic) if synthetic is not None else 0,
     }
     logger.info("Student accuracy %.2f%% (probed teacher %.2f%%)", accuracy, probe_results["accuracy"])
-    trainer.save_model(training_args.output_dir)  # on every process: DeepSpeed ZeRO-3 / FSDP gather the weights
+    # on every process (DeepSpeed ZeRO-3 / FSDP gather the weights); the student and its processor, atomically
+    trainer.save_model(training_args.output_dir)
     if training_args.should_save:
-        export(trainer, script_args, training_args, results, mean, std, names, teacher_name(teacher), hub_options)
+        export(trainer, script_args, training_args, results, names, teacher_name(teacher), hub_options)
     run.close()
     return trainer, results
 
 
-def export(trainer, script_args, training_args, results, mean, std, names, teacher: str, hub_options=None) -> None:
-    """Image processor + eval_results.json + plots + model card beside the saved student in `output_dir`; push when
-    asked (`hub_options`). `teacher` is the name of the probed teacher in the card."""
+def export(trainer, script_args, training_args, results, names, teacher: str, hub_options=None) -> None:
+    """eval_results.json + plots + model card beside the saved student and its image processor in `output_dir`;
+    push when asked (`hub_options`). `teacher` is the name of the probed teacher in the card."""
     output_dir, size = training_args.output_dir, training_args.image_size
-    CLIPImageProcessorPil(  # the evaluation transform: shorter side to `size`, center crop, normalize
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=mean, image_std=std
-    ).save_pretrained(output_dir)
     settings = {
         "student": script_args.student,
         "classes": len(names),
@@ -207,6 +209,7 @@ def export(trainer, script_args, training_args, results, mean, std, names, teach
         output_dir, results, teacher=teacher, teacher_source=script_args.teacher, dataset=script_args.dataset,
         eval_split=script_args.eval_split, num_classes=len(names), settings=settings,
         log_history=trainer.state.log_history, repo_id=training_args.hub_model_id, paper=trainer._paper,
+        tags=trainer._tag_names,
     )  # fmt: skip
     if hub_options is not None:
         hub_options.push(output_dir, "Upload task-distilled classifier")

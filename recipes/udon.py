@@ -195,7 +195,7 @@ def export(trainer, script_args, training_args, domain_specs, results: dict) -> 
         training_args.output_dir, results, [DomainSpec.parse(spec) for spec in domain_specs],
         method=script_args.method, backbone=script_args.backbone, random_init=script_args.random_init,
         settings=settings, log_history=trainer.state.log_history, embedding_dim=config.embedding_dim,
-        repo_id=training_args.hub_model_id, paper=trainer._paper,
+        repo_id=training_args.hub_model_id, paper=trainer._paper, tags=trainer._tag_names,
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from benchmarks import bench_unic_step
 from benchmarks.flops import count_flops
+from benchmarks.report import command_line, write_report
 
 
 def test_benchmark_writes_every_arm_with_flops_and_fraction_of_peak(tmp_path):
@@ -50,3 +51,13 @@ def test_attention_flops_are_counted_on_cpu():
     assert per_op["_scaled_dot_product_flash_attention_for_cpu"] == forward
     assert flops == forward + per_op["_scaled_dot_product_flash_attention_for_cpu_backward"]
     assert per_op["_scaled_dot_product_flash_attention_for_cpu_backward"] == 2.5 * forward
+
+
+def test_write_report_writes_json_markdown_and_plot_side_by_side(tmp_path, capsys):
+    stem = str(tmp_path / "results" / "run")
+    write_report(stem, {"a": [1, 2]}, "| x |\n|---|", plot=lambda path: open(path, "wb").write(b"png"))
+    assert json.loads((tmp_path / "results" / "run.json").read_text()) == {"a": [1, 2]}
+    assert (tmp_path / "results" / "run.md").read_text() == "| x |\n|---|\n"
+    assert (tmp_path / "results" / "run.png").read_bytes() == b"png"
+    assert "| x |" in capsys.readouterr().out
+    assert command_line("bench_decode", ["--sizes", "64"]) == "python -m benchmarks.bench_decode --sizes 64"

@@ -26,6 +26,7 @@ def write_task_distill_card(
     log_history: list[dict],
     repo_id: str | None = None,
     paper: dict | None = None,
+    tags: list[str] | None = None,
 ) -> None:
     """`eval_results.json`, the loss plot and the model card of a task-distilled classifier saved in `output_dir`.
 
@@ -37,6 +38,7 @@ def write_task_distill_card(
         settings: the card's settings table.
         log_history: `trainer.state.log_history` (the loss terms `loss`, `cross_entropy`, `kl` are plotted).
         paper: the trainer's `_paper`, cited by the card (see [`create_or_update_model_card`]).
+        tags: the card's extra tags (the trainer's `_tag_names`).
     """
     weights = weight_files_sha256(output_dir)
     dataset_name = publishable_name(dataset)
@@ -84,6 +86,7 @@ def write_task_distill_card(
         pipeline_tag="image-classification",
         method_tag="task-specific-distillation",
         method="task",
+        tags=tags,
         repo_id=repo_id,
         paper=paper,
     )
@@ -132,10 +135,11 @@ def write_udon_card(
     embedding_dim: int,
     repo_id: str | None = None,
     paper: dict | None = None,
+    tags: list[str] | None = None,
 ) -> None:
     """`eval_results.json` (tied to the exported weights), plots (retrieval per domain, sampler weights) and the model
     card of a UDON / USCRR embedding model saved in `output_dir`. `specs` are the domains' [`DomainSpec`]s, `settings`
-    the card's settings table, `paper` the trainer's `_paper`."""
+    the card's settings table, `paper` the trainer's `_paper`, `tags` extra tags (the trainer's `_tag_names`)."""
     weights = weight_files_sha256(output_dir)
     write_json_atomically(os.path.join(output_dir, "eval_results.json"), {**results, "weights": weights})
     plots = [plot_domain_retrieval(results, os.path.join(output_dir, "plots", "retrieval_per_domain.png"))]
@@ -164,7 +168,7 @@ def write_udon_card(
         pipeline_tag="image-feature-extraction",
         method_tag="udon",
         method="udon",
-        tags=["image-retrieval", "universal-embedding"],
+        tags=[*(tags or []), "image-retrieval", "universal-embedding"],
         repo_id=repo_id,
         paper=paper,
     )

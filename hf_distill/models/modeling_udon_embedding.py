@@ -1,7 +1,9 @@
 """The exported UDON universal embedding model: `AutoModel.from_pretrained(dir, trust_remote_code=True)(pixel_values)`
 returns the L2-normalized 64-d embedding in `image_embeds`.
 
-This file is copied next to the exported weights: it imports only torch and transformers, never hf_distill.
+This file is copied next to the exported weights: it imports only torch and transformers, never hf_distill. It
+therefore repeats, on purpose, what it needs of the model code (the UDON embedding of `modeling_udon.py`, the
+`PreTrainedModel` attributes of `modeling_unic_adaptors.py`): a change there must be made here too.
 """
 
 import functools

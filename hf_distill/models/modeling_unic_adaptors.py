@@ -12,7 +12,9 @@ ResNet, Swin: the ladder reads its stages).
 This file is copied next to the exported weights: it imports only torch and transformers, never hf_distill. It
 therefore repeats, on purpose, the pieces of hf_distill's student it needs (the ladder MLPs, how the ladder reads a
 ViT's blocks), which must compute exactly what the training-time student computes; the training-time student
-imports `feature_map_ladder_features` from here rather than keeping a copy.
+imports `feature_map_ladder_features` from here rather than keeping a copy. A change to the repeated pieces in
+`modeling_unic.py` (or to the `PreTrainedModel` attributes shared with `modeling_udon_embedding.py`) must be made here
+too.
 """
 
 import functools

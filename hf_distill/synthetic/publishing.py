@@ -88,16 +88,13 @@ def synthesis_card(output_dir: str, repo_id: str | None = None) -> DatasetCard:
     title = f"ImageMixer mixes of {source}"
     scheduler = _scheduler_name(read_synthesis_config(output_dir)["pipeline"])
     synthesis = {**config, **({"scheduler": scheduler} if scheduler else {})}
-    card_data = _card_data(settings, title, "image-mixer", synthesis)
-    template = importlib.resources.files("hf_distill").joinpath("hub", "templates", "synthetic_dataset_card.md")
-    return DatasetCard.from_template(
-        card_data,
-        template_str=template.read_text(encoding="utf-8"),
-        pretty_name=title,
-        source_dataset=source,
+    return _render_card(
+        "synthetic_dataset_card.md",
+        _card_data(settings, title, "image-mixer", synthesis),
+        settings,
+        config,
         pipeline=settings.pipeline,
         scheduler=scheduler,
-        **_set_values(settings, config),
         weights=weights,
         seed=settings.seed,
         num_inference_steps=settings.num_inference_steps,
@@ -105,6 +102,22 @@ def synthesis_card(output_dir: str, repo_id: str | None = None) -> DatasetCard:
         size=size,
         torch_dtype=settings.torch_dtype,
         repo_id=repo_id or f"<user>/{os.path.basename(os.path.abspath(output_dir))}",
+    )
+
+
+def _render_card(
+    template_name: str, card_data: DatasetCardData, settings: SynthesisSettings, config: dict, **values
+) -> DatasetCard:
+    """A synthetic set's card from `hub/templates/<template_name>`: its title and source, what every card says about
+    the set ([`_set_values`]) and the generator's own `values`."""
+    template = importlib.resources.files("hf_distill").joinpath("hub", "templates", template_name)
+    return DatasetCard.from_template(
+        card_data,
+        template_str=template.read_text(encoding="utf-8"),
+        pretty_name=card_data.pretty_name,
+        source_dataset=settings.source_dataset,
+        **_set_values(settings, config),
+        **values,
     )
 
 
@@ -141,15 +154,12 @@ def _pixel_mixup_card(settings: SynthesisSettings, config: dict, repo_id: str) -
     source = settings.source_dataset
     title = f"{label[0].upper()}{label[1:]} of {source}"
     size = "the first source's size" if settings.height is None else f"{settings.height} x {settings.width}"
-    card_data = _card_data(settings, title, "mixup", {**config, "generator_label": label})
-    template = importlib.resources.files("hf_distill").joinpath("hub", "templates", "pixel_mixup_dataset_card.md")
-    return DatasetCard.from_template(
-        card_data,
-        template_str=template.read_text(encoding="utf-8"),
-        pretty_name=title,
+    return _render_card(
+        "pixel_mixup_dataset_card.md",
+        _card_data(settings, title, "mixup", {**config, "generator_label": label}),
+        settings,
+        config,
         label=label,
-        source_dataset=source,
-        **_set_values(settings, config),
         mix_alpha=settings.mix_alpha,
         seed=settings.seed,
         size=size,

@@ -1,6 +1,7 @@
 """`KDTrainer`: a small image classifier distilled from a probed teacher, on real and synthetic images."""
 
 import logging
+import os
 
 import torch
 from torch.utils.data import DataLoader
@@ -125,16 +126,32 @@ class KDTrainer(DistillationTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints keep the model's live parameter names (`save_original_format=False`): transformers 5's Trainer
-        resume loads them without the legacy-name conversion. The final save is a standard `save_pretrained`, refused
-        when a weight is not finite."""
-        if not _internal_call:
-            # ZeRO-3 gathers the weights through its engine
-            model = self.model_wrapped if self.is_deepspeed_enabled else self.model
-            assert_finite_weights(self.accelerator.get_state_dict(model), "the student")
-        if not _internal_call or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super().save_model(output_dir, _internal_call=_internal_call)
-        model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(output_dir, save_original_format=False, is_main_process=self.args.should_save)
+        resume loads them without the legacy-name conversion. The final save (`save_pretrained`, the processing class
+        and the training arguments) is refused when a weight is not finite and written atomically
+        ([`DistillationTrainer.export_staged`]): a failure or a kill leaves the previous export whole."""
+        if _internal_call:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                return super().save_model(output_dir, _internal_call=True)
+            model = self.accelerator.unwrap_model(self.model)
+            model.save_pretrained(output_dir, save_original_format=False, is_main_process=self.args.should_save)
+            return None
+        output_dir = output_dir or self.args.output_dir
+        # gathered under FSDP / ZeRO-3 (DeepSpeed gathers through its engine)
+        state_dict = self.accelerator.get_state_dict(self.model_wrapped if self.is_deepspeed_enabled else self.model)
+        assert_finite_weights(state_dict, "the student")
+        if not self.args.should_save:
+            return None
+        student = self.accelerator.unwrap_model(self.model)
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+
+        def write(folder: str) -> None:
+            student.save_pretrained(folder, state_dict=state_dict if sharded else None)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(folder)
+            torch.save(self.args, os.path.join(folder, "training_args.bin"))
+
+        self.export_staged(output_dir, write)
+        logger.info("Exported the student (%s) to %s", type(student).__name__, output_dir)
         return None
 
 

@@ -356,7 +356,8 @@ class UnicTrainer(DistillationTrainer):
         self, model_name: str | None = None, dataset_name: str | None = None, tags: list[str] | None = None
     ) -> None:
         """Write (or update) `output_dir/README.md` and `output_dir/plots/teacher_losses.png` (per-teacher losses and
-        kept coefficients over training, UNIC figures 3-4). Existing evaluation results in the card are kept."""
+        kept coefficients over training, UNIC figures 3-4). Existing evaluation results in the card are kept; its tags
+        are the trainer's `_tag_names` and `tags`."""
         if not self.is_world_process_zero():
             return
         output_dir = self.args.output_dir
@@ -412,7 +413,7 @@ class UnicTrainer(DistillationTrainer):
             training_data=dataset_name or "-",
             settings=settings,
             plots=plots,
-            tags=tags,
+            tags=[*self._tag_names, *(tags or [])],  # TRL's convention: the trainer's tags, then the caller's
             repo_id=self.hub_model_id or self.args.hub_model_id,
             paper=self._paper,
         )

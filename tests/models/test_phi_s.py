@@ -9,6 +9,7 @@ from hf_distill import UnicStudentConfig, UnicStudentModel
 from hf_distill.models.phi_s import PhiSStandardizer, hadamard_matrix, hadamard_size
 
 from ..conftest import tiny_vit_config
+from ..process_group import run_in_process_group
 
 
 def correlated_features(rows: int, dim: int, seed: int = 0, offset: float = 5.0) -> torch.Tensor:
@@ -147,29 +148,17 @@ def test_student_heads_predict_the_padded_width_and_checkpoints_keep_phi_s(tmp_p
         UnicStudentConfig(standardization="phi-s", standardization_warmup_steps=0)
 
 
-def _phi_s_worker(rank, world_size, port, chunks, results):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+def _phi_s_state(rank, chunks):
     standardizer = PhiSStandardizer(chunks[rank].shape[-1], warmup_steps=1)
     standardizer(chunks[rank], ema_weight=1.0)
-    results[rank] = {key: value.clone() for key, value in standardizer.state_dict().items()}
-    dist.destroy_process_group()
+    return {key: value.clone() for key, value in standardizer.state_dict().items()}
 
 
 @pytest.mark.distributed
 def test_statistics_are_over_the_global_batch_across_processes():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     data = correlated_features(90, 8, seed=6)
     chunks = [data[:60], data[60:] + 0.5]  # different sizes and distributions per process
-    results = mp.Manager().dict()
-    mp.spawn(_phi_s_worker, args=(2, port, chunks, results), nprocs=2, join=True)
+    results = run_in_process_group(_phi_s_state, chunks)
     single = PhiSStandardizer(8, warmup_steps=1)
     single(torch.cat(chunks), ema_weight=1.0)
     for rank in (0, 1):

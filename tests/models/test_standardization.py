@@ -7,6 +7,8 @@ import torch
 from hf_distill.models.configuration_unic import UnicStudentConfig
 from hf_distill.models.standardization import FeatureStandardizer, ema_weight, global_moments
 
+from ..process_group import run_in_process_group
+
 
 def _numpy_moments(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Float64 numpy reference: per-dimension mean and unbiased std over all leading dims."""
@@ -183,25 +185,14 @@ def test_standardizer_buffers_are_in_state_dict():
     assert not math.isnan(state["std"].sum().item())
 
 
-def _moments_worker(rank, world_size, port, chunks, masks, results):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+def _dune_moments(rank, chunks, masks):
     standardizer = FeatureStandardizer(chunks[rank].shape[-1], "dune")
     out = standardizer(chunks[rank], ema_weight=1.0, valid=masks[rank])  # EMA weight 1: buffers = batch statistics
-    results[rank] = (standardizer.mean.clone(), standardizer.std.clone(), out)
-    dist.destroy_process_group()
+    return standardizer.mean.clone(), standardizer.std.clone(), out
 
 
 @pytest.mark.distributed
 def test_statistics_are_over_the_global_batch_across_processes():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     generator = torch.Generator().manual_seed(0)
     offsets = torch.tensor([0.0, 10.0, 1000.0, 1e4])
     spreads = torch.tensor([1.0, 0.01, 0.01, 0.01])
@@ -212,9 +203,7 @@ def test_statistics_are_over_the_global_batch_across_processes():
     ]
     chunks[1][2] = float("nan")
     masks = [torch.ones(8, dtype=torch.bool), torch.tensor([True, True, False, True, True])]
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_moments_worker, args=(2, port, chunks, masks, results), nprocs=2, join=True)
+    results = run_in_process_group(_dune_moments, chunks, masks)
 
     concatenated = torch.cat([chunk[mask] for chunk, mask in zip(chunks, masks)])
     single_mean, single_std = global_moments(concatenated)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from huggingface_hub import metadata_load
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification, ViTModel
 
@@ -72,6 +73,7 @@ def test_probe_distil_export_and_card(task, tmp_path, monkeypatch):
 
     monkeypatch.setattr(KDTrainer, "compute_loss", recording)
     monkeypatch.setattr(KDTrainer, "_paper", new_paper("kd-variant"))  # the card cites the trainer's paper
+    monkeypatch.setattr(KDTrainer, "_tag_names", [*KDTrainer._tag_names, "kd-variant"])  # and carries its tags
     trainer, results = recipe.main(args(task, tmp_path / "out"))
     assert len(seen) == 6 and all(len(b) == 8 and sum(v == -100 for v in b) == 2 for b in seen)  # 2 synthetic rows
     logs = [e for e in trainer.state.log_history if "loss" in e]
@@ -93,6 +95,7 @@ def test_probe_distil_export_and_card(task, tmp_path, monkeypatch):
     assert saved["student_accuracy"] == results["student_accuracy"]
     card = (out / "README.md").read_text()
     assert "pipeline_tag: image-classification" in card and "task-specific-distillation" in card
+    assert set(KDTrainer._tag_names) <= set(metadata_load(out / "README.md")["tags"])
     assert f"{results['student_accuracy']:.2f}".rstrip("0").rstrip(".") in card and cites(
         card, new_paper("kd-variant")
     )

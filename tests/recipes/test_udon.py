@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from huggingface_hub import metadata_load
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel, TrainerCallback, ViTModel
@@ -141,7 +142,9 @@ def recipe_args(root, output_dir, *extra):
 
 def test_recipe_trains_logs_evaluates_and_resumes_exactly(two_domains, tmp_path, monkeypatch):
     monkeypatch.setattr(UdonTrainer, "_paper", new_paper("udon-variant"))  # the card cites the trainer's paper
+    monkeypatch.setattr(UdonTrainer, "_tag_names", [*UdonTrainer._tag_names, "udon-variant"])  # and carries its tags
     trainer, results = recipe.main(recipe_args(two_domains, tmp_path / "full"))
+    assert set(UdonTrainer._tag_names) <= set(metadata_load(tmp_path / "full" / "README.md")["tags"])
     assert cites((tmp_path / "full" / "README.md").read_text(), new_paper("udon-variant"))
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 8 and all(np.isfinite(entry["loss"]) for entry in logs)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import metadata_load
 from safetensors.torch import load_file
 from transformers import AutoModel, ViTModel
 
@@ -40,7 +41,9 @@ def test_recipe_trains_and_exports_a_stock_model(
     tiny_teachers, image_dataset_dir, student_config_dir, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(UnicTrainer, "_paper", new_paper("unic-variant"))  # the card cites the trainer's paper
+    monkeypatch.setattr(UnicTrainer, "_tag_names", [*UnicTrainer._tag_names, "unic-variant"])  # and carries its tags
     trainer = recipe.main(recipe_args(tiny_teachers, image_dataset_dir, student_config_dir, tmp_path))
+    assert set(UnicTrainer._tag_names) <= set(metadata_load(tmp_path / "README.md")["tags"])
     assert cites((tmp_path / "README.md").read_text(), new_paper("unic-variant"))
     assert trainer.args.max_steps == 6  # CLI overrides the YAML's 50
     assert trainer.args.learning_rate == 1e-3  # from the YAML
