@@ -277,8 +277,10 @@ def main(argv=None) -> dict:
     teacher_accuracy, wall_times, done = {}, {}, []
     started = time.perf_counter()
     os.makedirs(args.results_dir, exist_ok=True)
-    for arm in args.arms:  # arm by arm: a stopped command has the first comparison over every seed
-        for seed in args.seeds:
+    for (
+        seed
+    ) in args.seeds:  # seed by seed: a stopped command has every arm (every paired comparison) of its first seeds
+        for arm in args.arms:
             run = os.path.join(root, f"{arm}-seed{seed}")
             run_argv = [
                 "--config", str(CONFIG), "--teacher", args.teacher, "--dataset", args.dataset, "--seed", str(seed),
