@@ -45,7 +45,9 @@ from hf_distill.models.teacher_loading import is_factory_spec
 from hf_distill.recipe_utils import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.restarts import start_run
 from hf_distill.trainers import UnicConfig, UnicTrainer, teacher_spec, unique_teacher_names
-from hf_distill.trainers.teacher_cache import CacheOptions, CropViews, TeacherOutputCache
+from hf_distill.trainers.cache_options import CacheOptions
+from hf_distill.trainers.cache_views import CropViews
+from hf_distill.trainers.teacher_cache import TeacherOutputCache
 from hf_distill.trainers.teacher_cache_shards import TeacherOutputShards
 
 logger = logging.getLogger("hf_distill.recipes.unic")  # under "hf_distill" so it follows the same level

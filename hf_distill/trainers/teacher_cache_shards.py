@@ -40,16 +40,9 @@ from tqdm.auto import tqdm
 from ..data.augmentations import resized_crop
 from ..io_utils import atomic_path, write_json_atomically
 from ..models.fingerprint import teacher_identity
+from .cache_options import BOXES, CacheOptions
 from .cache_views import CropViews, fixed_views
-from .teacher_cache import (
-    BOXES,
-    CACHE_INDEX,
-    CacheOptions,
-    TeacherOutputCache,
-    _differences,
-    checksum,
-    file_checksum,
-)
+from .teacher_cache import CACHE_INDEX, TeacherOutputCache, _differences, checksum, file_checksum
 
 logger = logging.getLogger(__name__)
 SHARDS_FORMAT = "webdataset-1"
@@ -301,7 +294,7 @@ class TeacherOutputShards:
         """Run `teachers` (`(name, module)` pairs) on the cached views of every example of `examples` (a streamed or
         map-style dataset, read once in order) and write them, with the images, as shards of `samples_per_shard`.
 
-        `options`: the other fields of [`~hf_distill.trainers.teacher_cache.CacheOptions`] (`image_size`,
+        `options`: the other fields of [`~hf_distill.trainers.cache_options.CacheOptions`] (`image_size`,
         `load_size`, `student_mean`, `student_std`, `grid_size`, `num_views`, `dtype`, `jpeg_draft`, and `crops`:
         [`CropViews`] for `num_views` random resized crops per image, their boxes stored with the outputs as
         `{key}.views.boxes.npy` `[V, 5]`). `data_fingerprint` identifies the data in the cache key (default: the

@@ -79,7 +79,7 @@ class UnicConfig(
         teacher_cache_crops (`bool`, defaults to `False`):
             Cache random resized crops (+ flips) instead of the fixed views: `teacher_cache_views` crops per image,
             drawn once with `seed`, `crop_scale` and `flip_prob` and stored with the outputs; the student trains on
-            the same crops ([`~hf_distill.trainers.teacher_cache.CropViews`]).
+            the same crops ([`~hf_distill.trainers.cache_views.CropViews`]).
         export_adaptors (`bool`, defaults to `False`):
             Also export the encoder WITH its per-teacher heads to `output_dir/adaptors`, the standardization folded
             into the heads so that each adaptor outputs its teacher's own features

@@ -25,8 +25,10 @@ from ..models.student_backbones import describe_backbone
 from ..models.teacher_loading import load_teacher, teacher_outputs, teacher_source, teacher_spec
 from ..models.teacher_quantization import cheaper_teacher, check_fidelity, measure_fidelity
 from .base import DistillationTrainer
+from .cache_options import BOXES
+from .cache_views import fixed_views
 from .nonfinite import assert_finite_weights, finite_rows
-from .teacher_cache import BOXES, INDEX_COLUMN, fixed_views
+from .teacher_cache import INDEX_COLUMN
 from .teacher_cache_shards import TeacherOutputShards, open_teacher_cache
 from .unic_config import UnicConfig
 

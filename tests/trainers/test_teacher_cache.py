@@ -8,7 +8,8 @@ from datasets import load_from_disk
 from hf_distill import UnicStudentConfig, UnicStudentModel, load_teacher
 from hf_distill.data.image_datasets import ImageCollator
 from hf_distill.trainers import UnicConfig, UnicTrainer
-from hf_distill.trainers.teacher_cache import CropViews, TeacherOutputCache, fixed_views
+from hf_distill.trainers.cache_views import CropViews, fixed_views
+from hf_distill.trainers.teacher_cache import TeacherOutputCache
 
 from ..conftest import tiny_vit_config
 

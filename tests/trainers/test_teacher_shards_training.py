@@ -16,7 +16,8 @@ from hf_distill import UnicStudentConfig, UnicStudentModel, load_teacher
 from hf_distill.data.streaming import STREAM_POSITION, StreamingImageDataset, load_streaming_dataset
 from hf_distill.models import teacher_spec
 from hf_distill.trainers import UnicConfig, UnicTrainer
-from hf_distill.trainers.teacher_cache import CropViews, TeacherOutputCache
+from hf_distill.trainers.cache_views import CropViews
+from hf_distill.trainers.teacher_cache import TeacherOutputCache
 from hf_distill.trainers.teacher_cache_shards import TeacherOutputShards
 
 from ..conftest import KillAt, mnist_images, tiny_vit_config
