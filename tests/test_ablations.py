@@ -146,3 +146,31 @@ def test_unclear_rows_get_more_seeds_with_default(tiny_preset, tmp_path, monkeyp
     assert entry["std"]["mnist/knn_top1@20"] == pytest.approx(0.5)
     assert entry["diff"]["mnist/knn_top1@20"] == {"value": pytest.approx(-1.0), "verdict": "unclear"}
     assert entry["diff"]["mnist/linear_top1"]["verdict"] == "noise"  # no difference at all
+
+
+def test_the_demo_preset_reads_the_demo_setting(tmp_path, monkeypatch):
+    """`setting: demo` takes the student config, evaluation suite, base config and teachers from demo/run_demo.py
+    (data and teacher conversion replaced by stand-ins here), and a single-teacher row keeps that teacher's values of
+    the demo config's per-teacher options."""
+    from demo import run_demo
+
+    data = {"fashion-mnist": str(tmp_path / "fm"), "mnist": str(tmp_path / "mnist")}
+    monkeypatch.setattr("demo.data.prepare_datasets", lambda root: data)
+    monkeypatch.setattr(run_demo, "prepare_teachers", lambda out: [str(tmp_path / "dinov2"), run_demo.EFFICIENTNET])
+    preset = ablations.load_preset(ablations.DEFAULT_PRESET)
+    setting = ablations.prepare_setting(preset, str(tmp_path / "out"))
+    saved = json.loads((tmp_path / "out" / "student-config" / "config.json").read_text())
+    assert saved["hidden_size"] == run_demo.student_config().hidden_size
+    assert json.loads((tmp_path / "out" / "eval_suite.json").read_text()) == run_demo.eval_suite(data)
+    assert setting["student_image_size"] == run_demo.STUDENT_IMAGE_SIZE and setting["teacher_cache"]
+    rows = ablations.row_names(setting, preset)
+    assert rows[:3] == ["default", "only-dinov2", "only-efficientnet-lite0-128"] and "online-teachers-fp32" in rows
+    recipe = load_recipe("unic")
+    demo_yaml = yaml.safe_load((ROOT / "recipes" / "configs" / "demo_fashion_mnist.yaml").read_text())
+    command, _ = ablations.run_command("only-efficientnet-lite0-128", 0, setting, preset, str(tmp_path / "out"))
+    assert command[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"]
+    script, train = recipe.parse_args(command[command.index(str(ROOT / "recipes" / "unic.py")) + 1 :])
+    assert train.teachers == [run_demo.EFFICIENTNET] and train.max_steps == preset["max_steps"]
+    assert train.teacher_image_size == demo_yaml["teacher_image_size"][1:]
+    assert train.teacher_grid_alignment == demo_yaml["teacher_grid_alignment"][1:]
+    assert train.teacher_cache_seed == demo_yaml["seed"] and train.teacher_cache.endswith("efficientnet-lite0-128")
