@@ -466,7 +466,8 @@ def main(argv: list[str] | None = None, in_process: bool = False) -> dict:
     print(
         f"Ablations: {len(rows)} rows x seeds {seeds} (up to {max_seeds} where a difference is unclear), "
         f"{preset.get('max_steps', 'the base config`s')} steps per run; estimated {seconds / 60:.0f} min for the "
-        f"{len(planned)} base runs ({source}; caches still to build not included), + {len(rows) * (max_seeds - len(seeds))} runs at most for extra seeds",
+        f"{len(planned)} base runs ({source}; caches still to build not included), + "
+        f"{len(rows) * (max_seeds - len(seeds))} runs at most for extra seeds",
         flush=True,
     )
 
@@ -491,6 +492,8 @@ def main(argv: list[str] | None = None, in_process: bool = False) -> dict:
         "larger std of the two rows, unclear if > 1 x, noise otherwise. Teacher-output caches drawn once (the base "
         "config's seed) and shared by all seeds."
     )
+    if preset["recipe_options"]:
+        header += f" Options added to every run: `{' '.join(preset['recipe_options'])}`."
     report = {
         "preset": os.path.relpath(os.path.abspath(args.preset), ROOT),
         "setting": {k: v for k, v in setting.items() if k != "student_options"},
