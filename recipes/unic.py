@@ -176,6 +176,7 @@ def build_teacher_cache(training_args, teacher_sources, names, train_dataset, sc
     if training_args.local_process_index != 0:
         return
     dtype = training_args.teacher_torch_dtype()
+    crop_seed = training_args.seed if training_args.teacher_cache_seed is None else training_args.teacher_cache_seed
     teachers = []
     for index, (name, source) in enumerate(zip(names, teacher_sources)):
         teacher = load_teacher(source, dtype=dtype, **training_args.teacher_options(index))
@@ -196,7 +197,7 @@ def build_teacher_cache(training_args, teacher_sources, names, train_dataset, sc
         num_views=training_args.teacher_cache_views,
         batch_size=training_args.per_device_train_batch_size,
         device=training_args.device,
-        crops=CropViews(training_args.seed, tuple(training_args.crop_scale), flip_prob=training_args.flip_prob)
+        crops=CropViews(crop_seed, tuple(training_args.crop_scale), flip_prob=training_args.flip_prob)
         if training_args.teacher_cache_crops
         else None,
         jpeg_draft=training_args.jpeg_draft,
