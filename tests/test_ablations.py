@@ -160,7 +160,7 @@ def test_the_demo_preset_reads_the_demo_setting(tmp_path, monkeypatch):
     preset = ablations.load_preset(ablations.DEFAULT_PRESET)
     setting = ablations.prepare_setting(preset, str(tmp_path / "out"))
     saved = json.loads((tmp_path / "out" / "student-config" / "config.json").read_text())
-    assert saved["hidden_size"] == run_demo.student_config().hidden_size
+    assert saved == json.loads(run_demo.student_config().to_json_string())
     assert json.loads((tmp_path / "out" / "eval_suite.json").read_text()) == run_demo.eval_suite(data)
     assert setting["student_image_size"] == run_demo.STUDENT_IMAGE_SIZE and setting["teacher_cache"]
     rows = ablations.row_names(setting, preset)
