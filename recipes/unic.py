@@ -177,7 +177,8 @@ def cache_options(training_args, script_args, student) -> dict:
     """The [`CacheOptions`] of this run (less the image column) for a teacher-output cache of either format."""
     crops = None
     if training_args.teacher_cache_crops:
-        crops = CropViews(training_args.seed, tuple(training_args.crop_scale), flip_prob=training_args.flip_prob)
+        seed = training_args.seed if training_args.teacher_cache_seed is None else training_args.teacher_cache_seed
+        crops = CropViews(seed, tuple(training_args.crop_scale), flip_prob=training_args.flip_prob)
     return {
         "image_size": training_args.image_size,
         "load_size": training_args.load_size,

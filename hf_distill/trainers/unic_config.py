@@ -80,6 +80,10 @@ class UnicConfig(
             Cache random resized crops (+ flips) instead of the fixed views: `teacher_cache_views` crops per image,
             drawn once with `seed`, `crop_scale` and `flip_prob` and stored with the outputs; the student trains on
             the same crops ([`~hf_distill.trainers.cache_views.CropViews`]).
+        teacher_cache_seed (`int`, *optional*):
+            Seed of the crops of `teacher_cache_crops` (default: `seed`). Fix it to share one cache between runs of
+            different training seeds (e.g. seeds of an ablation): only the crops drawn once are fixed, the student's
+            initialization, teacher dropping and data order still follow `seed`.
         export_adaptors (`bool`, defaults to `False`):
             Also export the encoder WITH its per-teacher heads to `output_dir/adaptors`, the standardization folded
             into the heads so that each adaptor outputs its teacher's own features
@@ -156,6 +160,13 @@ class UnicConfig(
         metadata={
             "help": "Cache --teacher_cache_views random resized crops (+ flips) per image, drawn once with --seed, "
             "instead of the fixed views; the student trains on the same crops."
+        },
+    )
+    teacher_cache_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the crops drawn once by --teacher_cache_crops (default: --seed); fix it to share one "
+            "cache between training seeds."
         },
     )
     export_adaptors: bool = field(
