@@ -141,6 +141,16 @@ def prepare_setting(preset: dict, out: str) -> dict:
     }
 
 
+def _in_repository(value):
+    """A setting's value as published in the results: paths relative to the repository root (teachers given as
+    folders too), never this machine's absolute paths."""
+    if isinstance(value, list):
+        return [_in_repository(item) for item in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return os.path.relpath(value, ROOT)
+    return value
+
+
 def row_names(setting: dict, preset: dict) -> list[str]:
     """Every row the preset asks for (`only-*`: one per teacher of the setting), in the table's order."""
     names = unique_teacher_names(setting["teachers"])
@@ -496,7 +506,7 @@ def main(argv: list[str] | None = None, in_process: bool = False) -> dict:
         header += f" Options added to every run: `{' '.join(preset['recipe_options'])}`."
     report = {
         "preset": os.path.relpath(os.path.abspath(args.preset), ROOT),
-        "setting": {k: v for k, v in setting.items() if k != "student_options"},
+        "setting": {k: _in_repository(v) for k, v in setting.items() if k != "student_options"},
         "header": header,
         "metrics": metrics,
         "rows": summary,
