@@ -49,7 +49,6 @@ a GPU.
 """
 
 import argparse
-import importlib.util
 import logging
 import os
 import shutil
@@ -70,6 +69,7 @@ from hf_distill.synthetic import (
     write_dataset_card,
 )
 
+from .recipes import load_recipe
 from .report import write_report
 
 logger = logging.getLogger("hf_distill.benchmarks.kd_vs_cross_entropy")
@@ -102,12 +102,8 @@ COMPARISONS = (
 
 
 def load_task_distill():
-    """`recipes/task_distill.py` as a module (recipes are scripts, not a package): its `main(argv)` runs one run."""
-    spec = importlib.util.spec_from_file_location("recipes_task_distill", ROOT / "recipes" / "task_distill.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """`recipes/task_distill.py` as a module: its `main(argv)` runs one run."""
+    return load_recipe("task_distill")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -35,7 +35,6 @@ the last command only (resumed runs keep their own times).
 """
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ import numpy as np
 import yaml
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_from_disk
 
+from benchmarks.recipes import load_recipe
 from hf_distill.io_utils import atomic_folder, atomic_path, write_json_atomically, write_text_atomically
 
 logger = logging.getLogger("hf_distill.benchmarks.udon_vs_uscrr")
@@ -89,12 +89,8 @@ RUN_SETTINGS = {
 
 
 def load_udon_recipe():
-    """`recipes/udon.py` as a module (recipes are scripts, not a package): its `main(argv)` runs one run."""
-    spec = importlib.util.spec_from_file_location("recipes_udon", ROOT / "recipes" / "udon.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """`recipes/udon.py` as a module: its `main(argv)` runs one run."""
+    return load_recipe("udon")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -36,7 +36,6 @@ them from the preset (`recipes/configs/ablations_gpu_example.yaml`: real scale o
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -47,6 +46,7 @@ import time
 
 import yaml
 
+from benchmarks.recipes import load_recipe
 from hf_distill.io_utils import atomic_path, write_json_atomically, write_text_atomically
 from hf_distill.models.teacher_loading import unique_teacher_names
 
@@ -231,13 +231,8 @@ def evaluate_command(student_dir: str, run_dir: str, setting: dict) -> list[str]
 
 
 def _load_module(path: str):
-    name = "ablations_" + os.path.splitext(os.path.basename(path))[0]
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """The recipe script at `path` (recipes/NAME.py) as a module."""
+    return load_recipe(os.path.splitext(os.path.basename(path))[0])
 
 
 def execute(command: list[str], log_path: str, in_process: bool = False) -> None:
