@@ -70,7 +70,7 @@ from hf_distill.synthetic import (
 )
 
 from .recipes import load_recipe
-from .report import write_report
+from .report import seed_comparison, write_report
 
 logger = logging.getLogger("hf_distill.benchmarks.kd_vs_cross_entropy")
 
@@ -221,19 +221,8 @@ def summarize(accuracies: dict[str, dict[int, float]], steps: dict[str, dict[int
             continue
         diffs = [accuracies[better][seed] - accuracies[worse][seed] for seed in seeds]
         gap = arms[better]["mean"] - arms[worse]["mean"]
-        separated = abs(gap) > arms[better]["std"] + arms[worse]["std"]
-        consistent = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-        if separated and consistent:
-            verdict = f"{better} {'>' if gap > 0 else '<'} {worse} beyond the seed-to-seed spread"
-        else:
-            verdict = f"{better} vs {worse}: no difference beyond the seed-to-seed spread"
-        comparisons[f"{better}_minus_{worse}"] = {
-            "mean_difference": gap,
-            "per_seed_difference": {str(seed): diff for seed, diff in zip(seeds, diffs)},
-            "intervals_separated": bool(separated),
-            "same_sign_every_seed": bool(consistent),
-            "verdict": verdict,
-        }
+        spread = arms[better]["std"] + arms[worse]["std"]
+        comparisons[f"{better}_minus_{worse}"] = seed_comparison(better, worse, gap, spread, seeds, diffs)
     return {"arms": arms, "comparisons": comparisons}
 
 

@@ -28,3 +28,21 @@ def write_report(
         print(table)
     if plot is not None:
         plot(stem + ".png")
+
+
+def seed_comparison(better: str, worse: str, mean_gap: float, spread: float, seeds: list, diffs: list) -> dict:
+    """The verdict of `better` vs `worse` over paired seeds: a difference is real when the mean +- std intervals do
+    not overlap (`|mean_gap| > spread`, the sum of both stds) and every seed's difference `diffs` has the same sign."""
+    separated = abs(mean_gap) > spread
+    consistent = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    if separated and consistent:
+        verdict = f"{better} {'>' if mean_gap > 0 else '<'} {worse} beyond the seed-to-seed spread"
+    else:
+        verdict = f"{better} vs {worse}: no difference beyond the seed-to-seed spread"
+    return {
+        "mean_difference": mean_gap,
+        "per_seed_difference": {str(seed): diff for seed, diff in zip(seeds, diffs)},
+        "intervals_separated": bool(separated),
+        "same_sign_every_seed": bool(consistent),
+        "verdict": verdict,
+    }

@@ -47,6 +47,7 @@ import yaml
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_from_disk
 
 from benchmarks.recipes import load_recipe
+from benchmarks.report import seed_comparison
 from hf_distill.io_utils import atomic_folder, atomic_path, write_json_atomically, write_text_atomically
 
 logger = logging.getLogger("hf_distill.benchmarks.udon_vs_uscrr")
@@ -258,20 +259,10 @@ def summarize(results: dict[str, dict[int, dict]]) -> dict:
                 a = arms[better]["metrics"][metric][domain]
                 b = arms[worse]["metrics"][metric][domain]
                 diffs = [a["per_seed"][str(s)] - b["per_seed"][str(s)] for s in seeds]
-                gap = a["mean"] - b["mean"]
-                separated = abs(gap) > a["std"] + b["std"]
-                consistent = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-                if separated and consistent:
-                    verdict = f"{better} {'>' if gap > 0 else '<'} {worse} beyond the seed-to-seed spread"
-                else:
-                    verdict = f"{better} vs {worse}: no difference beyond the seed-to-seed spread"
-                entry[f"{metric} {domain}"] = {
-                    "mean_difference": gap,
-                    "per_seed_difference": {str(seed): diff for seed, diff in zip(seeds, diffs)},
-                    "intervals_separated": bool(separated),
-                    "same_sign_every_seed": bool(consistent),
-                    "verdict": verdict,
-                }
+                spread = a["std"] + b["std"]
+                entry[f"{metric} {domain}"] = seed_comparison(
+                    better, worse, a["mean"] - b["mean"], spread, seeds, diffs
+                )
         comparisons[f"{better}_minus_{worse}"] = entry
     return {"arms": arms, "comparisons": comparisons}
 
