@@ -23,14 +23,16 @@ student encoder as a stock transformers model: `AutoModel.from_pretrained(output
 space): `AutoModel.from_pretrained(output_dir + "/adaptors", trust_remote_code=True)`.
 """
 
+import functools
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 
+import torch
 from transformers import set_seed
 
-from hf_distill.data.image_datasets import load_image_dataset
+from hf_distill.data.image_datasets import ImageCollator, load_image_dataset
 from hf_distill.data.image_verification import verify_images
 from hf_distill.data.streaming import load_streaming_train_dataset
 from hf_distill.distributed_checks import check_distributed_setup
@@ -42,6 +44,7 @@ from hf_distill.models.fingerprint import teacher_identity
 from hf_distill.models.standardization import STANDARDIZATION_MODES
 from hf_distill.models.student_backbones import describe_backbone, load_pretrained_backbone
 from hf_distill.models.teacher_loading import is_factory_spec
+from hf_distill.models.teacher_quantization import Calibration, calibration_views, load_checked_teacher
 from hf_distill.recipe_utils import exit_cleanly, parse_with_yaml, profiler_callbacks, setup_logging
 from hf_distill.restarts import start_run
 from hf_distill.trainers import UnicConfig, UnicTrainer, teacher_spec, unique_teacher_names
@@ -191,12 +194,32 @@ def cache_options(training_args, script_args, student) -> dict:
     }
 
 
-def load_cache_teachers(training_args, teacher_sources, names) -> list[tuple[str, object]]:
-    """`(name, teacher)` pairs loaded as for training, on the training device, to build or check a cache."""
+def load_cache_teachers(
+    training_args, teacher_sources, names, dataset, image_column, student
+) -> list[tuple[str, object]]:
+    """`(name, teacher)` pairs loaded as for training, on the training device, to build a cache: a cheaper (bf16 /
+    fp16 / int8) teacher is checked against its float32 self on the first training images exactly as online
+    training checks it (`load_checked_teacher`)."""
     dtype = training_args.teacher_torch_dtype()
+    size = training_args.image_size
+
+    @functools.cache
+    def calibration() -> Calibration | None:
+        collator = ImageCollator(
+            training_args.load_size, image_column=image_column, jpeg_draft=training_args.jpeg_draft
+        )
+        mean, std = torch.tensor(student.config.image_mean), torch.tensor(student.config.image_std)
+        pixels = calibration_views(
+            dataset, collator, training_args.teacher_fidelity_batch, size, mean, std, training_args.device
+        )
+        return None if pixels is None else Calibration(pixels, mean, std, student.grid_size(size, size))
+
     teachers = []
     for index, (name, source) in enumerate(zip(names, teacher_sources)):
-        teacher = load_teacher(source, dtype=dtype, **training_args.teacher_options(index))
+        teacher = load_checked_teacher(
+            source, name, dtype, training_args.teacher_quantization, training_args.device, calibration,
+            training_args.teacher_fidelity_max_error, **training_args.teacher_options(index),
+        )  # fmt: skip
         teachers.append((name, teacher.to(training_args.device)))
     return teachers
 
@@ -208,7 +231,9 @@ def build_teacher_cache(training_args, teacher_sources, names, train_dataset, sc
     for this one and read its result."""
     if training_args.local_process_index != 0:
         return
-    teachers = load_cache_teachers(training_args, teacher_sources, names)
+    teachers = load_cache_teachers(
+        training_args, teacher_sources, names, train_dataset, script_args.image_column, student
+    )
     logger.info(
         "Checking (and building what is missing of) the teacher-output cache in %s", training_args.teacher_cache
     )
@@ -235,10 +260,12 @@ def prepare_teacher_shards(training_args, teacher_sources, names, source, script
     the others wait for it."""
     if training_args.local_process_index != 0:
         return
-    teachers = load_cache_teachers(training_args, teacher_sources, names)
+    from_shards = trains_from_shards(script_args, training_args)
+    shards = TeacherOutputShards(training_args.teacher_cache) if from_shards else None
+    image_column = shards.image_column if from_shards else script_args.image_column
+    teachers = load_cache_teachers(training_args, teacher_sources, names, source.dataset, image_column, student)
     options = cache_options(training_args, script_args, student)
-    if trains_from_shards(script_args, training_args):
-        shards = TeacherOutputShards(training_args.teacher_cache)
+    if from_shards:
         identities = [{"name": name, **teacher_identity(teacher)} for name, teacher in teachers]
         shards.check_key(identities, CacheOptions(shards.options.image_column, **options))
         logger.info("Training from the teacher-output shards in %s (%s)", shards.directory, shards.describe_views())

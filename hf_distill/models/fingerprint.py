@@ -16,10 +16,32 @@ def module_weights_fingerprint(module: nn.Module) -> str:
     XXH3 hashes at several GB/s, so fingerprinting a ViT-g teacher takes about a second (a cache key, not a security
     check)."""
     digest = xxhash.xxh3_128()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    for name, value in sorted(module.state_dict().items()):
+        _update(digest, name, value)
     return digest.hexdigest()
+
+
+def _update(digest, name: str, value) -> None:
+    """Hash one `state_dict` entry: a tensor (a quantized one by its integers, scales and zero points), or what
+    quantized modules store besides (a tuple of packed weight and bias, a dtype)."""
+    if isinstance(value, (tuple, list)):
+        for index, item in enumerate(value):
+            _update(digest, f"{name}.{index}", item)
+        return
+    if not isinstance(value, torch.Tensor):
+        digest.update(f"{name}|{value!r}".encode())
+        return
+    tensor = value.detach().cpu()
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+    if tensor.is_quantized:
+        if tensor.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            parameters = [tensor.q_per_channel_scales(), tensor.q_per_channel_zero_points()]
+        else:
+            parameters = [torch.tensor([tensor.q_scale()]), torch.tensor([tensor.q_zero_point()])]
+        for index, parameter in enumerate(parameters):
+            _update(digest, f"{name}.q{index}", parameter)
+        tensor = tensor.int_repr()
+    digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def encoder_fingerprint(encoder: nn.Module) -> str:

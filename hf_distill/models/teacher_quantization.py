@@ -12,15 +12,22 @@ ones. Two cheaper forms exist:
 
 [`measure_fidelity`] compares a cheaper teacher with its float32 original on a calibration batch (cosine and relative
 error of the summary and of the patch tokens) and [`check_fidelity`] refuses it above a threshold.
+[`load_checked_teacher`] does all of it for a teacher to load: the online teachers of the UNIC trainer and the teachers
+that build a teacher-output cache are the same, checked the same way.
 """
 
 import copy
+import itertools
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from ..data.augmentations import resize_center
+from .teacher_loading import load_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -163,3 +170,72 @@ def check_fidelity(name: str, fidelity: TeacherFidelity | None, max_error: float
             "float32 (teacher_quantization none, teacher_dtype float32), or raise teacher_fidelity_max_error if this "
             "error is acceptable for your run."
         )
+
+
+@dataclass
+class Calibration:
+    """The batch a cheaper teacher is compared on: `pixel_values` normalized with `mean` / `std` (the student's, as in
+    training; the teachers renormalize), the teachers' outputs read on the student's `grid_size`."""
+
+    pixel_values: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    grid_size: tuple[int, int]
+
+
+def calibration_views(dataset, collator, count: int, size: int, mean, std, device) -> torch.Tensor | None:
+    """Center crops at `size` of the first `count` images of `dataset` (map-style or streamed) as `collator` reads
+    them, normalized with `mean` / `std`: the evaluation view of the training images; `None` without images."""
+    if count <= 0 or dataset is None:
+        return None
+    examples = list(itertools.islice(iter(dataset), count))
+    if not examples:
+        return None
+    views = resize_center(collator(examples)["pixel_values"].to(device), size)
+    mean, std = torch.as_tensor(mean, device=device), torch.as_tensor(std, device=device)
+    return (views - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def load_checked_teacher(
+    source,
+    name: str,
+    dtype: torch.dtype,
+    quantization: str,
+    device: torch.device,
+    calibration: Callable[[], Calibration | None],
+    max_error: float,
+    **options,
+) -> nn.Module:
+    """Load teacher `source` (see [`~hf_distill.models.load_teacher`], `options` are its loading options) in `dtype`,
+    quantized with `quantization`. A cheaper form (bfloat16, float16 or int8) is derived from the float32 teacher and
+    compared with it on `calibration()` (called only then): refused with a `ValueError` when a relative error exceeds
+    `max_error`. An int8 teacher is on the CPU, the others on `device`."""
+    cheaper = dtype != torch.float32 or quantization != "none"
+    teacher = load_teacher(source, dtype=torch.float32 if cheaper else dtype, **options)
+    if not cheaper:
+        return teacher.to(device)
+    what = quantization if quantization != "none" else str(dtype).removeprefix("torch.")
+    if quantization != "none" and device.type != "cpu":
+        raise ValueError(
+            f"--teacher_quantization {quantization} runs on the CPU only, this run uses {device}: use "
+            "--teacher_dtype bfloat16 (or auto) on a GPU instead."
+        )
+    if any(hasattr(parameter, "ds_id") for parameter in teacher.parameters()):
+        # loaded under ZeRO-3 (zero.Init): each process holds a shard of the weights, which cannot be cast or run
+        # outside DeepSpeed's engine; the engine runs the teacher in the precision of the DeepSpeed config
+        logger.warning(
+            "Teacher %r is partitioned by DeepSpeed ZeRO-3: kept in float32 here (DeepSpeed's precision applies), "
+            "its %s form is not checked against float32.", name, what,
+        )  # fmt: skip
+        return teacher
+    teacher = teacher.to(device)
+    cheap = cheaper_teacher(teacher, dtype, quantization)
+    batch = calibration()
+    if batch is None:
+        logger.warning("Teacher %r in %s: no training images to check it against float32 with.", name, what)
+        return cheap
+    fidelity = measure_fidelity(
+        teacher, cheap, batch.pixel_values.to(device), batch.mean.to(device), batch.std.to(device), batch.grid_size
+    )
+    check_fidelity(name, fidelity, max_error, what)
+    return cheap

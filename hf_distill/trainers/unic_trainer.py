@@ -7,7 +7,6 @@ per-image, per-teacher losses -> teacher dropping -> total loss. Metrics stay on
 logged.
 """
 
-import itertools
 import logging
 import os
 
@@ -22,8 +21,8 @@ from ..models.adaptors import ADAPTORS_FOLDER
 from ..models.modeling_unic import UnicStudentModel
 from ..models.standardization import ema_weight
 from ..models.student_backbones import describe_backbone
-from ..models.teacher_loading import load_teacher, teacher_outputs, teacher_source, teacher_spec
-from ..models.teacher_quantization import cheaper_teacher, check_fidelity, measure_fidelity
+from ..models.teacher_loading import teacher_outputs, teacher_source, teacher_spec
+from ..models.teacher_quantization import Calibration, calibration_views, load_checked_teacher
 from .base import DistillationTrainer
 from .cache_options import BOXES
 from .cache_views import fixed_views
@@ -158,11 +157,11 @@ class UnicTrainer(DistillationTrainer):
 
     def _load_and_prepare_teacher(self, teacher, index: int) -> nn.Module:
         name = self.teacher_names[index]
-        dtype, quantization = self.args.teacher_torch_dtype(), self.args.teacher_quantization
-        cheaper = dtype != torch.float32 or quantization != "none"
-        # a cheaper teacher is derived from the float32 one, which it is checked against before training
-        load_dtype = torch.float32 if cheaper else dtype
-        teacher = load_teacher(teacher, dtype=load_dtype, **self.args.teacher_options(index))
+        # a cheaper (bf16 / fp16 / int8) teacher is derived from the float32 one and checked against it first
+        teacher = load_checked_teacher(
+            teacher, name, self.args.teacher_torch_dtype(), self.args.teacher_quantization, self.args.device,
+            self._calibration, self.args.teacher_fidelity_max_error, **self.args.teacher_options(index),
+        )  # fmt: skip
         expected = self.model.config.teachers[index]
         spec = teacher_spec(name, teacher)
         if (spec["summary_dim"], spec["patch_dim"]) != (expected["summary_dim"], expected["patch_dim"]):
@@ -171,8 +170,6 @@ class UnicTrainer(DistillationTrainer):
                 f"tokens but the student's heads for {expected['name']!r} predict {expected['summary_dim']} / "
                 f"{expected['patch_dim']}: build the student for these teachers (same order)."
             )
-        if cheaper:
-            teacher = self._cheaper_checked_teacher(name, teacher, dtype, quantization)
         teacher = self.prepare_teacher(teacher)
         logger.info(
             "Teacher %d %r: %s, %d-d summary / %d-d patch tokens, grid alignment %r, dtype %s",
@@ -186,49 +183,18 @@ class UnicTrainer(DistillationTrainer):
         )
         return teacher
 
-    def _cheaper_checked_teacher(self, name: str, teacher: nn.Module, dtype: torch.dtype, quantization: str):
-        """The bfloat16 / float16 / int8 form of the float32 `teacher`, refused when its outputs on the calibration
-        batch are too far from the float32 ones (`teacher_fidelity_max_error`)."""
-        if quantization != "none" and self.args.device.type != "cpu":
-            raise ValueError(
-                f"--teacher_quantization {quantization} runs on the CPU only, this run uses {self.args.device}: use "
-                "--teacher_dtype bfloat16 (or auto) on a GPU instead."
-            )
-        what = quantization if quantization != "none" else str(dtype).removeprefix("torch.")
-        if any(hasattr(parameter, "ds_id") for parameter in teacher.parameters()):
-            # loaded under ZeRO-3 (zero.Init): each process holds a shard of the weights, which cannot be cast or run
-            # outside DeepSpeed's engine; the engine runs the teacher in the precision of the DeepSpeed config
-            logger.warning(
-                "Teacher %r is partitioned by DeepSpeed ZeRO-3: kept in float32 here (DeepSpeed's precision applies), "
-                "its %s form is not checked against float32.", name, what,
-            )  # fmt: skip
-            return teacher
-        # int8 kernels run on the CPU: quantize there; a cast teacher is compared on the training device
-        device = torch.device("cpu") if quantization != "none" else self.args.device
-        teacher = teacher.to(device)
-        cheap = cheaper_teacher(teacher, dtype, quantization)
-        pixels = self._calibration_batch()
-        if pixels is None:
-            logger.warning("Teacher %r in %s: no training images to check it against float32 with.", name, what)
-            return cheap
-        grid = self.model.grid_size(*pixels.shape[-2:])
-        mean, std = self._student_mean.to(device), self._student_std.to(device)
-        fidelity = measure_fidelity(teacher, cheap, pixels.to(device), mean, std, grid)
-        check_fidelity(name, fidelity, self.args.teacher_fidelity_max_error, what)
-        return cheap
-
-    def _calibration_batch(self) -> torch.Tensor | None:
+    def _calibration(self) -> Calibration | None:
         """Center crops of the first `teacher_fidelity_batch` training images, normalized for the student (once)."""
-        if not hasattr(self, "_calibration_pixels"):
-            pixels = None
-            count = self.args.teacher_fidelity_batch
-            if count > 0 and self.train_dataset is not None:
-                examples = list(itertools.islice(iter(self.train_dataset), count))
-                if examples:
-                    batch = self.data_collator(examples)["pixel_values"].to(self.args.device)
-                    pixels = self.make_views(batch, training=False, generator=None)
-            self._calibration_pixels = pixels
-        return self._calibration_pixels
+        if not hasattr(self, "_calibration_batch"):
+            pixels = calibration_views(
+                self.train_dataset, self.data_collator, self.args.teacher_fidelity_batch, self.args.image_size,
+                self._student_mean, self._student_std, self.args.device,
+            )  # fmt: skip
+            self._calibration_batch = None
+            if pixels is not None:
+                grid = self.model.grid_size(*pixels.shape[-2:])
+                self._calibration_batch = Calibration(pixels, self._student_mean, self._student_std, grid)
+        return self._calibration_batch
 
     # ------------------------------------------------------------------ one step
 

@@ -1,6 +1,7 @@
 """int8 / bf16 teachers and the fidelity guard that compares them with float32 before training."""
 
 import copy
+import json
 import logging
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_distill.models import TeacherConfig, TeacherModel, freeze_teacher
+from hf_distill.models import TeacherConfig, TeacherModel, freeze_teacher, load_teacher
+from hf_distill.models.fingerprint import module_weights_fingerprint
 from hf_distill.models.teacher_quantization import (
     TeacherFidelity,
     cheaper_teacher,
@@ -19,6 +21,8 @@ from hf_distill.models.teacher_quantization import (
 from hf_distill.trainers import UnicConfig
 
 from ..conftest import tiny_vit_config
+from ..recipes.test_unic import recipe as unic
+from ..recipes.test_unic import recipe_args as unic_args
 from ..trainers.test_unic_trainer import build
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])
@@ -135,7 +139,7 @@ def test_trainer_quantizes_teachers_after_the_check_and_refuses_a_broken_one(
                 parameter.mul_(-1.0)
         return broken
 
-    monkeypatch.setattr("hf_distill.trainers.unic_trainer.cheaper_teacher", perturbed)
+    monkeypatch.setattr("hf_distill.models.teacher_quantization.cheaper_teacher", perturbed)
     with pytest.raises(ValueError, match="too far from its float32 outputs"):
         build(tiny_teachers, image_dataset_dir, tmp_path / "broken", teacher_quantization="int8", max_steps=1)
 
@@ -148,3 +152,39 @@ def test_int8_teacher_runs_inside_a_bf16_autocast_step(teacher):
             got = quantized(pixels(), MEAN, STD, grid_size=(4, 4))
             assert torch.is_autocast_enabled("cpu")  # restored after the teacher
     assert torch.equal(got.summary, expected.summary) and got.summary.dtype == torch.float32
+
+
+def test_weights_fingerprint_of_an_int8_teacher_is_stable_and_differs_from_float32(teacher):
+    quantized = quantize_teacher(teacher)
+    assert module_weights_fingerprint(quantized) == module_weights_fingerprint(quantize_teacher(teacher))
+    assert module_weights_fingerprint(quantized) != module_weights_fingerprint(teacher)
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        next(m for m in other.modules() if isinstance(m, nn.Linear)).weight[0, 0] += 1.0
+    assert module_weights_fingerprint(quantize_teacher(other)) != module_weights_fingerprint(quantized)
+
+
+@pytest.mark.parametrize("option", [["--teacher_quantization", "int8"], ["--teacher_dtype", "bfloat16"]])
+def test_teachers_that_build_a_cache_are_the_cheaper_checked_ones(
+    option, tiny_teachers, image_dataset_dir, student_config_dir, tmp_path, caplog
+):
+    """`--teacher_cache` with int8 / bf16 teachers: the cache is built by the cheaper teachers (its key records them),
+    after the same fidelity check as online training, which refuses them before anything is built."""
+    cache = tmp_path / "cache"
+    args = unic_args(tiny_teachers, image_dataset_dir, student_config_dir, tmp_path / "out", "--teacher_cache",
+                     str(cache), "--max_steps", "1", "--save_steps", "1", *option)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="hf_distill.models.teacher_quantization"):
+        unic.main(args)
+    form = option[1]
+    assert caplog.text.count(f"in {form} vs float32 on the calibration batch") == 2
+    teachers = json.loads((cache / "cache.json").read_text())["content"]["teachers"]
+    if form == "int8":  # every Linear quantized: the fingerprint is that of the int8 teacher
+        expected = module_weights_fingerprint(quantize_teacher(load_teacher(tiny_teachers["vit"])))
+        assert teachers[0]["weights"] == expected
+    else:
+        assert [t["dtype"] for t in teachers] == ["bfloat16", "bfloat16"]
+    refused = unic_args(tiny_teachers, image_dataset_dir, student_config_dir, tmp_path / "refused", "--teacher_cache",
+                        str(tmp_path / "refused-cache"), "--teacher_fidelity_max_error", "1e-12", *option)  # fmt: skip
+    with pytest.raises(ValueError, match="too far from its float32 outputs"):
+        unic.main(refused)
+    assert not (tmp_path / "refused-cache").exists() or not any((tmp_path / "refused-cache").glob("*.safetensors"))
