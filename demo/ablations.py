@@ -8,7 +8,11 @@ Rows (`ROWS`; `only-<teacher>` is made for every teacher of the setting):
 - `no-ladder`, `no-teacher-drop`, `no-standardization`, `batch-normalization` (the UNIC code's loss normalization);
 - `standardization-dune`, `standardization-phi-s` (PHI-S with a short warm-up, `phi_s_warmup_steps`);
 - `online-teachers-fp32`: the teachers run online in float32 on UNIC's full augmentations, no teacher-output cache
-  (does the cache keep the student's quality?).
+  (does the cache keep the student's quality?);
+- `teachers-fp32`, `teachers-int8`: the teacher-output cache built by float32 / int8 teachers (`default` uses the
+  `auto` dtype: bfloat16 where the CPU runs it natively, float32 elsewhere); not in the demo preset's rows:
+  `python -m demo.ablations --rows teachers-fp32 teachers-int8 online-teachers-fp32 --results_dir
+  benchmarks/results/teacher_precision` (the runs of `default` and the online row are shared with `make ablations`).
 
 Each (row, seed) is one `recipes/unic.py` run with the recipe's own options for the row, then `recipes/evaluate.py`
 on the student (k-NN and linear probe of the setting's suite). The teacher-output caches (one per teacher subset) are
@@ -64,7 +68,12 @@ ROWS = {
     "standardization-dune": ("DUNE standardization instead of UNIC's", ["--standardization", "dune"]),
     "standardization-phi-s": ("PHI-S standardization instead of UNIC's", ["--standardization", "phi-s"]),
     ONLINE: ("teachers online in float32 on full augmentations, no teacher-output cache", ["--teacher_dtype", "float32"]),
+    "teachers-fp32": ("teachers in float32 (their own teacher-output cache)", ["--teacher_dtype", "float32"]),
+    "teachers-int8": ("teachers in int8 (Linear layers, dynamic quantization; CPU; their own teacher-output cache)",
+                      ["--teacher_quantization", "int8"]),
 }  # fmt: skip
+# rows whose teachers compute other outputs than `default`'s: each builds its own teacher-output cache
+TEACHER_FORM_ROWS = ("teachers-fp32", "teachers-int8")
 PER_TEACHER_OPTIONS = ("teacher_revisions", "teacher_summary", "teacher_grid_alignment", "teacher_image_size")
 LAUNCHERS = {"accelerate": [sys.executable, "-m", "accelerate.commands.launch"], "python": [sys.executable]}
 
@@ -210,7 +219,8 @@ def run_command(row: str, seed: int, setting: dict, preset: dict, out: str) -> t
     if plan["teacher_cache"]:  # one cache per teacher subset, its crops drawn once with the setting's seed
         with open(setting["base_config"]) as handle:
             cache_seed = (yaml.safe_load(handle) or {}).get("seed", 42)  # 42: TrainingArguments' default
-        cache = os.path.join(out, "teacher-cache", "+".join(plan["teacher_names"]))
+        cache_name = "+".join(plan["teacher_names"]) + (f"-{row}" if row in TEACHER_FORM_ROWS else "")
+        cache = os.path.join(out, "teacher-cache", cache_name)
         command += ["--teacher_cache", cache, "--teacher_cache_seed", str(cache_seed)]
     if preset.get("max_steps") is not None:
         command += ["--max_steps", str(preset["max_steps"])]

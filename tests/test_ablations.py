@@ -62,13 +62,15 @@ def test_every_row_is_parsed_by_the_recipe_into_its_options(tiny_preset, tmp_pat
         assert script.standardization == expected.get(row, "unic")
         assert script.standardization_warmup_steps == (1 if row == "standardization-phi-s" else 100)
         assert train.loss_normalization == ("batch" if row == "batch-normalization" else "image")
-        assert train.teacher_dtype == ("float32" if row == "online-teachers-fp32" else "auto")
+        assert train.teacher_dtype == ("float32" if row in ("online-teachers-fp32", "teachers-fp32") else "auto")
+        assert train.teacher_quantization == ("int8" if row == "teachers-int8" else "none")
         if row == "online-teachers-fp32":
             assert train.teacher_cache is None
-        else:  # one cache per teacher subset, its crops drawn with the base config's seed (42: none set) whatever --seed
-            assert train.teacher_cache_seed == 42 and train.teacher_cache.endswith(
-                {"only-vit-p4": "vit-p4", "only-dinov2-p7": "dinov2-p7"}.get(row, "vit-p4+dinov2-p7")
-            )
+        else:  # one cache per teacher subset (and teacher form), its crops drawn with the base config's seed (42: none
+            # set) whatever --seed
+            cache = {"only-vit-p4": "vit-p4", "only-dinov2-p7": "dinov2-p7"}.get(row, "vit-p4+dinov2-p7")
+            cache += f"-{row}" if row in ("teachers-fp32", "teachers-int8") else ""
+            assert train.teacher_cache_seed == 42 and train.teacher_cache.endswith("teacher-cache/" + cache)
     assert [len(t.teachers) for _, t in parsed.values()] == [2, 1, 1] + [2] * (len(rows) - 3)
     assert parsed["only-vit-p4"][1].teacher_grid_alignment == ["resize"]
     assert parsed["only-dinov2-p7"][1].teacher_grid_alignment == ["interpolate"]
