@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes", nargs="+", type=int, default=[64, 128, 256])
     parser.add_argument("--repeats", type=int, default=15, help="Timed passes over the images per mode.")
     parser.add_argument(
-        "--step_results", nargs="*", default=None, help="`make bench` JSON files (default: benchmarks/results/*)."
+        "--step_results",
+        nargs="*",
+        default=None,
+        help="`make bench` JSON files (default: every unic_step_*.json under --output_dir).",
     )
     parser.add_argument("--output_dir", default="benchmarks/results")
     args = parser.parse_args(argv)
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     step_results = args.step_results
     if step_results is None:
-        step_results = sorted(glob.glob(os.path.join(args.output_dir, "unic_step_*.json")))
+        step_results = sorted(glob.glob(os.path.join(args.output_dir, "**", "unic_step_*.json"), recursive=True))
     import PIL
 
     report = {
