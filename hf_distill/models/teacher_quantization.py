@@ -209,11 +209,11 @@ def load_checked_teacher(
     """Load teacher `source` (see [`~hf_distill.models.load_teacher`], `options` are its loading options) in `dtype`,
     quantized with `quantization`. A cheaper form (bfloat16, float16 or int8) is derived from the float32 teacher and
     compared with it on `calibration()` (called only then): refused with a `ValueError` when a relative error exceeds
-    `max_error`. An int8 teacher is on the CPU, the others on `device`."""
+    `max_error`. A cheaper teacher is returned on `device` (int8: the CPU), a float32 one as loaded."""
     cheaper = dtype != torch.float32 or quantization != "none"
     teacher = load_teacher(source, dtype=torch.float32 if cheaper else dtype, **options)
-    if not cheaper:
-        return teacher.to(device)
+    if not cheaper:  # left where it was loaded: the trainer places (or shards) it
+        return teacher
     what = quantization if quantization != "none" else str(dtype).removeprefix("torch.")
     if quantization != "none" and device.type != "cpu":
         raise ValueError(
